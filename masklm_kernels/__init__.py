@@ -1,0 +1,10 @@
+"""masklm_kernels: fast kernels for masked-language-model training.
+
+Masked attention, on-device dynamic token masking and fused masked cross-entropy. Every op is a
+torch.library custom op; `python -m masklm_kernels.info` prints which backends run here and why not.
+"""
+from ._backends import BackendUnavailableError
+from .masking import mask_tokens, mass_mask
+
+__version__ = "0.1.0"
+__all__ = ["BackendUnavailableError", "mask_tokens", "mass_mask", "__version__"]

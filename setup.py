@@ -42,13 +42,17 @@ def _extensions():
     with_cuda = _flag("MASKLM_FORCE_CUDA") or (CUDA_HOME is not None and torch.version.cuda is not None)
     cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    # Threads come from at::parallel_for, i.e. torch's own OpenMP pool (honours torch.set_num_threads).
+    # -fopenmp is needed because at::parallel_for's body is an inline `#pragma omp parallel`; the
+    # libgomp.so.1 it links resolves to the copy torch already loaded (same soname), so one runtime.
     omp = _openmp_flags()
     # -ffp-contract=off / --fmad=false: no fused multiply-add, so the double arithmetic of the shared
     # masking logic rounds identically on the CPU, on the GPU and in NumPy (bit-identical outputs).
-    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"] + omp
+    # The C++ standard is left to BuildExtension, which picks the one the installed torch needs.
+    cxx_flags = ["-O3", "-ffp-contract=off"] + omp
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc_flags = ["-O3", "-std=c++17", "--fmad=false", "-DMLK_WITH_CUDA", "-lineinfo"]
+        nvcc_flags = ["-O3", "--fmad=false", "-DMLK_WITH_CUDA", "-lineinfo"]
         ext = CUDAExtension(
             "masklm_kernels._C",
             sources=cpp + cu,

@@ -154,7 +154,8 @@ def _select_row(mode, rnd, elig, rate, weighted, words, span_cdf):
         if weighted:
             r = rate[starts]
             keep = r > 0
-            key = (neglog_unit(k32) / np.minimum(r, np.float32(1)).astype(np.float64)).astype(np.float32)
+            with np.errstate(divide="ignore"):  # rate 0 -> key +inf; such units are dropped by `keep`
+                key = (neglog_unit(k32) / np.minimum(r, np.float32(1)).astype(np.float64)).astype(np.float32)
             k32 = key.view(np.uint32).astype(np.uint64)
         key64 = (k32 << np.uint64(32)) | starts.astype(np.uint64)
         for j in np.argsort(np.where(keep, key64, np.uint64(2**64 - 1)), kind="stable"):

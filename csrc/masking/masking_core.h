@@ -92,14 +92,17 @@ struct Replace {
   int64_t mask_token_id, rand_lo, rand_range;
 };
 
+// From the first two words of the token's ACTION draw: r0 picks the action, r1 the random id.
+MLK_HD int64_t replace_from_words(const Replace& rp, uint32_t r0, uint32_t r1, int64_t original) {
+  const uint64_t a = r0;
+  if (a < rp.t_mask) return rp.mask_token_id;
+  if (a < rp.t_rand) return rp.rand_lo + static_cast<int64_t>((static_cast<uint64_t>(r1) * static_cast<uint64_t>(rp.rand_range)) >> 32);
+  return original;
+}
+
 MLK_HD int64_t replace_token(const Replace& rp, const RandKey& k, int64_t s, int64_t original) {
   const U32x4 r = draw(k, kAction, static_cast<uint32_t>(s));
-  const uint64_t a = r.v[0];
-  if (a < rp.t_mask) return rp.mask_token_id;
-  if (a < rp.t_rand) {
-    return rp.rand_lo + static_cast<int64_t>((static_cast<uint64_t>(r.v[1]) * static_cast<uint64_t>(rp.rand_range)) >> 32);
-  }
-  return original;
+  return replace_from_words(rp, r.v[0], r.v[1], original);
 }
 
 // Everything a row needs to decide eligibility and rates. Pointers are row-independent bases.
@@ -145,6 +148,7 @@ struct Row {
   const int64_t* words;
   const int64_t* special_ids;
   int64_t n_special;
+  uint64_t special_lo, special_span;  // [lo, lo + span] bounds the special ids: most ids skip the list
   const float* rates;  // row-offset, or null: rate_scalar
   float rate_scalar;
   int64_t rate_ss;
@@ -165,6 +169,13 @@ struct Row {
     smask = a.special_mask ? a.special_mask + o : nullptr;
     words = a.word_ids ? a.word_ids + o : nullptr;
     special_ids = a.special_ids; n_special = a.n_special;
+    int64_t lo = n_special ? special_ids[0] : 0, hi = lo;
+    for (int64_t j = 1; j < n_special; ++j) {
+      lo = special_ids[j] < lo ? special_ids[j] : lo;
+      hi = special_ids[j] > hi ? special_ids[j] : hi;
+    }
+    special_lo = static_cast<uint64_t>(lo);
+    special_span = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
     rates = a.rates ? a.rates + b * a.rate_sb : nullptr;
     rate_scalar = a.rate_scalar; rate_ss = a.rate_ss;
     weighted = a.rates != nullptr && a.rate_ss != 0;
@@ -182,10 +193,15 @@ struct Row {
     if (attn && attn[s] == 0) return false;
     if (smask && smask[s] != 0) return false;
     if (words && words[s] < 0) return false;
-    const int64_t id = static_cast<int64_t>(ids[s]);
+    return !is_special_id(static_cast<int64_t>(ids[s]));
+  }
+
+  MLK_HD bool is_special_id(int64_t id) const {
+    // Special ids are a handful of small ids (BERT: 0, 100-103): one range test rejects the rest.
+    if (n_special == 0 || static_cast<uint64_t>(id) - special_lo > special_span) return false;
     for (int64_t j = 0; j < n_special; ++j)
-      if (special_ids[j] == id) return false;
-    return true;
+      if (special_ids[j] == id) return true;
+    return false;
   }
 
   MLK_HD float rate(int64_t s) const { return rates ? rates[s * rate_ss] : rate_scalar; }

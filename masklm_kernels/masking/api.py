@@ -5,6 +5,8 @@ normalised op arguments (see `prepare_mask_tokens_args`), which is what makes th
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _ext
@@ -72,8 +74,15 @@ def _special_ids(special_token_ids, ids, vocab_size) -> torch.Tensor:
     if not isinstance(special_token_ids, (list, tuple, set, frozenset)):
         raise TypeError(f"special_token_ids must be a list of ints or a 1-D tensor, got "
                         f"{type(special_token_ids).__name__}")
-    vals = sorted(check_int("special_token_ids[i]", v) for v in special_token_ids)
-    return torch.tensor(vals, dtype=torch.int64, device=ids.device)
+    vals = tuple(sorted(check_int("special_token_ids[i]", v) for v in special_token_ids))
+    return _id_list_tensor(vals).to(ids.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _id_list_tensor(vals: tuple) -> torch.Tensor:
+    # The same few special-id lists recur every step; building the tensor is most of their cost.
+    # Cached tensors are only ever read by the ops (which declare mutates_args=()).
+    return torch.tensor(vals, dtype=torch.int64)
 
 
 def _rates(mlm_probability, ids) -> torch.Tensor:
@@ -85,7 +94,7 @@ def _rates(mlm_probability, ids) -> torch.Tensor:
                              f"{tuple(mlm_probability.shape)}")
         check_range("mlm_probability", mlm_probability, 0.0, 1.0)
         return mlm_probability.to(torch.float32).contiguous()
-    return torch.tensor(check_prob("mlm_probability", mlm_probability), dtype=torch.float32)
+    return torch.scalar_tensor(check_prob("mlm_probability", mlm_probability), dtype=torch.float32)
 
 
 def _replacement(mask_prob: float, random_prob: float, mask_token_id, vocab_size, random_token_range):

@@ -208,11 +208,6 @@ struct Row {
 
   MLK_HD bool same_word(int64_t s0, int64_t s1) const { return words[s0] == words[s1]; }
 
-  // Given an eligible token s: is it the first token of its unit?
-  MLK_HD bool is_unit_start(int64_t s) const {
-    return !(words && s > 0 && eligible(s - 1) && same_word(s - 1, s));
-  }
-
   MLK_HD int64_t unit_start(int64_t s) const {
     if (words)
       while (s > 0 && eligible(s - 1) && same_word(s - 1, s)) --s;
@@ -233,25 +228,55 @@ struct Row {
     lab[s] = selected ? orig : ignore;
   }
 
-  MLK_HD int64_t budget() const {
-    int64_t sum = 0;
-    if (!rates) {
-      int64_t n = 0;
-      for (int64_t s = 0; s < len; ++s) n += eligible(s) ? 1 : 0;
-      sum = rate_fx(rate_scalar) * n;
-    } else {
-      for (int64_t s = 0; s < len; ++s)
-        if (eligible(s)) sum += rate_fx(rate(s));
-    }
-    return budget_from_fx(sum);
-  }
-
   MLK_HD void mark(uint8_t* sel, int64_t f, int64_t* remaining) const {
     const int64_t e = unit_end(f);
     for (int64_t s = f; s < e; ++s) sel[s] = 1;
     *remaining -= e - f;
   }
 };
+
+// One pass over a row (docs/MASKING.md, "Units" and "Budget"): writes the first token of every unit
+// (a maximal run of consecutive eligible tokens sharing a word id; a single token without word_ids)
+// to `starts`, and returns their number and the row's budget round(sum of eligible rates).
+struct UnitScan {
+  int64_t n, budget;
+};
+
+template <typename id_t>
+MLK_HD UnitScan scan_units(const Row<id_t>& row_ref, int64_t* starts) {
+  const Row<id_t> row = row_ref;  // a local copy: stores to `starts` cannot alias its int64 fields
+  int64_t n = 0, n_eligible = 0, sum_fx = 0;
+  bool prev = false;
+  for (int64_t s = 0; s < row.len; ++s) {
+    const bool e = row.eligible(s);
+    if (e) {
+      if (!(prev && row.words && row.same_word(s - 1, s))) starts[n++] = s;
+      if (row.rates) sum_fx += rate_fx(row.rate(s));
+      else ++n_eligible;
+    }
+    prev = e;
+  }
+  if (!row.rates) sum_fx = rate_fx(row.rate_scalar) * n_eligible;
+  UnitScan r;
+  r.n = n;
+  r.budget = budget_from_fx(sum_fx);
+  return r;
+}
+
+// exact=True, heap entry of the unit starting at f from its KEY word u: (key << 32) | f, the key being
+// u itself, or with per-token rates the float bits of -log(u') / rate (Efraimidis-Spirakis weighted
+// sampling without replacement: the smallest keys win). False when the unit has rate 0.
+template <typename id_t>
+MLK_HD bool exact_entry(const Row<id_t>& row, int64_t f, uint32_t u, int64_t* entry) {
+  uint32_t k32 = u;
+  if (row.weighted) {
+    const float r = row.rate(f);
+    if (!(r > 0.0f)) return false;
+    k32 = float_bits(static_cast<float>(neglog_unit(u) / static_cast<double>(r > 1.0f ? 1.0f : r)));
+  }
+  *entry = static_cast<int64_t>((static_cast<uint64_t>(k32) << 32) | static_cast<uint64_t>(f));
+  return true;
+}
 
 // ---- min-heap of unique 64-bit keys (exact mode); no recursion, so it runs in a GPU thread too ----
 MLK_HD void sift_down(int64_t* h, int64_t n, int64_t i) {
@@ -265,27 +290,9 @@ MLK_HD void sift_down(int64_t* h, int64_t n, int64_t i) {
   }
 }
 
-// exact=True: take units in increasing key order until the budget is reached (docs/MASKING.md).
+// exact=True: takes units in increasing key order until the budget is spent; `sel` must be cleared.
 template <typename id_t>
-MLK_HD void select_exact_row(const Row<id_t>& row, uint8_t* sel, int64_t* heap) {
-  const bool weighted = row.weighted;
-  int64_t remaining = row.budget();
-  int64_t n = 0;
-  for (int64_t s = 0; s < row.len; ++s) {
-    sel[s] = 0;
-    if (!row.eligible(s) || !row.is_unit_start(s)) continue;
-    uint32_t k32;
-    if (weighted) {
-      const float r = row.rate(s);
-      if (!(r > 0.0f)) continue;
-      const float key = static_cast<float>(neglog_unit(key_word(row.key, s)) / static_cast<double>(r > 1.0f ? 1.0f : r));
-      k32 = float_bits(key);
-    } else {
-      k32 = key_word(row.key, s);
-    }
-    heap[n++] = static_cast<int64_t>((static_cast<uint64_t>(k32) << 32) | static_cast<uint64_t>(s));
-  }
-  for (int64_t s = row.len; s < row.S; ++s) sel[s] = 0;
+MLK_HD void exact_take(const Row<id_t>& row, uint8_t* sel, int64_t* heap, int64_t n, int64_t remaining) {
   for (int64_t i = n / 2 - 1; i >= 0; --i) sift_down(heap, n, i);
   while (remaining > 0 && n > 0) {
     const int64_t f = static_cast<int64_t>(static_cast<uint64_t>(heap[0]) & 0xFFFFFFFFull);
@@ -295,6 +302,23 @@ MLK_HD void select_exact_row(const Row<id_t>& row, uint8_t* sel, int64_t* heap) 
   }
 }
 
+MLK_HD void clear_row(uint8_t* sel, int64_t S) {
+  for (int64_t s = 0; s < S; ++s) sel[s] = 0;
+}
+
+// exact=True, whole row (one GPU thread): `scratch` holds the unit starts, then in place the heap.
+template <typename id_t>
+MLK_HD void select_exact_row(const Row<id_t>& row, uint8_t* sel, int64_t* scratch) {
+  const UnitScan sc = scan_units(row, scratch);
+  int64_t m = 0;
+  for (int64_t i = 0; i < sc.n; ++i) {
+    const int64_t f = scratch[i];
+    m += exact_entry(row, f, key_word(row.key, f), &scratch[m]) ? 1 : 0;  // m <= i: in place is safe
+  }
+  clear_row(sel, row.S);
+  exact_take(row, sel, scratch, m, sc.budget);
+}
+
 MLK_HD int span_length(const uint32_t* cdf, int ncdf, uint32_t u) {
   int L = 1;
   for (int i = 0; i < ncdf; ++i) L += (cdf[i] <= u) ? 1 : 0;
@@ -302,18 +326,23 @@ MLK_HD int span_length(const uint32_t* cdf, int ncdf, uint32_t u) {
 }
 
 // SpanBERT-style span masking (docs/MASKING.md, "Span").
-template <typename id_t>
-MLK_HD void select_span_row(const Row<id_t>& row, uint8_t* sel, int64_t* units) {
-  int64_t remaining = row.budget();
-  int64_t n = 0;
-  for (int64_t s = 0; s < row.S; ++s) {
-    sel[s] = 0;
-    if (s < row.len && row.eligible(s) && row.is_unit_start(s)) units[n++] = s;
-  }
+// The random words of the span loop: iteration t reads SPAN draw t. Iterations do not depend on each
+// other's draws, so the CPU substitutes a source that computes them in vectorised batches.
+struct SpanDraws {
+  RandKey key;
+  MLK_HD U32x4 operator()(int64_t t) const { return draw(key, kSpan, static_cast<uint32_t>(t)); }
+};
+
+template <typename id_t, typename Draws>
+MLK_HD void select_span_row(const Row<id_t>& row, uint8_t* sel, int64_t* units, Draws& draws) {
+  const UnitScan sc = scan_units(row, units);
+  const int64_t n = sc.n;
+  int64_t remaining = sc.budget;
+  clear_row(sel, row.S);
   if (n == 0) return;
   const int64_t max_iter = 4 * n + 64;
   for (int64_t t = 0; t < max_iter && remaining > 0; ++t) {
-    const U32x4 r = draw(row.key, kSpan, static_cast<uint32_t>(t));
+    const U32x4 r = draws(t);
     const int64_t L = span_length(row.span_cdf, row.span_ncdf, r.v[0]);
     const int64_t anchor = static_cast<int64_t>((static_cast<uint64_t>(r.v[1]) * static_cast<uint64_t>(n)) >> 32);
     if (sel[units[anchor]]) continue;

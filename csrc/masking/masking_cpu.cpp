@@ -44,7 +44,11 @@ void emit_selected(const Row<id_t>& row, const uint32_t* pos, int64_t n) {
 // then overwritten by emit_selected.
 template <typename id_t>
 void emit_unselected_row(const Row<id_t>& row) {
-  for (int64_t s = 0; s < row.S; ++s) { row.out[s] = row.ids[s]; row.lab[s] = row.ignore; }
+  const id_t* __restrict ids = row.ids;
+  id_t* __restrict out = row.out;
+  id_t* __restrict lab = row.lab;
+  const id_t ignore = row.ignore;
+  for (int64_t s = 0; s < row.S; ++s) { out[s] = ids[s]; lab[s] = ignore; }
 }
 
 // Token-unit Bernoulli for one row: the same decisions as bernoulli_quad (masking_core.h),
@@ -88,6 +92,64 @@ void bernoulli_tokens_row(const Row<id_t>& row, uint32_t* pos) {
   emit_selected(row, pos, n);
 }
 
+// Whole-word Bernoulli for one row: one draw per unit, at its first token f (word f & 3 of SELECT
+// draw f >> 2, as bernoulli_selected), 16 units per vectorised Philox batch.
+template <typename id_t>
+void bernoulli_words_row(const Row<id_t>& row, int64_t* starts, uint32_t* pos) {
+  const UnitScan sc = scan_units(row, starts);
+  emit_unselected_row(row);
+  int64_t n = 0;
+  uint32_t idx[kLanes], c[4][kLanes];
+  for (int64_t u0 = 0; u0 < sc.n; u0 += kLanes) {
+    const int m = static_cast<int>(sc.n - u0 < kLanes ? sc.n - u0 : kLanes);
+    for (int i = 0; i < m; ++i) idx[i] = static_cast<uint32_t>(starts[u0 + i] >> 2);
+    draw_lanes(row.key, kSelect, idx, m, c);
+    for (int i = 0; i < m; ++i) {
+      const int64_t f = starts[u0 + i];
+      if (!bernoulli(c[f & 3][i], row.rate(f))) continue;
+      const int64_t e = row.unit_end(f);
+      for (int64_t s = f; s < e; ++s) pos[n++] = static_cast<uint32_t>(s);
+    }
+  }
+  emit_selected(row, pos, n);
+}
+
+// exact=True for one row: select_exact_row (masking_core.h) with the units' KEY draws batched.
+template <typename id_t>
+void select_exact_row_cpu(const Row<id_t>& row, uint8_t* sel, int64_t* scratch) {
+  const UnitScan sc = scan_units(row, scratch);
+  int64_t m = 0;
+  uint32_t idx[kLanes], c[4][kLanes];
+  for (int64_t u0 = 0; u0 < sc.n; u0 += kLanes) {
+    const int k = static_cast<int>(sc.n - u0 < kLanes ? sc.n - u0 : kLanes);
+    for (int i = 0; i < k; ++i) idx[i] = static_cast<uint32_t>(scratch[u0 + i] >> 2);
+    draw_lanes(row.key, kKey, idx, k, c);
+    for (int i = 0; i < k; ++i) {
+      const int64_t f = scratch[u0 + i];
+      m += exact_entry(row, f, c[f & 3][i], &scratch[m]) ? 1 : 0;  // m <= u0 + i: in place is safe
+    }
+  }
+  clear_row(sel, row.S);
+  exact_take(row, sel, scratch, m, sc.budget);
+}
+
+// SpanDraws computed kLanes iterations at a time.
+struct BatchedSpanDraws {
+  RandKey key;
+  int64_t base = -1;
+  uint32_t c[4][kLanes];
+  U32x4 operator()(int64_t t) {
+    if (base < 0 || t < base || t >= base + kLanes) {
+      base = t - t % kLanes;
+      uint32_t idx[kLanes];
+      for (int i = 0; i < kLanes; ++i) idx[i] = static_cast<uint32_t>(base + i);
+      draw_lanes(key, kSpan, idx, kLanes, c);
+    }
+    const int64_t i = t - base;
+    return U32x4{{c[0][i], c[1][i], c[2][i], c[3][i]}};
+  }
+};
+
 }  // namespace
 
 // Rows per parallel task: a row of a few hundred tokens costs ~1-5 us, so batches of rows amortise the
@@ -98,25 +160,29 @@ template <typename id_t>
 void mask_tokens_cpu(const MaskArgs<id_t>& a) {
   at::parallel_for(0, a.B, kRowGrain, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> sel(a.mode == kBernoulli ? 0 : a.S);
-    std::vector<int64_t> scratch(a.mode == kBernoulli ? 0 : a.S);
+    std::vector<int64_t> scratch(a.S);
     std::vector<uint32_t> pos(a.S);
     for (int64_t b = b0; b < b1; ++b) {
       const Row<id_t> row(a, b);
       if (a.mode == kBernoulli) {
         if (a.word_ids)
-          for (int64_t s0 = 0; s0 < a.S; s0 += 4) bernoulli_quad(row, s0);
+          bernoulli_words_row(row, scratch.data(), pos.data());
         else
           bernoulli_tokens_row(row, pos.data());
         continue;
       }
       if (a.mode == kExact)
-        select_exact_row(row, sel.data(), scratch.data());
-      else
-        select_span_row(row, sel.data(), scratch.data());
+        select_exact_row_cpu(row, sel.data(), scratch.data());
+      else {
+        BatchedSpanDraws draws{row.key};
+        select_span_row(row, sel.data(), scratch.data(), draws);
+      }
       emit_unselected_row(row);
       int64_t n = 0;
-      for (int64_t s = 0; s < a.S; ++s)
-        if (sel[s]) pos[n++] = static_cast<uint32_t>(s);
+      for (int64_t s = 0; s < a.S; ++s) {  // branch-free compaction of the selected positions
+        pos[n] = static_cast<uint32_t>(s);
+        n += sel[s];
+      }
       emit_selected(row, pos.data(), n);
     }
   });

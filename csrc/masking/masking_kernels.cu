@@ -35,8 +35,10 @@ __global__ void select_rows_kernel(const MaskArgs<id_t> a) {
   const Row<id_t> row(a, b);
   if (a.mode == kExact)
     select_exact_row(row, a.sel_ws + b * a.S, a.key_ws + b * a.S);
-  else
-    select_span_row(row, a.sel_ws + b * a.S, a.key_ws + b * a.S);
+  else {
+    SpanDraws draws{row.key};
+    select_span_row(row, a.sel_ws + b * a.S, a.key_ws + b * a.S, draws);
+  }
 }
 
 template <typename id_t>

@@ -8,3 +8,11 @@
 #else
 #define MLK_HD inline
 #endif
+
+// Full unrolling of short fixed-count loops on the GPU: an array indexed by a loop counter that is
+// not unrolled lives in local memory (the ptxas "stack frame" of tests/test_static_compile.py).
+#if defined(__CUDACC__)
+#define MLK_UNROLL _Pragma("unroll")
+#else
+#define MLK_UNROLL
+#endif

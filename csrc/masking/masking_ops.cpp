@@ -5,8 +5,11 @@
 #include <ATen/ATen.h>
 
 #if defined(MLK_WITH_CUDA)
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream / guard / launch-check headers only: ATen/cuda/CUDAContext.h would also pull in the
+// cuBLAS and cuSPARSE headers, which a minimal toolkit does not ship.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include <cstring>
@@ -82,7 +85,7 @@ void run_mask_tokens(MaskArgs<id_t>& a, const at::Tensor& ids) {
     a.sel_ws = sel.data_ptr<uint8_t>();
     a.key_ws = keys.data_ptr<int64_t>();
   }
-  mask_tokens_cuda(a, at::cuda::getCurrentCUDAStream().stream());
+  mask_tokens_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
   TORCH_CHECK(false, "masklm_kernels._C was built without CUDA support");
@@ -196,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mass_mask_impl(
     } else {
 #if defined(MLK_WITH_CUDA)
       const c10::cuda::CUDAGuard guard(input_ids.device());
-      mass_mask_cuda(a, at::cuda::getCurrentCUDAStream().stream());
+      mass_mask_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
       TORCH_CHECK(false, "masklm_kernels._C was built without CUDA support");

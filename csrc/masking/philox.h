@@ -10,6 +10,12 @@ struct U32x4 {
   uint32_t v[4];
 };
 
+// Word j (0..3) of a draw with selects rather than an indexed load: a runtime index into a local
+// array would put it in GPU local memory.
+MLK_HD uint32_t word_of(const U32x4& r, int64_t j) {
+  return j == 0 ? r.v[0] : (j == 1 ? r.v[1] : (j == 2 ? r.v[2] : r.v[3]));
+}
+
 MLK_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
   const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
   *hi = static_cast<uint32_t>(p >> 32);

@@ -1,0 +1,77 @@
+"""Runner: `python -m benchmarks [suite ...] [--quick] [--device cpu|cuda|auto] [--out DIR] ...`.
+
+With no suite named, every registered suite runs. Each suite prints a table and appends its records
+to `<out>/<suite>-<device kind>.jsonl`. `--threads` sets torch's intra-op threads for the run only
+(the CPU figure of interest is 2 threads, a data-loader worker's share); by default the process's
+setting is left as it is and recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import harness
+from .suites import load_suite, suite_names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("suites", nargs="*", metavar="suite",
+                   help=f"suites to run (default: all of {', '.join(suite_names())})")
+    p.add_argument("--quick", action="store_true", help="small shapes only, fewer repeats")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                   help="auto: cuda when available, else cpu")
+    p.add_argument("--out", type=Path, default=harness.DEFAULT_OUT, help="directory of the JSONL results")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 20, quick 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per case before timing")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of sampling per case before stopping early (default 3, quick 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement call")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each case as it starts")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.suites if s not in suite_names()]
+    if unknown:
+        p.error(f"unknown suite(s) {', '.join(unknown)}; registered: {', '.join(suite_names())}")
+    return args
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    return requested
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    options = harness.RunOptions(
+        repeats=args.repeats or (10 if args.quick else 20),
+        warmup=args.warmup,
+        budget_s=args.budget if args.budget is not None else (1.0 if args.quick else 3.0),
+        measure_memory=not args.no_memory,
+        out_dir=None if args.no_write else args.out,
+    )
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
+    for name in args.suites or suite_names():
+        cases = load_suite(name).cases(device, args.quick)
+        records = harness.run_suite(name, cases, options, device=device, progress=progress)
+        env = {k: records[0][k] for k in ("device_kind", "cpu", "gpu", "torch", "triton", "threads")} \
+            if records else {}
+        print(f"\n== suite {name} on {device} ({'quick' if args.quick else 'full'}) {env}")
+        print(harness.format_table(records))
+        if options.out_dir is not None and records:
+            print(f"-> {harness.results_path(options.out_dir, name, records[0]['device_kind'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Benchmark harness shared by every suite: timing, statistics, result records, table, JSONL.
+
+A suite is a list of `Case`s (one op, one backend or peer, one input configuration). `run_suite`
+times each case, measures its peak memory, computes speedups over the peers the case names, appends
+one JSON line per case to `<out>/<suite>-<device kind>.jsonl` and returns the records; `format_table`
+renders them. Why it is built this way:
+
+Timing. Warm-up calls (untimed), then up to `repeats` timed calls, one call per sample. A case may
+give a `setup()` that runs untimed before every call and returns the call's arguments: peers that
+work in place (HF `torch_mask_tokens` overwrites its input) get a fresh copy without being charged
+for it. CUDA cases are timed with CUDA events around the call after a `synchronize()`; CPU cases with
+`time.perf_counter`. The timing method follows the device of the *case*, not of the run: in a CUDA
+run the HF peers still run on the CPU, as they would in a data loader. Reported: the median (the
+figure of merit), the min and the IQR (Q3 - Q1, linear interpolation as NumPy's default) so that
+noise is visible. A per-case time budget stops slow cases early (after at least `MIN_REPEATS`
+samples); the number of samples actually taken is recorded.
+
+Peak memory, on a separate untimed call so that it never perturbs the timings:
+* CUDA: `max_memory_allocated() - memory_allocated()` after `reset_peak_memory_stats()`.
+* CPU: RSS deltas are unreliable (allocator caching, page reuse, other threads), so we report the
+  peak of the running sum of bytes allocated minus freed by torch's CPU allocator during one call,
+  from torch.profiler's memory events (`profile_memory=True`). It counts every torch tensor the call
+  creates (its outputs included; inputs made by `setup` excluded) and nothing that NumPy or Python
+  allocates, so it is a lower bound for code working in NumPy/Python (HF whole-word masking, the HF
+  collator's padding, the NumPy reference). `peak_mem_method` names the method in every record.
+
+Bandwidth. A case may state `bytes_moved`, the compulsory traffic of the op (bytes read + written
+once). GB/s is that over the median time, and is also given as a percentage of the device's measured
+copy bandwidth (`dst.copy_(src)` on a large buffer, read + write bytes counted), which is what a
+memory-bound op can at best reach.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+MIN_REPEATS = 3
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+
+# Every record has exactly these keys (None where not applicable); tests check the schema.
+RECORD_KEYS = (
+    "suite", "op", "backend", "case", "status", "reason", "notes",
+    "time_ms", "time_ms_min", "time_ms_iqr", "repeats", "warmup",
+    "tokens", "tokens_per_s", "bytes_moved", "gb_per_s", "copy_gb_per_s", "pct_of_copy_bw",
+    "peak_mem_bytes", "peak_mem_method", "peers", "speedup_over_peer",
+    "device", "device_type", "device_kind", "cpu", "gpu",
+    "torch", "triton", "python", "git_sha", "date", "threads", "load_avg_1m",
+)
+
+
+@dataclasses.dataclass
+class Case:
+    """One thing to time. `fn(*setup())` is the timed call (`fn()` without setup).
+
+    `peers` maps a label to the (op, backend, case) of the record this one is compared with:
+    `speedup_over_peer[label] = peer median / this median`. A case with `skip` set is not run but
+    still recorded, with the reason, so nothing disappears silently from the results.
+    """
+
+    op: str
+    backend: str
+    case: dict[str, Any]
+    fn: Callable[..., Any] | None = None
+    setup: Callable[[], tuple] | None = None
+    device: str = "cpu"
+    tokens: int | None = None
+    bytes_moved: int | None = None
+    peers: dict[str, tuple[str, str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    skip: str | None = None
+    notes: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.op}[{self.backend}]-{case_str(self.case, sep='-')}"
+
+    def call_args(self) -> tuple:
+        return self.setup() if self.setup is not None else ()
+
+    def synced_fn(self) -> Callable[..., Any]:
+        """`fn` that waits for the device, for timers that only read the host clock (pytest-benchmark)."""
+        if not self.device.startswith("cuda"):
+            return self.fn
+
+        def call(*args):
+            out = self.fn(*args)
+            torch.cuda.synchronize()
+            return out
+
+        return call
+
+
+@dataclasses.dataclass
+class RunOptions:
+    repeats: int = 20
+    warmup: int = 2
+    budget_s: float = 3.0  # per case: stop sampling after this long (keeping >= MIN_REPEATS samples)
+    measure_memory: bool = True
+    out_dir: Path | None = DEFAULT_OUT  # None: do not write JSONL
+
+
+# ----------------------------------------------------------------------------------------- statistics
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (NumPy's default method) of a non-empty sequence."""
+    if not values:
+        raise ValueError("quantile of an empty sequence")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(times_ms: Sequence[float]) -> dict[str, float]:
+    return {
+        "time_ms": quantile(times_ms, 0.5),
+        "time_ms_min": min(times_ms),
+        "time_ms_iqr": quantile(times_ms, 0.75) - quantile(times_ms, 0.25),
+    }
+
+
+# -------------------------------------------------------------------------------------------- timing
+def time_case(case: Case, *, repeats: int, warmup: int, budget_s: float) -> list[float]:
+    """Milliseconds of each timed call of `case` (see the module docstring)."""
+    cuda = case.device.startswith("cuda")
+    started = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        out = case.fn(*case.call_args())
+        if cuda:
+            torch.cuda.synchronize()
+        del out
+        if time.perf_counter() - started > budget_s / 2:  # a slow case: one warm-up call is enough
+            break
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max(repeats, 1):
+        args = case.call_args()
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            begin.record()
+            out = case.fn(*args)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            out = case.fn(*args)
+            times.append((time.perf_counter() - t0) * 1e3)
+        del out, args  # freed outside the timed region
+        if len(times) >= MIN_REPEATS and time.perf_counter() - started > budget_s:
+            break
+    return times
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int | None = None) -> float:
+    """Measured `dst.copy_(src)` bandwidth of `device` in GB/s (read + write bytes counted)."""
+    n = nbytes or (1 << 28 if device.startswith("cuda") else 1 << 26)
+    src = torch.ones(n, dtype=torch.uint8, device=device)  # written once so that pages are mapped
+    dst = torch.zeros_like(src)
+    probe = Case(op="copy", backend="torch", case={}, fn=lambda: dst.copy_(src), device=device)
+    times = time_case(probe, repeats=10, warmup=2, budget_s=2.0)
+    return 2 * n / (quantile(times, 0.5) / 1e3) / 1e9
+
+
+# -------------------------------------------------------------------------------------------- memory
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Silence the profiler's native (fd 2) start/stop chatter; Python exceptions still propagate."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(case: Case) -> tuple[int | None, str]:
+    """(peak bytes allocated by one call of `case`, method name); see the module docstring."""
+    args = case.call_args()
+    if case.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = case.fn(*args)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak), "cuda_max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = case.fn(*args)
+    del out
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    running = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        running += e.nbytes()
+        peak = max(peak, running)
+    return int(peak), "torch_profiler_cpu_alloc_peak (torch tensors only; excludes NumPy/Python)"
+
+
+# ------------------------------------------------------------------------------------- environment
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def device_kind(device: str) -> str:
+    """File-name tag of the run's device: `cpu`, or the GPU name as a slug (`nvidia-h100-80gb-hbm3`)."""
+    return slug(torch.cuda.get_device_name(device)) if device.startswith("cuda") else "cpu"
+
+
+def _git_sha() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    return res.stdout.strip() or None
+
+
+def _triton_version() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Provenance shared by every record of a run on `device` ("cpu" or "cuda[:i]")."""
+    return {
+        "device_kind": device_kind(device),
+        "cpu": cpu_name(),
+        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "git_sha": _git_sha(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        # other work on the machine skews CPU timings (2-core hosts above all): keep it on record
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------- runs
+def case_key(op: str, backend: str, case: dict[str, Any]) -> str:
+    return json.dumps([op, backend, case], sort_keys=True)
+
+
+def make_record(suite: str, case: Case, env: dict[str, Any], *, status: str = "ok",
+                reason: str | None = None, times_ms: Sequence[float] | None = None,
+                warmup: int | None = None, peak: tuple[int | None, str | None] = (None, None),
+                copy_gbps: float | None = None) -> dict[str, Any]:
+    rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
+    rec.update(env)
+    rec.update(suite=suite, op=case.op, backend=case.backend, case=dict(case.case), status=status,
+               reason=reason, notes=case.notes, tokens=case.tokens, bytes_moved=case.bytes_moved,
+               peers={k: {"op": o, "backend": b, "case": c} for k, (o, b, c) in case.peers.items()},
+               speedup_over_peer={}, device_type=case.device.split(":")[0],
+               device=env["gpu"] if case.device.startswith("cuda") else env["cpu"])
+    if times_ms:
+        rec.update(summarize(times_ms), repeats=len(times_ms), warmup=warmup)
+        sec = rec["time_ms"] / 1e3
+        if case.tokens:
+            rec["tokens_per_s"] = case.tokens / sec
+        if case.bytes_moved:
+            rec["gb_per_s"] = case.bytes_moved / sec / 1e9
+            if copy_gbps:
+                rec["copy_gb_per_s"] = copy_gbps
+                rec["pct_of_copy_bw"] = 100.0 * rec["gb_per_s"] / copy_gbps
+        rec["peak_mem_bytes"], rec["peak_mem_method"] = peak
+    return rec
+
+
+def add_speedups(records: list[dict[str, Any]]) -> None:
+    """Fill `speedup_over_peer` (peer median / own median) where both were timed."""
+    medians = {case_key(r["op"], r["backend"], r["case"]): r["time_ms"] for r in records}
+    for r in records:
+        for label, p in (r["peers"] or {}).items():
+            peer_ms = medians.get(case_key(p["op"], p["backend"], p["case"]))
+            if peer_ms and r["time_ms"]:
+                r["speedup_over_peer"][label] = peer_ms / r["time_ms"]
+
+
+def run_case(suite: str, case: Case, options: RunOptions, env: dict[str, Any],
+             bandwidth: dict[str, float]) -> dict[str, Any]:
+    """Time one case into a record; a failure becomes an `error` record instead of ending the run."""
+    if case.skip:
+        return make_record(suite, case, env, status="skipped", reason=case.skip)
+    try:
+        times = time_case(case, repeats=options.repeats, warmup=options.warmup, budget_s=options.budget_s)
+        peak = peak_memory(case) if options.measure_memory else (None, None)
+        if case.bytes_moved and case.device not in bandwidth:
+            bandwidth[case.device] = copy_bandwidth_gbps(case.device)
+    except Exception as exc:  # noqa: BLE001 - recorded, with its type and message
+        return make_record(suite, case, env, status="error", reason=f"{type(exc).__name__}: {exc}")
+    return make_record(suite, case, env, times_ms=times, warmup=options.warmup, peak=peak,
+                       copy_gbps=bandwidth.get(case.device))
+
+
+def run_suite(suite: str, cases: Iterable[Case], options: RunOptions, *, device: str = "cpu",
+              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run `cases`, add speedups, append them to the suite's JSONL file (if `out_dir`), return them."""
+    env = environment(device)
+    bandwidth: dict[str, float] = {}
+    records = []
+    for case in cases:
+        if progress:
+            progress(f"[{suite}] {case.label}")
+        records.append(run_case(suite, case, options, env, bandwidth))
+    add_speedups(records)
+    if options.out_dir is not None:
+        write_jsonl(records, results_path(options.out_dir, suite, env["device_kind"]))
+    return records
+
+
+def results_path(out_dir: Path | str, suite: str, kind: str) -> Path:
+    return Path(out_dir) / f"{suite}-{kind}.jsonl"
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=False) + "\n")
+
+
+# -------------------------------------------------------------------------------------------- table
+def case_str(case: dict[str, Any], sep: str = " ") -> str:
+    return sep.join(f"{k}={v}" for k, v in case.items())
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _row(r: dict[str, Any]) -> list[str]:
+    head = [r["op"], r["backend"], case_str(r["case"])]
+    if r["status"] != "ok":
+        return head + [f"{r['status'].upper()}: {r['reason']}"]
+    speed = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup_over_peer"].items())
+    mem = r["peak_mem_bytes"]
+    return head + [
+        _num(r["time_ms"], ".3f"), _num(r["time_ms_min"], ".3f"), _num(r["time_ms_iqr"], ".3f"),
+        str(r["repeats"]),
+        _num(r["tokens_per_s"] and r["tokens_per_s"] / 1e6, ".2f"),
+        _num(r["gb_per_s"], ".2f"), _num(r["pct_of_copy_bw"], ".1f"),
+        _num(None if mem is None else mem / 2**20, ".2f"),
+        speed or "-",
+    ]
+
+
+TABLE_HEADER = ["op", "backend", "case", "median ms", "min ms", "IQR ms", "n", "Mtok/s", "GB/s",
+                "%copy", "peak MiB", "speedup over peer"]
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """Aligned text table; skipped / failed cases keep their row with the reason."""
+    rows = [_row(r) for r in records]
+    full = [r for r in rows if len(r) == len(TABLE_HEADER)]
+    widths = [max([len(h)] + [len(r[i]) for r in full]) for i, h in enumerate(TABLE_HEADER)]
+    for r in rows:  # short (skipped) rows only widen the leading columns
+        for i in range(min(3, len(r))):
+            widths[i] = max(widths[i], len(r[i]))
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(widths[i]) if i < len(widths) - 1 else c
+                         for i, c in enumerate(cells)).rstrip()
+
+    lines = [fmt(TABLE_HEADER), fmt(["-" * w for w in widths])]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(lines)

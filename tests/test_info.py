@@ -1,0 +1,59 @@
+"""`python -m masklm_kernels.info` and the package without its extension."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from masklm_kernels import info
+
+
+def test_info_lists_every_op_and_backend_with_reasons():
+    data = info.collect()
+    assert data["versions"]["torch"] == torch.__version__
+    assert set(data["ops"]) >= {"mask_tokens", "mass_mask"}
+    for op, backends in data["ops"].items():
+        names = [b["backend"] for b in backends]
+        assert names == ["cuda", "cpu", "reference"], (op, names)
+        for b in backends:
+            assert isinstance(b["reasons"], list)
+        cuda = backends[0]
+        assert (not cuda["reasons"]) == (torch.cuda.is_available() and data["extension"].get("cuda_kernels", False))
+    text = info.format_report(data)
+    assert "mask_tokens" in text and "reference  available" in text
+
+
+def _run(args, **env):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_info_cli_json():
+    r = _run(["-m", "masklm_kernels.info", "--json"])
+    assert r.returncode == 0, r.stderr
+    assert "mask_tokens" in json.loads(r.stdout)["ops"]
+
+
+def test_package_works_without_extension_and_says_why():
+    """MASKLM_NO_EXTENSION=1: the import works, info names the reason, the reference backend runs and
+    an explicit backend="cpu" is refused (never a silent fallback)."""
+    code = (
+        "import torch, masklm_kernels as m\n"
+        "ids = torch.randint(5, 100, (2, 9))\n"
+        "out, lab = m.mask_tokens(ids, mask_token_id=4, vocab_size=100, mlm_probability=0.5)\n"
+        "assert out.shape == ids.shape\n"
+        "try:\n"
+        "    m.mask_tokens(ids, mask_token_id=4, vocab_size=100, backend='cpu')\n"
+        "    raise SystemExit('cpu backend ran without the extension')\n"
+        "except m.BackendUnavailableError as e:\n"
+        "    assert 'MASKLM_NO_EXTENSION' in str(e), e\n"
+        "from masklm_kernels import info\n"
+        "print(info.format_report(info.collect()))\n"
+    )
+    r = _run(["-c", code], MASKLM_NO_EXTENSION="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "loaded           no: MASKLM_NO_EXTENSION" in r.stdout
+    assert "cpu        unavailable" in r.stdout

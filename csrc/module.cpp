@@ -1,8 +1,13 @@
 // The Python module `masklm_kernels._C`. Importing it runs the TORCH_LIBRARY registrations of the
 // other translation units (ops are reached via torch.ops); its only Python function reports build facts.
 #include <Python.h>
+#include <torch/library.h>
 
 #include "masking/philox_simd.h"
+
+// The op namespace. Each op family adds its schemas once, with TORCH_LIBRARY_FRAGMENT in
+// csrc/<op>/<op>_ops.cpp; the Python reference ops join the same namespace through torch.library.
+TORCH_LIBRARY(masklm_kernels, m) {}
 
 static PyObject* mlk_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(mlk::philox_lanes_isa()); }
 

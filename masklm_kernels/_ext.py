@@ -9,10 +9,11 @@ import os
 
 _LOAD_ERROR: str | None = None
 _LOADED = False
+_HAS_CUDA_KERNELS = False  # set once by _load(): a plain bool that torch.compile can constant-fold
 
 
 def _load() -> None:
-    global _LOAD_ERROR, _LOADED
+    global _LOAD_ERROR, _LOADED, _HAS_CUDA_KERNELS
     if _LOADED or _LOAD_ERROR is not None:
         return
     if os.environ.get("MASKLM_NO_EXTENSION", "0") not in ("", "0"):
@@ -24,6 +25,9 @@ def _load() -> None:
         _LOAD_ERROR = (f"masklm_kernels._C could not be imported ({e}); build it with "
                        "`pip install --no-build-isolation -e .`")
         return
+    import torch
+
+    _HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("masklm_kernels::mask_tokens", "CUDA")
     _LOADED = True
 
 
@@ -39,6 +43,4 @@ def load_error() -> str | None:
 
 def has_cuda_kernels() -> bool:
     """True when `_C` was built with the CUDA sources (the ops have a CUDA kernel registered)."""
-    import torch
-
-    return available() and torch._C._dispatch_has_kernel_for_dispatch_key("masklm_kernels::mask_tokens", "CUDA")
+    return available() and _HAS_CUDA_KERNELS

@@ -69,7 +69,8 @@ def scalar_tensor(name: str, value, device: torch.device) -> torch.Tensor:
             raise TypeError(f"{name} must be an int or a 0-dim integer tensor, got {value.dtype} of shape "
                             f"{tuple(value.shape)}")
         if value.device.type != "cpu" and value.device != device:
-            raise ValueError(f"{name} must be on the CPU or on {device}, got {value.device}")
+            where = "the CPU" if device.type == "cpu" else f"the CPU or {device} (the device of input_ids)"
+            raise ValueError(f"{name} must be on {where}, got {value.device}")
         return value.to(torch.int64)
     value = check_int(name, value, lo=-(2**63), hi=2**64)
     if value >= 2**63:

@@ -1,5 +1,5 @@
-"""``mask_tokens``: every backend equals the independent spec model (tests/helpers.py, written from
-docs/MASKING.md) and the backends are bit-identical to each other, for every mode.
+"""``mask_tokens``: every backend equals the independent spec model (tests/masking_model.py, written
+from docs/MASKING.md) and the backends are bit-identical to each other, for every mode.
 
 Shapes are small because the reference backend is NumPy and the spec model is plain Python.
 """
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from helpers import (
-    MASK_ID, SPECIAL_IDS, VOCAB_SIZE, assert_equal, backends_to_test, left_pad, make_batch,
-    model_mask_tokens, require_backend, rng_for, run_backend,
+    MASK_ID, SPECIAL_IDS, VOCAB_SIZE, assert_equal, backends_to_test, left_pad, make_batch, require_backend,
+    rng_for, run_backend,
 )
+from masking_model import model_mask_tokens
 
 masklm = pytest.importorskip("masklm_kernels")
 mask_tokens = masklm.mask_tokens

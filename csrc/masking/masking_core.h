@@ -105,6 +105,31 @@ MLK_HD int64_t replace_token(const Replace& rp, const RandKey& k, int64_t s, int
   return replace_from_words(rp, r.v[0], r.v[1], original);
 }
 
+// The special-id list with a range prefilter: special ids are a handful of small ids (BERT: 0 and
+// 100-103), so one unsigned range test rejects almost every token before the list is scanned.
+struct SpecialIds {
+  const int64_t* ids;
+  int64_t n;
+  uint64_t lo, span;  // every listed id is in [lo, lo + span]
+
+  MLK_HD SpecialIds(const int64_t* list, int64_t count) : ids(list), n(count) {
+    int64_t l = n ? ids[0] : 0, h = l;
+    for (int64_t j = 1; j < n; ++j) {
+      l = ids[j] < l ? ids[j] : l;
+      h = ids[j] > h ? ids[j] : h;
+    }
+    lo = static_cast<uint64_t>(l);
+    span = static_cast<uint64_t>(h) - static_cast<uint64_t>(l);
+  }
+
+  MLK_HD bool contains(int64_t id) const {
+    if (n == 0 || static_cast<uint64_t>(id) - lo > span) return false;
+    for (int64_t j = 0; j < n; ++j)
+      if (ids[j] == id) return true;
+    return false;
+  }
+};
+
 // Everything a row needs to decide eligibility and rates. Pointers are row-independent bases.
 template <typename id_t>
 struct MaskArgs {
@@ -146,9 +171,7 @@ struct Row {
   const uint8_t* attn;
   const uint8_t* smask;
   const int64_t* words;
-  const int64_t* special_ids;
-  int64_t n_special;
-  uint64_t special_lo, special_span;  // [lo, lo + span] bounds the special ids: most ids skip the list
+  SpecialIds special;
   const float* rates;  // row-offset, or null: rate_scalar
   float rate_scalar;
   int64_t rate_ss;
@@ -159,7 +182,7 @@ struct Row {
   int span_ncdf;
   RandKey key;
 
-  MLK_HD Row(const MaskArgs<id_t>& a, int64_t b) {
+  MLK_HD Row(const MaskArgs<id_t>& a, int64_t b) : special(a.special_ids, a.n_special) {
     const int64_t o = b * a.S;
     ids = a.ids + o; out = a.out_ids + o; lab = a.labels + o;
     S = a.S;
@@ -168,14 +191,6 @@ struct Row {
     attn = a.attn ? a.attn + o : nullptr;
     smask = a.special_mask ? a.special_mask + o : nullptr;
     words = a.word_ids ? a.word_ids + o : nullptr;
-    special_ids = a.special_ids; n_special = a.n_special;
-    int64_t lo = n_special ? special_ids[0] : 0, hi = lo;
-    for (int64_t j = 1; j < n_special; ++j) {
-      lo = special_ids[j] < lo ? special_ids[j] : lo;
-      hi = special_ids[j] > hi ? special_ids[j] : hi;
-    }
-    special_lo = static_cast<uint64_t>(lo);
-    special_span = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
     rates = a.rates ? a.rates + b * a.rate_sb : nullptr;
     rate_scalar = a.rate_scalar; rate_ss = a.rate_ss;
     weighted = a.rates != nullptr && a.rate_ss != 0;
@@ -193,15 +208,7 @@ struct Row {
     if (attn && attn[s] == 0) return false;
     if (smask && smask[s] != 0) return false;
     if (words && words[s] < 0) return false;
-    return !is_special_id(static_cast<int64_t>(ids[s]));
-  }
-
-  MLK_HD bool is_special_id(int64_t id) const {
-    // Special ids are a handful of small ids (BERT: 0, 100-103): one range test rejects the rest.
-    if (n_special == 0 || static_cast<uint64_t>(id) - special_lo > special_span) return false;
-    for (int64_t j = 0; j < n_special; ++j)
-      if (special_ids[j] == id) return true;
-    return false;
+    return !special.contains(static_cast<int64_t>(ids[s]));
   }
 
   MLK_HD float rate(int64_t s) const { return rates ? rates[s * rate_ss] : rate_scalar; }
@@ -415,22 +422,19 @@ MLK_HD RandKey mass_key(const MassArgs<id_t>& a, int64_t b) {
 }
 
 template <typename id_t>
-MLK_HD bool mass_eligible(const MassArgs<id_t>& a, int64_t b, int64_t len, int64_t s) {
-  if (s >= len) return false;
-  const int64_t id = static_cast<int64_t>(a.ids[b * a.S + s]);
-  for (int64_t j = 0; j < a.n_special; ++j)
-    if (a.special_ids[j] == id) return false;
-  return true;
+MLK_HD bool mass_eligible(const MassArgs<id_t>& a, const SpecialIds& special, int64_t b, int64_t len, int64_t s) {
+  return s < len && !special.contains(static_cast<int64_t>(a.ids[b * a.S + s]));
 }
 
 // Chooses the fragment [start, end) of row b; writes spans[b]. Sequential O(S).
 template <typename id_t>
 MLK_HD void mass_fragment_row(const MassArgs<id_t>& a, int64_t b) {
+  const SpecialIds special(a.special_ids, a.n_special);
   int64_t len = a.lengths[b];
   len = len < 0 ? 0 : (len > a.S ? a.S : len);
   int64_t n = 0, longest = 0, run = 0;
   for (int64_t s = 0; s < len; ++s) {
-    if (mass_eligible(a, b, len, s)) { ++n; ++run; longest = run > longest ? run : longest; }
+    if (mass_eligible(a, special, b, len, s)) { ++n; ++run; longest = run > longest ? run : longest; }
     else run = 0;
   }
   int64_t start = 0, m = 0;
@@ -442,7 +446,7 @@ MLK_HD void mass_fragment_row(const MassArgs<id_t>& a, int64_t b) {
     int64_t V = 0;
     run = 0;
     for (int64_t s = 0; s <= len; ++s) {
-      if (s < len && mass_eligible(a, b, len, s)) { ++run; continue; }
+      if (s < len && mass_eligible(a, special, b, len, s)) { ++run; continue; }
       if (run >= m) V += run - m + 1;
       run = 0;
     }
@@ -450,7 +454,7 @@ MLK_HD void mass_fragment_row(const MassArgs<id_t>& a, int64_t b) {
     int64_t idx = static_cast<int64_t>((static_cast<uint64_t>(r.v[0]) * static_cast<uint64_t>(V)) >> 32);
     run = 0;
     for (int64_t s = 0; s <= len; ++s) {
-      if (s < len && mass_eligible(a, b, len, s)) { ++run; continue; }
+      if (s < len && mass_eligible(a, special, b, len, s)) { ++run; continue; }
       if (run >= m) {
         const int64_t cnt = run - m + 1;
         if (idx < cnt) { start = s - run + idx; break; }
@@ -463,19 +467,27 @@ MLK_HD void mass_fragment_row(const MassArgs<id_t>& a, int64_t b) {
   a.spans[2 * b + 1] = start + m;
 }
 
+// Outputs of position s inside the fragment, from the first two words of its ACTION draw.
 template <typename id_t>
-MLK_HD void mass_emit(const MassArgs<id_t>& a, const RandKey& key, int64_t b, int64_t s, int64_t start, int64_t end) {
+MLK_HD void mass_emit_inside(const MassArgs<id_t>& a, int64_t b, int64_t s, uint32_t r0, uint32_t r1) {
   const int64_t i = b * a.S + s;
   const id_t orig = a.ids[i];
+  a.enc[i] = static_cast<id_t>(replace_from_words(a.rp, r0, r1, static_cast<int64_t>(orig)));
+  a.dec[i] = s > 0 ? a.ids[i - 1] : static_cast<id_t>(a.rp.mask_token_id);
+  a.labels[i] = orig;
+}
+
+template <typename id_t>
+MLK_HD void mass_emit(const MassArgs<id_t>& a, const RandKey& key, int64_t b, int64_t s, int64_t start, int64_t end) {
   if (s >= start && s < end) {
-    a.enc[i] = static_cast<id_t>(replace_token(a.rp, key, s, static_cast<int64_t>(orig)));
-    a.dec[i] = s > 0 ? a.ids[i - 1] : static_cast<id_t>(a.rp.mask_token_id);
-    a.labels[i] = orig;
-  } else {
-    a.enc[i] = orig;
-    a.dec[i] = static_cast<id_t>(a.pad_token_id);
-    a.labels[i] = static_cast<id_t>(a.ignore_index);
+    const U32x4 r = draw(key, kAction, static_cast<uint32_t>(s));
+    mass_emit_inside(a, b, s, r.v[0], r.v[1]);
+    return;
   }
+  const int64_t i = b * a.S + s;
+  a.enc[i] = a.ids[i];
+  a.dec[i] = static_cast<id_t>(a.pad_token_id);
+  a.labels[i] = static_cast<id_t>(a.ignore_index);
 }
 
 }  // namespace mlk

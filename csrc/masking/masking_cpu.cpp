@@ -85,7 +85,7 @@ void bernoulli_tokens_row(const Row<id_t>& row, uint32_t* pos) {
     if (m < 4 * kLanes) hits &= (uint64_t(1) << m) - 1;
     for (; hits; hits &= hits - 1) {
       const int64_t s = s0 + __builtin_ctzll(hits);
-      if (plain ? row.is_special_id(static_cast<int64_t>(row.ids[s])) : !row.eligible(s)) continue;
+      if (plain ? row.special.contains(static_cast<int64_t>(row.ids[s])) : !row.eligible(s)) continue;
       pos[n++] = static_cast<uint32_t>(s);
     }
   }
@@ -194,7 +194,22 @@ void mass_mask_cpu(const MassArgs<id_t>& a) {
     for (int64_t b = b0; b < b1; ++b) {
       mass_fragment_row(a, b);
       const RandKey key = mass_key(a, b);
-      for (int64_t s = 0; s < a.S; ++s) mass_emit(a, key, b, s, a.spans[2 * b], a.spans[2 * b + 1]);
+      const int64_t start = a.spans[2 * b], end = a.spans[2 * b + 1];
+      {  // outside the fragment: copy-through, vectorisable (no aliasing through `a`)
+        const id_t* __restrict ids = a.ids + b * a.S;
+        id_t* __restrict enc = a.enc + b * a.S;
+        id_t* __restrict dec = a.dec + b * a.S;
+        id_t* __restrict lab = a.labels + b * a.S;
+        const id_t pad = static_cast<id_t>(a.pad_token_id), ignore = static_cast<id_t>(a.ignore_index);
+        for (int64_t s = 0; s < a.S; ++s) { enc[s] = ids[s]; dec[s] = pad; lab[s] = ignore; }
+      }
+      uint32_t idx[kLanes], c[4][kLanes];  // inside: ACTION draws kLanes positions at a time
+      for (int64_t s0 = start; s0 < end; s0 += kLanes) {
+        const int m = static_cast<int>(end - s0 < kLanes ? end - s0 : kLanes);
+        for (int i = 0; i < m; ++i) idx[i] = static_cast<uint32_t>(s0 + i);
+        draw_lanes(key, kAction, idx, m, c);
+        for (int i = 0; i < m; ++i) mass_emit_inside(a, b, s0 + i, c[0][i], c[1][i]);
+      }
     }
   });
 }

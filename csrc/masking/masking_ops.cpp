@@ -211,7 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mass_mask_impl(
 
 }  // namespace
 
-TORCH_LIBRARY(masklm_kernels, m) {
+// Schemas of this op family; the namespace itself is owned by csrc/module.cpp.
+TORCH_LIBRARY_FRAGMENT(masklm_kernels, m) {
   m.def(
       "mask_tokens(Tensor input_ids, Tensor? lengths, Tensor? attention_mask, Tensor? special_tokens_mask, "
       "Tensor special_token_ids, Tensor? word_ids, Tensor rates, Tensor? sample_ids, Tensor seed, Tensor step, "

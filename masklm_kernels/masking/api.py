@@ -6,6 +6,8 @@ normalised op arguments (see `prepare_mask_tokens_args`), which is what makes th
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import torch
 
@@ -27,6 +29,8 @@ def _cuda_requirement() -> str | None:
         return _ext.load_error()
     if not _ext.has_cuda_kernels():
         return "masklm_kernels._C was built without CUDA (no CUDA toolkit or CPU-only torch at build time)"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
     return None
 
 
@@ -74,7 +78,9 @@ def _special_ids(special_token_ids, ids, vocab_size) -> torch.Tensor:
     if not isinstance(special_token_ids, (list, tuple, set, frozenset)):
         raise TypeError(f"special_token_ids must be a list of ints or a 1-D tensor, got "
                         f"{type(special_token_ids).__name__}")
-    vals = tuple(sorted(check_int("special_token_ids[i]", v) for v in special_token_ids))
+    vals = tuple(sorted(check_int("special_token_ids[i]", v, lo=0, hi=vocab_size) for v in special_token_ids))
+    if torch.compiler.is_compiling():  # traced: a constant of the graph, no cache needed
+        return torch.tensor(vals, dtype=torch.int64, device=ids.device)
     return _id_list_tensor(vals).to(ids.device)
 
 
@@ -94,6 +100,9 @@ def _rates(mlm_probability, ids) -> torch.Tensor:
                              f"{tuple(mlm_probability.shape)}")
         check_range("mlm_probability", mlm_probability, 0.0, 1.0)
         return mlm_probability.to(torch.float32).contiguous()
+    if isinstance(mlm_probability, bool) or not isinstance(mlm_probability, numbers.Real):
+        raise TypeError(f"mlm_probability must be a float or a (B,) / (B, S) float torch.Tensor, got "
+                        f"{type(mlm_probability).__name__}")
     return torch.scalar_tensor(check_prob("mlm_probability", mlm_probability), dtype=torch.float32)
 
 
@@ -192,8 +201,9 @@ def mask_tokens(input_ids, *, mask_token_id, vocab_size, mlm_probability=0.15, m
     Returns:
         masked_input_ids (B, S) and labels (B, S), dtype of `input_ids`.
 
-    On CUDA tensors, value checks that would need a host sync are skipped; the kernels clamp lengths to
-    [0, S] and rates to [0, 1].
+    Value checks (ranges of `lengths` and rate tensors) read tensor values, so they run on CPU tensors in
+    eager mode only: on CUDA tensors (a host sync) and while torch.compile traces, they are skipped and
+    the kernels clamp lengths to [0, S] and rates to [0, 1]. Negative `word_ids` all mean "no word".
 
     Equivalent PyTorch (token mode, up to the random stream)::
 
@@ -229,11 +239,11 @@ def prepare_mass_mask_args(input_ids, *, lengths, mask_token_id, vocab_size, fra
     if abs(sum(shares) - 1.0) > 1e-6:
         raise ValueError(f"pred_probs must sum to 1, got {pred_probs!r} (sum {sum(shares)})")
     mask_token_id, t_mask, t_rand, lo, hi = _replacement(shares[0], shares[1], mask_token_id, vocab_size, None)
-    ratio_fx = max(1, int(reference.rate_fx(ratio)))
+    ratio_fx = max(1, math.floor(ratio * 2**24 + 0.5))  # docs/MASKING.md: ratio in 2^-24 units (plain Python: traceable)
     return (ids, _lengths(lengths, ids), _special_ids(special_token_ids, ids, vocab_size),
             _per_row("sample_ids", sample_ids, ids), scalar_tensor("seed", seed, ids.device),
             scalar_tensor("step", step, ids.device), ratio_fx, mask_token_id, t_mask, t_rand, lo, hi,
-            check_int("pad_token_id", pad_token_id), check_int("ignore_index", ignore_index))
+            check_int("pad_token_id", pad_token_id, lo=0, hi=vocab_size), check_int("ignore_index", ignore_index))
 
 
 def mass_mask(input_ids, *, lengths, mask_token_id, vocab_size, fragment_ratio=0.5, pred_probs=(0.8, 0.1, 0.1),

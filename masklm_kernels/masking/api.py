@@ -81,14 +81,15 @@ def _special_ids(special_token_ids, ids, vocab_size) -> torch.Tensor:
     vals = tuple(sorted(check_int("special_token_ids[i]", v, lo=0, hi=vocab_size) for v in special_token_ids))
     if torch.compiler.is_compiling():  # traced: a constant of the graph, no cache needed
         return torch.tensor(vals, dtype=torch.int64, device=ids.device)
-    return _id_list_tensor(vals).to(ids.device)
+    return _id_list_tensor(vals, ids.device)
 
 
 @functools.lru_cache(maxsize=64)
-def _id_list_tensor(vals: tuple) -> torch.Tensor:
-    # The same few special-id lists recur every step; building the tensor is most of their cost.
-    # Cached tensors are only ever read by the ops (which declare mutates_args=()).
-    return torch.tensor(vals, dtype=torch.int64)
+def _id_list_tensor(vals: tuple, device: torch.device) -> torch.Tensor:
+    # The same few special-id lists recur every step: building the tensor (and, on a GPU, a blocking
+    # copy from pageable host memory) would be most of their cost. Cached per device; the ops only
+    # read it (mutates_args=()).
+    return torch.tensor(vals, dtype=torch.int64, device=device)
 
 
 def _rates(mlm_probability, ids) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""Masked attention, the plain specification (BRIEF.md, "Attention semantics"); also the test oracle.
+
+Dense on purpose: it builds the (B, 1 or H, Sq, Sk) visibility and score tensors that the kernels must
+never build, and computes in any dtype (float64 for the oracle, the input dtype for the "same-dtype
+eager" error bar of the low-precision tests). Differentiable with autograd; rows with no visible key
+give 0 and zero gradients, never NaN.
+
+Query row `i`, key column `j`, batch `b`; key j is visible to query i when every given condition holds:
+
+* causal: `j <= i + (Sk - Sq)` (bottom-right aligned), or, with `prefix_lengths`, also `j < prefix[b]`;
+* kv_lengths: `j < kv_lengths[b]`;  q_lengths: row `i < q_lengths[b]` (padding rows see nothing);
+* spans `[start, end)` (B, 2) or (B, K, 2): `"inside"` -- j in a span, and row i in a span (the MASS
+  decoder: rows outside every span are not computed); `"outside"` -- j in no span;
+* attn_mask broadcastable to (B, Hq, Sq, Sk): bool is AND-ed; float is added to the scores, and a
+  `-inf` entry makes the pair invisible.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SPAN_MODES = ("inside", "outside")
+
+
+def in_spans(spans: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, P) bool: position p of row b lies in one of the row's `[start, end)` spans.
+
+    `spans` is (B, 2) or (B, K, 2); empty spans (start >= end) contain nothing."""
+    if spans.dim() == 2:
+        spans = spans[:, None, :]
+    start, end = spans[..., 0:1], spans[..., 1:2]  # (B, K, 1)
+    pos = positions.view(1, 1, -1)
+    return ((pos >= start) & (pos < end)).any(dim=1)
+
+
+def visibility(batch: int, seq_q: int, seq_k: int, *, causal: bool = False, kv_lengths=None, q_lengths=None,
+               prefix_lengths=None, spans=None, span_mode: str = "inside", device=None) -> torch.Tensor:
+    """(B, 1, Sq, Sk) bool visibility from the O(B) metadata (no `attn_mask`)."""
+    if span_mode not in SPAN_MODES:
+        raise ValueError(f"span_mode must be one of {SPAN_MODES}, got {span_mode!r}")
+    if prefix_lengths is not None and not causal:
+        raise ValueError("prefix_lengths requires causal=True")
+    i = torch.arange(seq_q, device=device).view(1, seq_q, 1)
+    j = torch.arange(seq_k, device=device).view(1, 1, seq_k)
+    vis = torch.ones(batch, seq_q, seq_k, dtype=torch.bool, device=device)
+    if causal:
+        allowed = j <= i + (seq_k - seq_q)
+        if prefix_lengths is not None:
+            allowed = allowed | (j < prefix_lengths.view(batch, 1, 1))
+        vis &= allowed
+    if kv_lengths is not None:
+        vis &= j < kv_lengths.view(batch, 1, 1)
+    if q_lengths is not None:
+        vis &= i < q_lengths.view(batch, 1, 1)
+    if spans is not None:
+        key_in = in_spans(spans, torch.arange(seq_k, device=device))  # (B, Sk)
+        if span_mode == "inside":
+            row_in = in_spans(spans, torch.arange(seq_q, device=device))  # (B, Sq)
+            vis &= key_in[:, None, :] & row_in[:, :, None]
+        else:
+            vis &= ~key_in[:, None, :]
+    return vis[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, kv_lengths=None,
+              q_lengths=None, prefix_lengths=None, spans=None, span_mode: str = "inside", attn_mask=None,
+              scale: float | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Masked attention, (B, Hq, Sq, D) in q's dtype; computed in `compute_dtype` (default q's dtype).
+
+    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA / MQA: each group of Hq / Hkv
+    query heads shares one key/value head).
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dt = compute_dtype or q.dtype
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qc, kc, vc = q.to(dt), k.to(dt), v.to(dt)
+    if Hkv != Hq:
+        kc = kc.repeat_interleave(Hq // Hkv, dim=1)
+        vc = vc.repeat_interleave(Hq // Hkv, dim=1)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    vis = visibility(B, Sq, Sk, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
+                     prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode, device=q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            vis = vis & attn_mask
+        else:
+            scores = scores + attn_mask.to(dt)
+            vis = vis & (attn_mask != float("-inf"))
+    vis = vis.expand(B, Hq, Sq, Sk)
+    row_visible = vis.any(dim=-1, keepdim=True)
+    # Invisible scores -> -inf; rows with nothing visible get finite scores so that softmax stays
+    # finite, and the mask product then zeroes them: output 0 and zero gradients, never NaN.
+    scores = scores.masked_fill(~vis, float("-inf")).masked_fill(~row_visible, 0.0)
+    probs = torch.softmax(scores, dim=-1) * vis
+    return torch.matmul(probs, vc).to(q.dtype)
+
+
+def visible_pairs(vis: torch.Tensor) -> int:
+    """Number of visible (query, key) pairs of a visibility tensor: the work a kernel must do."""
+    return int(vis.sum())
+
+
+def tiles_needed(vis: torch.Tensor, block_q: int, block_k: int) -> int:
+    """Tiles of `block_q` x `block_k` holding at least one visible pair, summed over batch and heads:
+    what a kernel that skips fully invisible tiles computes (the issue's work-efficiency figure)."""
+    *lead, Sq, Sk = vis.shape
+    pad_q, pad_k = (-Sq) % block_q, (-Sk) % block_k
+    v = torch.nn.functional.pad(vis.to(torch.uint8), (0, pad_k, 0, pad_q))
+    v = v.view(*lead, (Sq + pad_q) // block_q, block_q, (Sk + pad_k) // block_k, block_k)
+    return int(v.amax(dim=(-3, -1)).sum())

@@ -38,11 +38,12 @@ def check_prob(name: str, value, *, open_low: bool = False) -> float:
 
 
 def check_tensor(name: str, t, *, device: torch.device, shape: tuple | None = None, integer: bool = False,
-                 floating: bool = False, boolean_ok: bool = False) -> torch.Tensor:
+                 floating: bool = False, boolean_ok: bool = False, like: str = "input_ids") -> torch.Tensor:
+    """A tensor on `device` (the device of the op's main input, named `like` in the message)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != device:
-        raise ValueError(f"{name} must be on the same device as input_ids ({device}), got {t.device}")
+        raise ValueError(f"{name} must be on the same device as {like} ({device}), got {t.device}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if integer and not (t.dtype in INT_DTYPES or (boolean_ok and t.dtype == torch.bool)):

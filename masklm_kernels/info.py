@@ -16,9 +16,10 @@ from ._backends import Backend
 
 def _ops() -> dict[str, tuple[Backend, ...]]:
     """Every public op and its backends, in order of preference (what backend="auto" tries)."""
+    from .attention import api as attention
     from .masking import api as masking
 
-    return {"mask_tokens": masking.BACKENDS, "mass_mask": masking.BACKENDS}
+    return {"fused_attention": attention.BACKENDS, "mask_tokens": masking.BACKENDS, "mass_mask": masking.BACKENDS}
 
 
 def _version(module: str) -> str:

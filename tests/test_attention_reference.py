@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, rng_for
-from masklm_kernels.attention import reference as ref
+from attention_cases import attention_case
+from helpers import assert_close
+from masklm_kernels.attention import masks, reference as ref
 
 
 def _model(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_lengths=None, spans=None,
@@ -61,45 +62,9 @@ def _model(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_len
     return torch.from_numpy(out)
 
 
-def _case(seed: int):
-    rng = rng_for("attention reference", seed)
-    B = int(rng.integers(1, 4))
-    Hkv = int(rng.choice([1, 2]))
-    Hq = Hkv * int(rng.choice([1, 2, 3]))
-    Sq, Sk = (int(x) for x in rng.choice([1, 7, 17], size=2))
-    D = int(rng.choice([8, 40]))
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, h, s, D, generator=g, dtype=torch.float64) for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
-    kw = {}
-    causal = bool(rng.integers(2))
-    kw["causal"] = causal
-    if rng.integers(2):
-        kw["kv_lengths"] = torch.from_numpy(rng.integers(0, Sk + 1, B))
-    if rng.integers(2):
-        kw["q_lengths"] = torch.from_numpy(rng.integers(0, Sq + 1, B))
-    if causal and rng.integers(2):
-        kw["prefix_lengths"] = torch.from_numpy(rng.integers(0, Sk + 1, B))
-    if rng.integers(2):
-        K = int(rng.choice([1, 2]))
-        a = rng.integers(0, max(Sq, Sk) + 1, (B, K, 2))
-        spans = torch.from_numpy(np.sort(a, axis=-1))
-        kw["spans"] = spans[:, 0] if K == 1 and rng.integers(2) else spans
-        kw["span_mode"] = str(rng.choice(["inside", "outside"]))
-    r = rng.integers(3)
-    if r == 1:
-        kw["attn_mask"] = torch.from_numpy(rng.uniform(size=(1, Hq, Sq, Sk)) < 0.8)
-    elif r == 2:
-        m = rng.normal(size=(B, 1, Sq, Sk))
-        m[rng.uniform(size=m.shape) < 0.2] = -np.inf
-        kw["attn_mask"] = torch.from_numpy(m)
-    if rng.integers(2):
-        kw["scale"] = float(rng.uniform(0.05, 0.5))
-    return q, k, v, kw
-
-
 @pytest.mark.parametrize("seed", range(40))
 def test_reference_matches_elementwise_model(seed):
-    q, k, v, kw = _case(seed)
+    q, k, v, kw = attention_case(seed)
     got = ref.attention(q, k, v, **kw)
     assert not torch.isnan(got).any()
     assert_close(got, _model(q, k, v, **kw), atol=1e-12, rtol=1e-10, msg=f"case {seed}: {sorted(kw)}")
@@ -112,7 +77,7 @@ def test_reference_matches_sdpa_where_sdpa_applies():
     assert_close(ref.attention(q, k, v, causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True),
                  atol=1e-12, rtol=1e-10)
     kv_len = torch.tensor([17, 5])
-    vis = ref.visibility(2, 17, 17, causal=True, kv_lengths=kv_len)
+    vis = masks.visibility(2, 17, 17, causal=True, kv_lengths=kv_len)
     assert_close(ref.attention(q, k, v, causal=True, kv_lengths=kv_len),
                  F.scaled_dot_product_attention(q, k, v, attn_mask=vis), atol=1e-12, rtol=1e-10)
 
@@ -123,7 +88,7 @@ def test_rows_without_visible_keys_are_zero_with_zero_gradients():
     kw = dict(causal=True, kv_lengths=torch.tensor([0, 9]), q_lengths=torch.tensor([9, 4]),
               spans=torch.tensor([[2, 6], [0, 9]]), span_mode="inside")
     out = ref.attention(q, k, v, **kw)
-    dead = ~ref.visibility(2, 9, 9, **kw).any(-1)  # (B, 1, Sq)
+    dead = ~masks.visibility(2, 9, 9, **kw).any(-1)  # (B, 1, Sq)
     assert bool(dead[0].all()) and bool(dead[1, 0, 4:].all()) and not bool(dead[1, 0, :4].any())
     assert (out.masked_select(dead[..., None]) == 0).all()
     out.backward(torch.randn_like(out))
@@ -146,16 +111,16 @@ def test_padding_rows_contribute_no_gradient():
 
 
 def test_tiles_needed_counts_tiles_with_a_visible_pair():
-    vis = ref.visibility(1, 8, 8, causal=True)  # lower triangle, 4x4 tiles: 3 of 4 hold a visible pair
+    vis = masks.visibility(1, 8, 8, causal=True)  # lower triangle, 4x4 tiles: 3 of 4 hold a visible pair
     assert ref.tiles_needed(vis, 4, 4) == 3
     assert ref.tiles_needed(vis, 8, 8) == 1 and ref.visible_pairs(vis) == 36
-    vis = ref.visibility(2, 5, 7, kv_lengths=torch.tensor([0, 3]))  # ragged edges are padded
+    vis = masks.visibility(2, 5, 7, kv_lengths=torch.tensor([0, 3]))  # ragged edges are padded
     assert ref.tiles_needed(vis, 4, 4) == 2  # row 1: key tile 0 for both query tiles
-    assert ref.tiles_needed(ref.visibility(2, 9, 9, spans=torch.tensor([[4, 4], [0, 1]])), 4, 4) == 1
+    assert ref.tiles_needed(masks.visibility(2, 9, 9, spans=torch.tensor([[4, 4], [0, 1]])), 4, 4) == 1
 
 
 def test_bad_metadata_is_refused():
     with pytest.raises(ValueError, match="span_mode"):
-        ref.visibility(1, 4, 4, spans=torch.tensor([[0, 2]]), span_mode="middle")
+        masks.visibility(1, 4, 4, spans=torch.tensor([[0, 2]]), span_mode="middle")
     with pytest.raises(ValueError, match="prefix_lengths"):
-        ref.visibility(1, 4, 4, prefix_lengths=torch.tensor([2]))
+        masks.visibility(1, 4, 4, prefix_lengths=torch.tensor([2]))

@@ -1,2 +1,5 @@
-"""Masked attention (BRIEF.md, "Attention semantics"). So far the specification, `reference.py`; the
-public `fused_attention` and its Triton / CPU backends are built on it (issue 3)."""
+"""Masked attention (BRIEF.md, "Attention semantics"): `fused_attention`. Backends so far: `cpu`
+(blockwise, forward and backward) and `reference` (the dense specification); Triton is issue 3's next step."""
+from .api import BACKENDS, fused_attention
+
+__all__ = ["BACKENDS", "fused_attention"]

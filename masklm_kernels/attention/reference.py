@@ -5,14 +5,8 @@ never build, and computes in any dtype (float64 for the oracle, the input dtype 
 eager" error bar of the low-precision tests). Differentiable with autograd; rows with no visible key
 give 0 and zero gradients, never NaN.
 
-Query row `i`, key column `j`, batch `b`; key j is visible to query i when every given condition holds:
-
-* causal: `j <= i + (Sk - Sq)` (bottom-right aligned), or, with `prefix_lengths`, also `j < prefix[b]`;
-* kv_lengths: `j < kv_lengths[b]`;  q_lengths: row `i < q_lengths[b]` (padding rows see nothing);
-* spans `[start, end)` (B, 2) or (B, K, 2): `"inside"` -- j in a span, and row i in a span (the MASS
-  decoder: rows outside every span are not computed); `"outside"` -- j in no span;
-* attn_mask broadcastable to (B, Hq, Sq, Sk): bool is AND-ed; float is added to the scores, and a
-  `-inf` entry makes the pair invisible.
+Visibility rules: masks.py (`visibility`); on top of them `attn_mask`, broadcastable to
+(B, Hq, Sq, Sk): bool is AND-ed; float is added to the scores, and a `-inf` entry makes the pair invisible.
 """
 from __future__ import annotations
 
@@ -20,47 +14,7 @@ import math
 
 import torch
 
-SPAN_MODES = ("inside", "outside")
-
-
-def in_spans(spans: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(B, P) bool: position p of row b lies in one of the row's `[start, end)` spans.
-
-    `spans` is (B, 2) or (B, K, 2); empty spans (start >= end) contain nothing."""
-    if spans.dim() == 2:
-        spans = spans[:, None, :]
-    start, end = spans[..., 0:1], spans[..., 1:2]  # (B, K, 1)
-    pos = positions.view(1, 1, -1)
-    return ((pos >= start) & (pos < end)).any(dim=1)
-
-
-def visibility(batch: int, seq_q: int, seq_k: int, *, causal: bool = False, kv_lengths=None, q_lengths=None,
-               prefix_lengths=None, spans=None, span_mode: str = "inside", device=None) -> torch.Tensor:
-    """(B, 1, Sq, Sk) bool visibility from the O(B) metadata (no `attn_mask`)."""
-    if span_mode not in SPAN_MODES:
-        raise ValueError(f"span_mode must be one of {SPAN_MODES}, got {span_mode!r}")
-    if prefix_lengths is not None and not causal:
-        raise ValueError("prefix_lengths requires causal=True")
-    i = torch.arange(seq_q, device=device).view(1, seq_q, 1)
-    j = torch.arange(seq_k, device=device).view(1, 1, seq_k)
-    vis = torch.ones(batch, seq_q, seq_k, dtype=torch.bool, device=device)
-    if causal:
-        allowed = j <= i + (seq_k - seq_q)
-        if prefix_lengths is not None:
-            allowed = allowed | (j < prefix_lengths.view(batch, 1, 1))
-        vis &= allowed
-    if kv_lengths is not None:
-        vis &= j < kv_lengths.view(batch, 1, 1)
-    if q_lengths is not None:
-        vis &= i < q_lengths.view(batch, 1, 1)
-    if spans is not None:
-        key_in = in_spans(spans, torch.arange(seq_k, device=device))  # (B, Sk)
-        if span_mode == "inside":
-            row_in = in_spans(spans, torch.arange(seq_q, device=device))  # (B, Sq)
-            vis &= key_in[:, None, :] & row_in[:, :, None]
-        else:
-            vis &= ~key_in[:, None, :]
-    return vis[:, None]
+from .masks import visibility
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, kv_lengths=None,

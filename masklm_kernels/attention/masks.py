@@ -1,0 +1,57 @@
+"""Visibility of (query, key) pairs from the O(B) mask metadata (BRIEF.md, "Attention semantics").
+
+Shared by the reference (whole (Sq, Sk) plane) and the CPU backend (one block of query rows at a time,
+so that it never holds more than (B, block, Sk)). Key j is visible to query i when every given
+condition holds:
+
+* causal: `j <= i + (Sk - Sq)` (bottom-right aligned), or, with `prefix_lengths`, also `j < prefix[b]`;
+* kv_lengths: `j < kv_lengths[b]`;  q_lengths: row `i < q_lengths[b]` (padding rows see nothing);
+* spans `[start, end)` (B, 2) or (B, K, 2): `"inside"` -- j in a span, and row i in a span (the MASS
+  decoder: rows outside every span are not computed); `"outside"` -- j in no span.
+"""
+from __future__ import annotations
+
+import torch
+
+SPAN_MODES = ("inside", "outside")
+
+
+def in_spans(spans: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, P) bool: position p of row b lies in one of the row's `[start, end)` spans.
+
+    `spans` is (B, 2) or (B, K, 2); empty spans (start >= end) contain nothing."""
+    if spans.dim() == 2:
+        spans = spans[:, None, :]
+    start, end = spans[..., 0:1], spans[..., 1:2]  # (B, K, 1)
+    pos = positions.view(1, 1, -1)
+    return ((pos >= start) & (pos < end)).any(dim=1)
+
+
+def visibility(batch: int, seq_q: int, seq_k: int, *, causal: bool = False, kv_lengths=None, q_lengths=None,
+               prefix_lengths=None, spans=None, span_mode: str = "inside", device=None,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, 1, R, Sk) bool visibility of query rows `rows = (i0, i1)` (default all: R = Sq)."""
+    if span_mode not in SPAN_MODES:
+        raise ValueError(f"span_mode must be one of {SPAN_MODES}, got {span_mode!r}")
+    if prefix_lengths is not None and not causal:
+        raise ValueError("prefix_lengths requires causal=True")
+    i0, i1 = rows if rows is not None else (0, seq_q)
+    i = torch.arange(i0, i1, device=device).view(1, -1, 1)
+    j = torch.arange(seq_k, device=device).view(1, 1, seq_k)
+    vis = torch.ones(batch, i1 - i0, seq_k, dtype=torch.bool, device=device)
+    if causal:
+        allowed = j <= i + (seq_k - seq_q)
+        if prefix_lengths is not None:
+            allowed = allowed | (j < prefix_lengths.view(batch, 1, 1))
+        vis &= allowed
+    if kv_lengths is not None:
+        vis &= j < kv_lengths.view(batch, 1, 1)
+    if q_lengths is not None:
+        vis &= i < q_lengths.view(batch, 1, 1)
+    if spans is not None:
+        key_in = in_spans(spans, j.view(-1))  # (B, Sk)
+        if span_mode == "inside":
+            vis &= key_in[:, None, :] & in_spans(spans, i.view(-1))[:, :, None]
+        else:
+            vis &= ~key_in[:, None, :]
+    return vis[:, None]

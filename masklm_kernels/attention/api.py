@@ -12,7 +12,7 @@ from . import ops, reference
 from .masks import SPAN_MODES
 
 BACKENDS = (
-    Backend("cpu", ("cpu",), description="blockwise PyTorch, O(block x Sk) memory, skips invisible key blocks"),
+    Backend("cpu", ("cpu",), description="ATen CPU flash kernel per (row, query block), invisible key blocks skipped"),
     Backend("reference", ("cpu", "cuda"), description="dense PyTorch specification (builds B x H x Sq x Sk)"),
 )
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -1,12 +1,15 @@
-"""CPU backend of masked attention: blockwise PyTorch, forward and backward (FlashAttention-2's
-recurrences, Dao 2023, with the whole key range of a query block in one step).
+"""CPU backend of masked attention, forward and backward.
 
-Never builds a (B, Sq, Sk) mask: one block of `BLOCK_Q` query rows at a time, its visibility computed
-from the O(B) metadata (masks.py), so memory is O(B x H x BLOCK_Q x Sk). Keys outside the block's
-visible column range [k_lo, k_hi) (over the batch) are not touched: causal, prefix, kv_lengths and
-span masks skip their invisible key blocks, and query blocks with nothing visible are skipped whole.
-Scores and accumulation are fp32 for fp16/bf16 inputs. The backward recomputes the probabilities
-from the saved log-sum-exp and runs block by block in a fixed order: deterministic.
+Never builds a (B, Sq, Sk) mask. The work is cut into (batch row, block of BLOCK_Q query rows) pieces.
+For each piece, the visibility comes from the O(B) metadata (masks.py), and only the piece's visible
+key range [k_lo, k_hi) is computed, so causal, prefix, padding and span masks skip their invisible key
+blocks, and pieces with nothing visible are skipped whole. Each piece runs ATen's fused CPU flash
+attention kernel (`_scaled_dot_product_flash_attention_for_cpu`, online softmax, GQA, fp32
+accumulation for fp16/bf16) with the piece's additive mask. The backward is that kernel's backward
+from the saved log-sum-exp, accumulated in a fixed order, so it is deterministic. Memory is
+O(H x BLOCK_Q x Sk) per piece, plus a (B, BLOCK_Q, Sk) bool visibility per query block.
+
+Rows with no visible key: the kernel returns 0 for them and gives them zero gradients.
 """
 from __future__ import annotations
 
@@ -14,20 +17,25 @@ import torch
 
 from .masks import visibility
 
-# Rows per block: 128 keeps the (B, H, 128, Sk) fp32 scores of B=8, H=8, Sk=512 at 16 MiB while the
-# matmuls stay large enough for MKL (measured on 2 cores: 64 was ~10% slower, 256 no faster).
+# Query rows per piece. Measured on 2 cores (B=8, H=8, S=512, D=64, fp32, fwd+bwd): 64 rows was 10-35%
+# slower than 128 (more pieces, more per-piece overhead) on every mask kind of the attention suite.
 BLOCK_Q = 128
 
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-class _Block:
-    """One query block's view: visible (B, 1 or H, R, K) over keys [k_lo, k_hi), and the score bias."""
-
-    def __init__(self, meta: dict, attn_mask, B: int, Sq: int, Sk: int, i0: int, i1: int, device):
-        vis = visibility(B, Sq, Sk, device=device, rows=(i0, i1), **meta)
+def _pieces(q: torch.Tensor, k: torch.Tensor, meta: dict, attn_mask):
+    """Yields (b, i0, i1, k_lo, k_hi, mask) for every piece with a visible pair. `mask` is the piece's
+    additive mask (1, 1 or Hq, i1 - i0, k_hi - k_lo) in q's dtype: 0 / the attn_mask bias where visible,
+    -inf elsewhere. Visibility and key ranges are computed for all batch rows of a query block at once
+    (a (B, block, Sk) bool): per-piece Python work is then a few slices."""
+    B, _, Sq, _ = q.shape
+    Sk = k.shape[2]
+    cols = torch.arange(Sk, device=q.device)
+    for i0 in range(0, Sq, BLOCK_Q):
+        i1 = min(i0 + BLOCK_Q, Sq)
+        vis = visibility(B, Sq, Sk, device=q.device, rows=(i0, i1), **meta)
         bias = None
         if attn_mask is not None:
             m = attn_mask[..., i0:i1, :] if attn_mask.shape[-2] != 1 else attn_mask
@@ -36,80 +44,45 @@ class _Block:
             else:
                 bias = m
                 vis = vis & (m != float("-inf"))
-        cols = vis.flatten(0, -2).any(0).nonzero()
-        self.empty = cols.numel() == 0
-        self.k_lo = int(cols[0]) if not self.empty else 0
-        self.k_hi = int(cols[-1]) + 1 if not self.empty else 0
-        self.vis = vis[..., self.k_lo:self.k_hi]
-        self.bias = None if bias is None else bias[..., self.k_lo:self.k_hi]
-
-    def scores(self, q, k, scale, dt):
-        """(B, Hkv, G, R, K) scores of the block, invisible pairs at -inf. q: (B, Hkv, G, R, D)."""
-        s = torch.matmul(q.to(dt), k[:, :, None, self.k_lo:self.k_hi].to(dt).transpose(-1, -2)) * scale
-        B, Hkv, G, R, K = s.shape
-        if self.bias is not None:
-            s += self.bias.to(dt).expand(B, Hkv * G, R, K).reshape(B, Hkv, G, R, K)
-        vis = self.vis.expand(B, Hkv * G, R, K).reshape(B, Hkv, G, R, K)
-        return s.masked_fill_(~vis, float("-inf"))  # in place: one (B, H, R, K) buffer per block
-
-
-def _grouped(x: torch.Tensor, Hkv: int) -> torch.Tensor:
-    """(B, Hq, S, D) -> (B, Hkv, G, S, D): query heads grouped by the key/value head they share."""
-    B, Hq, S, D = x.shape
-    return x.view(B, Hkv, Hq // Hkv, S, D)
-
-
-def _blocks(q, k, attn_mask, meta):
-    B, Hq, Sq, _ = q.shape
-    Sk = k.shape[2]
-    for i0 in range(0, Sq, BLOCK_Q):
-        i1 = min(i0 + BLOCK_Q, Sq)
-        yield i0, i1, _Block(meta, attn_mask, B, Sq, Sk, i0, i1, q.device)
+        key_any = vis.any(dim=2).any(dim=1)  # (B, Sk): keys visible to some row of the block
+        lo = torch.where(key_any, cols, Sk).amin(dim=1).tolist()
+        hi = (torch.where(key_any, cols, -1).amax(dim=1) + 1).tolist()
+        for b in range(B):
+            if hi[b] <= lo[b]:
+                continue  # nothing visible in this piece
+            vb = vis[b if vis.shape[0] > 1 else 0][None, ..., lo[b]:hi[b]]
+            if bias is None:
+                mask = torch.zeros(vb.shape, dtype=q.dtype)
+            else:
+                mask = bias[b if bias.shape[0] > 1 else 0][None, ..., lo[b]:hi[b]].to(q.dtype)
+            yield b, i0, i1, lo[b], hi[b], mask.masked_fill(~vb, float("-inf"))
 
 
 def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) fp32/fp64; -inf on rows with no key)."""
+    """Returns (out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq), the kernel's log-sum-exp)."""
     B, Hq, Sq, D = q.shape
-    Hkv = k.shape[1]
-    dt = _compute_dtype(q.dtype)
-    out = torch.zeros(B, Hkv, Hq // Hkv, Sq, D, dtype=q.dtype)
-    lse = torch.full((B, Hkv, Hq // Hkv, Sq), float("-inf"), dtype=dt)
-    qg = _grouped(q, Hkv)
-    for i0, i1, blk in _blocks(q, k, attn_mask, meta):
-        if blk.empty:
-            continue  # nothing visible: output stays 0, lse -inf
-        s = blk.scores(qg[:, :, :, i0:i1], k, scale, dt)
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # rows with no key: exp(-inf) = 0
-        p = s.sub_(m).exp_()
-        den = p.sum(-1, keepdim=True)
-        o = torch.matmul(p, v[:, :, None, blk.k_lo:blk.k_hi].to(dt)) / den.clamp_min(torch.finfo(dt).tiny)
-        out[:, :, :, i0:i1] = o.to(q.dtype)
-        lse[:, :, :, i0:i1] = (m + torch.log(den)).squeeze(-1)
-    return out.view(B, Hq, Sq, D), lse.view(B, Hq, Sq)
+    out = torch.zeros_like(q)
+    lse = torch.zeros(B, Hq, Sq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    for b, i0, i1, k_lo, k_hi, mask in _pieces(q, k, meta, attn_mask):
+        o, l = _FLASH(q[b:b + 1, :, i0:i1], k[b:b + 1, :, k_lo:k_hi], v[b:b + 1, :, k_lo:k_hi], 0.0, False,
+                      attn_mask=mask, scale=scale)
+        out[b:b + 1, :, i0:i1] = o
+        lse[b:b + 1, :, i0:i1] = l
+    return out, lse
 
 
 def backward(dout, q, k, v, out, lse, meta: dict, attn_mask, scale: float):
-    """Gradients (dq, dk, dv) in the inputs' dtypes; rows with no visible key contribute nothing."""
-    B, Hq, Sq, D = q.shape
-    Hkv = k.shape[1]
-    dt = _compute_dtype(q.dtype)
-    qg, dog = _grouped(q, Hkv), _grouped(dout, Hkv)
-    lseg = lse.view(B, Hkv, Hq // Hkv, Sq, 1)
-    delta = (_grouped(dout, Hkv).to(dt) * _grouped(out, Hkv).to(dt)).sum(-1, keepdim=True)  # rowsum(dO * O)
-    dq = torch.zeros(B, Hkv, Hq // Hkv, Sq, D, dtype=dt)
-    dk = torch.zeros(B, Hkv, k.shape[2], D, dtype=dt)
-    dv = torch.zeros(B, Hkv, k.shape[2], D, dtype=dt)
-    for i0, i1, blk in _blocks(q, k, attn_mask, meta):
-        if blk.empty:
-            continue
-        s = blk.scores(qg[:, :, :, i0:i1], k, scale, dt)
-        row_lse = lseg[:, :, :, i0:i1]
-        p = s.sub_(torch.where(row_lse == float("-inf"), torch.zeros_like(row_lse), row_lse)).exp_()
-        do = dog[:, :, :, i0:i1].to(dt)
-        kb, vb = k[:, :, None, blk.k_lo:blk.k_hi].to(dt), v[:, :, None, blk.k_lo:blk.k_hi].to(dt)
-        dv[:, :, blk.k_lo:blk.k_hi] += torch.matmul(p.transpose(-1, -2), do).sum(2)
-        ds = torch.matmul(do, vb.transpose(-1, -2)).sub_(delta[:, :, :, i0:i1]).mul_(p)
-        dq[:, :, :, i0:i1] = torch.matmul(ds, kb) * scale
-        dk[:, :, blk.k_lo:blk.k_hi] += (torch.matmul(ds.transpose(-1, -2), qg[:, :, :, i0:i1].to(dt)) * scale).sum(2)
-    return dq.view(B, Hq, Sq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    """Gradients (dq, dk, dv) in the inputs' dtypes; rows with no visible key contribute nothing.
+    dk and dv sum over the query pieces in fp32 (fp64 for fp64 inputs)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros_like(q)
+    dk = torch.zeros(k.shape, dtype=acc)
+    dv = torch.zeros(v.shape, dtype=acc)
+    for b, i0, i1, k_lo, k_hi, mask in _pieces(q, k, meta, attn_mask):
+        g_q, g_k, g_v = _FLASH_BWD(dout[b:b + 1, :, i0:i1], q[b:b + 1, :, i0:i1], k[b:b + 1, :, k_lo:k_hi],
+                                   v[b:b + 1, :, k_lo:k_hi], out[b:b + 1, :, i0:i1], lse[b:b + 1, :, i0:i1],
+                                   0.0, False, attn_mask=mask, scale=scale)
+        dq[b:b + 1, :, i0:i1] = g_q
+        dk[b:b + 1, :, k_lo:k_hi] += g_k
+        dv[b:b + 1, :, k_lo:k_hi] += g_v
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -1,8 +1,8 @@
-"""Suite `masking` through pytest-benchmark: `pytest benchmarks --benchmark-only [--bench-full]`.
+"""Every suite through pytest-benchmark: `pytest benchmarks --benchmark-only [--bench-full]`.
 
-Parametrised from `benchmarks.suites.masking.cases`, the list `python -m benchmarks masking` runs;
+Parametrised from each registered suite's `cases`, the list `python -m benchmarks <suite>` runs;
 cases the suite marks as skipped (no transformers, a backend unavailable) are skipped with the reason.
-Each case is its own pytest-benchmark group per shape, so the comparison table lines up ours and HF's.
+Cases are grouped per suite and shape, so the comparison table lines up ours and the peers'.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip("pytest_benchmark")
 
 from benchmarks.__main__ import resolve_device  # noqa: E402
 from benchmarks.harness import Case, case_str  # noqa: E402
-from benchmarks.suites import masking  # noqa: E402
+from benchmarks.suites import load_suite, suite_names  # noqa: E402
 
 ROUND_BUDGET_S = 1.0  # target seconds of timed rounds per case
 
@@ -22,16 +22,17 @@ ROUND_BUDGET_S = 1.0  # target seconds of timed rounds per case
 def pytest_generate_tests(metafunc):
     if "bench_case" in metafunc.fixturenames:
         device = resolve_device(metafunc.config.getoption("--bench-device"))
-        cases = masking.cases(device, quick=not metafunc.config.getoption("--bench-full"))
-        metafunc.parametrize("bench_case", cases, ids=[c.label for c in cases])
+        quick = not metafunc.config.getoption("--bench-full")
+        cases = [(name, c) for name in suite_names() for c in load_suite(name).cases(device, quick)]
+        metafunc.parametrize("bench_case", [c for _, c in cases], ids=[f"{n}-{c.label}" for n, c in cases])
 
 
-def test_masking(benchmark, bench_case: Case):
+def test_suite_case(benchmark, bench_case: Case):
     if bench_case.skip:
         pytest.skip(bench_case.skip)
     fn = bench_case.synced_fn()
     shape = {k: v for k, v in bench_case.case.items() if k != "mode"}
-    benchmark.group = f"masking {case_str(shape)}"
+    benchmark.group = f"{bench_case.op} {case_str(shape)}"
     benchmark.extra_info.update(op=bench_case.op, backend=bench_case.backend, case=bench_case.case,
                                 tokens=bench_case.tokens, device=bench_case.device)
     # one untimed call (warm-up) also sizes the number of rounds to the time budget

@@ -74,7 +74,7 @@ def _attn_mask(mask, shape, device):
         raise TypeError(f"attn_mask must be bool (True = visible) or floating (added to scores), got {mask.dtype}")
     if mask.dim() > 4 or any(m not in (1, s) for m, s in zip(mask.shape[::-1], shape[::-1])):
         raise ValueError(f"attn_mask must be broadcastable to {tuple(shape)}, got {tuple(mask.shape)}")
-    return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
 def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_lengths=None, spans=None,

@@ -13,7 +13,7 @@ from masklm_kernels import fused_attention
 from masklm_kernels.attention import cpu, masks, reference as ref
 
 SEEDS = range(40)
-BLOCKS = ("default", 16)
+BLOCKS = ("default", 16, "16-gather")
 
 
 def _case(seed):
@@ -23,10 +23,13 @@ def _case(seed):
 
 @pytest.fixture(params=BLOCKS, ids=lambda b: f"block_q={b}")
 def block_q(request, monkeypatch):
-    """Every test using it runs with the default BLOCK_Q (one block for S <= 128) and with 16 rows per
-    block (several blocks, some of them skipped whole)."""
+    """Every test using it runs with the default BLOCK_Q (one block for S <= 128), with 16 rows per
+    block (several blocks, some of them skipped whole), and with 16 rows per block where every piece
+    whose key range holds an invisible key gathers its visible keys (the sparse-key path)."""
     if request.param != "default":
-        monkeypatch.setattr(cpu, "BLOCK_Q", request.param)
+        monkeypatch.setattr(cpu, "BLOCK_Q", 16)
+    if request.param == "16-gather":
+        monkeypatch.setattr(cpu, "GATHER_BELOW", 1.01)
     return cpu.BLOCK_Q
 
 

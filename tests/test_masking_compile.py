@@ -32,12 +32,18 @@ def _rates(rng, shape) -> torch.Tensor:
     return torch.from_numpy(rng.uniform(0.05, 0.6, size=shape).astype(np.float32))
 
 
-def mask_tokens_case(mode: str):
-    """(input_ids, kwargs) for `mask_tokens` in the named mode."""
-    rng = rng_for("compile mask_tokens", mode)
+def _base_case(op: str, mode: str):
+    """(rng, batch, common kwargs) of a fresh random case of `op` in the named mode."""
+    rng = rng_for(f"compile {op}", mode)
     bt = make_batch(rng, B, S, dtype=torch.int32 if mode == "int32_ids" else torch.int64)
     kw = dict(COMMON, lengths=bt.lengths, special_token_ids=list(SPECIAL_IDS), seed=int(rng.integers(2**31)),
               step=int(rng.integers(1000)))
+    return rng, bt, kw
+
+
+def mask_tokens_case(mode: str):
+    """(input_ids, kwargs) for `mask_tokens` in the named mode."""
+    rng, bt, kw = _base_case("mask_tokens", mode)
     extra = {
         "token_float": dict(mlm_probability=0.3),
         "row_rates": dict(mlm_probability=_rates(rng, (B,))),
@@ -57,10 +63,7 @@ def mask_tokens_case(mode: str):
 
 
 def mass_mask_case(mode: str):
-    rng = rng_for("compile mass_mask", mode)
-    bt = make_batch(rng, B, S, dtype=torch.int32 if mode == "int32_ids" else torch.int64)
-    kw = dict(COMMON, lengths=bt.lengths, special_token_ids=list(SPECIAL_IDS), seed=int(rng.integers(2**31)),
-              step=int(rng.integers(1000)))
+    rng, bt, kw = _base_case("mass_mask", mode)
     extra = {
         "default": {},
         "ratio_pred_probs": dict(fragment_ratio=0.15, pred_probs=(0.6, 0.3, 0.1), pad_token_id=4),

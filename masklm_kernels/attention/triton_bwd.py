@@ -1,0 +1,244 @@
+"""Triton backward of masked attention, FlashAttention-2 style and deterministic (no atomics):
+
+1. `_bwd_preprocess`: delta_i = rowsum(dO_i * O_i) per query row;
+2. `_bwd_dkdv`: one program per (key tile, batch row x key/value head) accumulates dK and dV over the
+   query tiles that see it, for every query head of its GQA group, in a fixed order;
+3. `_bwd_dq`: one program per (query tile, batch row x query head) accumulates dQ over the key tiles.
+
+Both main kernels visit exactly the tiles that hold a visible pair (triton_common.py) and recompute the
+probabilities from the forward's log-sum-exp (+inf on rows with no visible key: their P is 0).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (NO_COL, Problem, _col_stats, _cols_ok, _dense_mask, _dot, _key_end, _pair_visible,
+                            _row_meta, _row_stats, _rows_ok, _seq_info, _tile_class, block_config, padded_problem,
+                            tile_counter, varlen_problem)
+
+
+@triton.jit(do_not_specialize=["SQ", "SK"])
+def _bwd_preprocess(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, sls, CU_Q, CU_K, SQ, SK, HQ, D,
+                    BM: tl.constexpr, BD: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
+    rows = pid_m * BM + tl.arange(0, BM)
+    dcol = tl.arange(0, BD)
+    inb = (rows[:, None] < sq) & (dcol[None, :] < D)
+    b64 = b.to(tl.int64)
+    o = tl.load(O + b64 * sob + h.to(tl.int64) * soh + (q0 + rows[:, None]).to(tl.int64) * sos + dcol[None, :],
+                mask=inb, other=0.0)
+    do = tl.load(DO + b64 * sdb + h.to(tl.int64) * sdh + (q0 + rows[:, None]).to(tl.int64) * sds + dcol[None, :],
+                 mask=inb, other=0.0)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), axis=1)
+    tl.store(DELTA + b64 * slb + h.to(tl.int64) * slh + (q0 + rows).to(tl.int64) * sls, delta, mask=rows < sq)
+
+
+@triton.jit(do_not_specialize=["SQ", "SK"])
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
+              sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sls,
+              CU_Q, CU_K, QLEN, KVLEN, PREFIX, SPANS, MASK, smb, smh, smi, smj,
+              SQ, SK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
+              NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, MASK_KIND: tl.constexpr,
+              VARLEN: tl.constexpr, COUNT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """dK, dV of one key tile; DK and DV share k's strides (they are allocated like k)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    HKV = HQ // GROUP
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
+    n0 = pid_n * BN
+    if n0 >= sk:
+        return
+    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
+                                              HAS_PREFIX, NSPANS, NSP)
+    off = sk - sq
+    log2e = tl.cast(log2e_hi, ACC) + tl.cast(log2e_lo, ACC)
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    scale_log2 = scale * log2e
+
+    cols = n0 + tl.arange(0, BN)
+    dcol = tl.arange(0, BD)
+    col_in = cols < sk
+    d_in = dcol < D
+    b64 = b.to(tl.int64)
+    kv_off = (k0 + cols[:, None]).to(tl.int64)
+    k = tl.load(K + b64 * skb + hk.to(tl.int64) * skh + kv_off * sks + dcol[None, :],
+                mask=col_in[:, None] & d_in[None, :], other=0.0)
+    v = tl.load(V + b64 * svb + hk.to(tl.int64) * svh + kv_off * svs + dcol[None, :],
+                mask=col_in[:, None] & d_in[None, :], other=0.0)
+    col_ok = _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)
+    j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
+    m_start = 0
+    if CAUSAL:  # rows before j_min - off see none of these columns (unless the prefix shows them)
+        first = tl.where(j_min < prefix, 0, tl.maximum(j_min - off, 0))
+        m_start = (first // BM) * BM
+    m_end = tl.where(j_min < NO_COL, q_len, 0)
+
+    dk = tl.zeros([BN, BD], ACC)
+    dv = tl.zeros([BN, BD], ACC)
+    count = pid_n * 0
+    for g in range(GROUP):
+        h = (hk * GROUP + g).to(tl.int64)
+        q_ptr = Q + b64 * sqb + h * sqh + q0.to(tl.int64) * sqs
+        do_ptr = DO + b64 * sdb + h * sdh + q0.to(tl.int64) * sds
+        l_ptr = b64 * slb + h * slh + q0.to(tl.int64) * sls
+        mask_ptr = MASK + b64 * smb + h * smh
+        for m0 in range(m_start, m_end, BM):
+            i_max, rows_full = _row_stats(m0, q_len, st, en, BM, NSPANS, INSIDE)
+            visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix, BM, BN, CAUSAL,
+                                        MASK_KIND != 0)
+            if visible:
+                rows = m0 + tl.arange(0, BM)
+                row_in = rows < sq
+                q = tl.load(q_ptr + rows[:, None] * sqs + dcol[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+                do = tl.load(do_ptr + rows[:, None] * sds + dcol[None, :], mask=row_in[:, None] & d_in[None, :],
+                             other=0.0)
+                lse2 = tl.load(LSE + l_ptr + rows * sls, mask=row_in, other=float("inf")).to(ACC) * log2e
+                delta = tl.load(DELTA + l_ptr + rows * sls, mask=row_in, other=0.0).to(ACC)
+                s = _dot(k, tl.trans(q), tl.zeros([BN, BM], ACC), UPCAST, PRECISION) * scale_log2  # S^T
+                if MASK_KIND != 0:
+                    m_vis, bias = _dense_mask(mask_ptr, rows[None, :], cols[:, None], col_in[:, None] & row_in[None, :],
+                                              smi, smj, MASK_KIND, ACC)
+                    s = s + bias * log2e
+                p = tl.math.exp2(s - lse2[None, :])
+                if not full:
+                    vis = _pair_visible(rows[None, :], cols[:, None], _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)[None, :],
+                                        col_ok[:, None], off, prefix, CAUSAL)
+                    if MASK_KIND != 0:
+                        vis = vis & m_vis
+                    p = tl.where(vis, p, 0.0)
+                dv = _dot(p.to(do.dtype), do, dv, UPCAST, PRECISION)
+                dp = _dot(v, tl.trans(do), tl.zeros([BN, BM], ACC), UPCAST, PRECISION)
+                ds = p * (dp - delta[None, :])
+                dk = _dot(ds.to(q.dtype), q, dk, UPCAST, PRECISION)
+                count += 1
+    dk = dk * scale
+    out_off = b64 * skb + hk.to(tl.int64) * skh + kv_off * sks + dcol[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
+    if COUNT:
+        tl.store(COUNTS + pid_bh * tl.num_programs(0) + pid_n, count)
+
+
+@triton.jit(do_not_specialize=["SQ", "SK"])
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
+            sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sls,
+            CU_Q, CU_K, QLEN, KVLEN, PREFIX, SPANS, MASK, smb, smh, smi, smj,
+            SQ, SK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
+            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
+            HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
+            NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, MASK_KIND: tl.constexpr,
+            VARLEN: tl.constexpr, COUNT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """dQ of one query tile; DQ shares q's strides."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
+    m0 = pid_m * BM
+    if m0 >= sq:
+        return
+    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
+                                              HAS_PREFIX, NSPANS, NSP)
+    off = sk - sq
+    log2e = tl.cast(log2e_hi, ACC) + tl.cast(log2e_lo, ACC)
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    scale_log2 = scale * log2e
+
+    rows = m0 + tl.arange(0, BM)
+    dcol = tl.arange(0, BD)
+    row_in = rows < sq
+    d_in = dcol < D
+    b64 = b.to(tl.int64)
+    q_off = (q0 + rows[:, None]).to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + q_off * sqs + dcol[None, :],
+                mask=row_in[:, None] & d_in[None, :], other=0.0)
+    do = tl.load(DO + b64 * sdb + h.to(tl.int64) * sdh + q_off * sds + dcol[None, :],
+                 mask=row_in[:, None] & d_in[None, :], other=0.0)
+    l_off = b64 * slb + h.to(tl.int64) * slh + (q0 + rows).to(tl.int64) * sls
+    lse2 = tl.load(LSE + l_off, mask=row_in, other=float("inf")).to(ACC) * log2e
+    delta = tl.load(DELTA + l_off, mask=row_in, other=0.0).to(ACC)
+    k_ptr = K + b64 * skb + hk.to(tl.int64) * skh + k0.to(tl.int64) * sks
+    v_ptr = V + b64 * svb + hk.to(tl.int64) * svh + k0.to(tl.int64) * svs
+    mask_ptr = MASK + b64 * smb + h.to(tl.int64) * smh
+
+    row_ok = _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)
+    i_max, rows_full = _row_stats(m0, q_len, st, en, BM, NSPANS, INSIDE)
+    n_end = _key_end(i_max, m0, kv_len, off, prefix, CAUSAL)
+    dq = tl.zeros([BM, BD], ACC)
+    count = pid_m * 0
+    for n0 in range(0, n_end, BN):
+        j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
+        visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix, BM, BN, CAUSAL,
+                                    MASK_KIND != 0)
+        if visible:
+            cols = n0 + tl.arange(0, BN)
+            col_in = cols < sk
+            kt = tl.load(k_ptr + cols[None, :] * sks + dcol[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
+            vt = tl.load(v_ptr + cols[None, :] * svs + dcol[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
+            s = _dot(q, kt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION) * scale_log2
+            if MASK_KIND != 0:
+                m_vis, bias = _dense_mask(mask_ptr, rows[:, None], cols[None, :], row_in[:, None] & col_in[None, :],
+                                          smi, smj, MASK_KIND, ACC)
+                s = s + bias * log2e
+            p = tl.math.exp2(s - lse2[:, None])
+            if not full:
+                vis = _pair_visible(rows[:, None], cols[None, :], row_ok[:, None],
+                                    _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], off, prefix, CAUSAL)
+                if MASK_KIND != 0:
+                    vis = vis & m_vis
+                p = tl.where(vis, p, 0.0)
+            dp = _dot(do, vt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
+            count += 1
+    dq = dq * scale
+    tl.store(DQ + b64 * sqb + h.to(tl.int64) * sqh + q_off * sqs + dcol[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_in[:, None] & d_in[None, :])
+    if COUNT:
+        tl.store(COUNTS + pid_bh * tl.num_programs(0) + pid_m, count)
+
+
+# Rows per program of the preprocess (a streaming row sum: any size that fills a wave will do).
+PRE_BLOCK_M = 64
+
+
+def launch_backward(prob: Problem, dout, q, k, v, out, lse):
+    """dq, dk, dv (in the inputs' dtypes and layouts) from the forward's out and lse."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    a = prob.args
+    seq = prob.strides
+    _bwd_preprocess[(triton.cdiv(prob.SQ, PRE_BLOCK_M), prob.B * prob.HQ)](
+        out, dout, delta, *seq(out), *seq(dout), *prob.lse_strides(), a["CU_Q"], a["CU_K"], prob.SQ, prob.SK,
+        prob.HQ, prob.D, BM=PRE_BLOCK_M, BD=a["BD"], VARLEN=prob.varlen, ACC=a["ACC"])
+    strides = (*seq(q), *seq(k), *seq(v), *seq(dout), *prob.lse_strides())
+    for name, kernel, grads, rows, heads in (("dkdv", _bwd_dkdv, (dk, dv), prob.SK, prob.HKV),
+                                             ("dq", _bwd_dq, (dq,), prob.SQ, prob.HQ)):
+        cfg = block_config(name, prob.D, q.dtype)
+        grid = (triton.cdiv(rows, cfg.block_n if name == "dkdv" else cfg.block_m), prob.B * heads)
+        counts = tile_counter(name, cfg, grid[0] * grid[1], q.device)
+        kernel[grid](q, k, v, dout, lse, delta, *grads, counts if counts is not None else a["CU_Q"], *strides,
+                     BM=cfg.block_m, BN=cfg.block_n, COUNT=counts is not None, num_warps=cfg.num_warps,
+                     num_stages=cfg.num_stages, **a)
+    return dq, dk, dv
+
+
+def backward(dout, q, k, v, out, lse, meta: dict, attn_mask, scale: float):
+    return launch_backward(padded_problem(q, k, meta, attn_mask, scale), dout, q, k, v, out, lse)
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
+    return launch_backward(varlen_problem(q, k, cu_q, cu_k, max_q, max_k, causal, scale), dout, q, k, v, out, lse)

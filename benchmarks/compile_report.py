@@ -27,7 +27,7 @@ NVCC_FLAGS = ("-std=c++17", "-O3", "--fmad=false", "-DMLK_WITH_CUDA", "-Xptxas",
 # Opt-in shared memory per block (CUDA programming guide, "Compute capabilities"): A100 / H100.
 MAX_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}
 
-_ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)'")
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)a?'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 

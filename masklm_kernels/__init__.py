@@ -4,8 +4,8 @@ Masked attention, on-device dynamic token masking and fused masked cross-entropy
 torch.library custom op; `python -m masklm_kernels.info` prints which backends run here and why not.
 """
 from ._backends import BackendUnavailableError
-from .attention import fused_attention
+from .attention import fused_attention, fused_attention_varlen
 from .masking import mask_tokens, mass_mask
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "fused_attention", "mask_tokens", "mass_mask", "__version__"]
+__all__ = ["BackendUnavailableError", "fused_attention", "fused_attention_varlen", "mask_tokens", "mass_mask", "__version__"]

@@ -6,6 +6,7 @@ that cannot run raises `BackendUnavailableError` listing the reasons, never fall
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -23,8 +24,10 @@ class Backend:
     # extra reasons that do not depend on the inputs (e.g. a missing extension); None when fine
     requirement: Callable[[], str | None] = field(default=lambda: None)
     description: str = ""
+    # reasons that depend on the inputs, from a dict of facts the op's api.py computes; [] when it can
+    input_check: Callable[[dict], list[str]] | None = None
 
-    def not_supported_reasons(self, device: torch.device | str | None = None) -> list[str]:
+    def not_supported_reasons(self, device: torch.device | str | None = None, inputs: dict | None = None) -> list[str]:
         reasons = []
         req = self.requirement()
         if req:
@@ -33,22 +36,30 @@ class Backend:
             dtype = torch.device(device).type
             if dtype not in self.device_types:
                 reasons.append(f"runs on {' / '.join(self.device_types)} tensors, not {dtype}")
+        if inputs is not None and self.input_check is not None:
+            reasons += self.input_check(inputs)
         return reasons
 
 
-def select_backend(op: str, backends: Sequence[Backend], requested: str, device: torch.device) -> Backend:
+def triton_interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1): Triton kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def select_backend(op: str, backends: Sequence[Backend], requested: str, device: torch.device,
+                   inputs: dict | None = None) -> Backend:
     names = [b.name for b in backends]
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string, one of {['auto', *names]}, got {type(requested).__name__}")
     if requested == "auto":
         for b in backends:
-            if not b.not_supported_reasons(device):
+            if not b.not_supported_reasons(device, inputs):
                 return b
-        detail = "; ".join(f"{b.name}: {', '.join(b.not_supported_reasons(device))}" for b in backends)
+        detail = "; ".join(f"{b.name}: {', '.join(b.not_supported_reasons(device, inputs))}" for b in backends)
         raise BackendUnavailableError(f"{op}: no backend can run inputs on {device} ({detail})")
     for b in backends:
         if b.name == requested:
-            reasons = b.not_supported_reasons(device)
+            reasons = b.not_supported_reasons(device, inputs)
             if reasons:
                 raise BackendUnavailableError(f"{op}: backend={requested!r} cannot run here: " + "; ".join(reasons))
             return b

@@ -19,7 +19,8 @@ def _ops() -> dict[str, tuple[Backend, ...]]:
     from .attention import api as attention
     from .masking import api as masking
 
-    return {"fused_attention": attention.BACKENDS, "mask_tokens": masking.BACKENDS, "mass_mask": masking.BACKENDS}
+    return {"fused_attention": attention.BACKENDS, "fused_attention_varlen": attention.BACKENDS,
+            "mask_tokens": masking.BACKENDS, "mass_mask": masking.BACKENDS}
 
 
 def _version(module: str) -> str:

@@ -1,5 +1,15 @@
-"""Masked attention (BRIEF.md, "Attention semantics"): `fused_attention`. Backends so far: `cpu`
-(blockwise, forward and backward) and `reference` (the dense specification); Triton is issue 3's next step."""
-from .api import BACKENDS, fused_attention
+"""Masked attention (BRIEF.md, "Attention semantics"): `fused_attention` (padded (B, H, S, D) with masks from
+O(B) metadata) and `fused_attention_varlen` (packed sequences). Backends: `triton` (GPU; CPU tensors under
+Triton's interpreter), `cpu` (blockwise PyTorch) and `reference` (the dense specification)."""
+from .api import BACKENDS, fused_attention, fused_attention_varlen
 
-__all__ = ["BACKENDS", "fused_attention"]
+__all__ = ["BACKENDS", "fused_attention", "fused_attention_varlen", "record_tiles"]
+
+
+def __getattr__(name):
+    # `record_tiles` lives with the Triton kernels; importing it loads triton, so only on demand.
+    if name == "record_tiles":
+        from .triton_common import record_tiles
+
+        return record_tiles
+    raise AttributeError(name)

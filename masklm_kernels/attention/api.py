@@ -1,30 +1,57 @@
-"""Public attention API: `fused_attention` (BRIEF.md, "Attention semantics")."""
+"""Public attention API: `fused_attention` and `fused_attention_varlen` (BRIEF.md, "Attention semantics")."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 
 import torch
 
-from .._backends import Backend, BackendUnavailableError, select_backend
-from .._validation import check_range, check_tensor
+from .._backends import Backend, select_backend, triton_interpreting
+from .._validation import check_int, check_range, check_tensor, values_checkable
 from . import ops, reference
 from .masks import SPAN_MODES
 
-BACKENDS = (
-    Backend("cpu", ("cpu",), description="ATen CPU flash kernel per (row, query block), invisible key blocks skipped"),
-    Backend("reference", ("cpu", "cuda"), description="dense PyTorch specification (builds B x H x Sq x Sk)"),
-)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = tuple(range(16, 257, 8))  # every multiple of 8 from 16 to 256 (40, 80, 96 included)
 
 
-def _check_qkv(q, k, v):
+def _triton_installed() -> str | None:
+    return None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"
+
+
+def _no_mask_grad(x: dict) -> list[str]:
+    return ["cannot differentiate attn_mask (requires_grad=True): use backend='reference' or detach the mask"] \
+        if x.get("mask_grad") else []
+
+
+def _triton_inputs(x: dict) -> list[str]:
+    out = _no_mask_grad(x)
+    if x["device"].type == "cpu" and not triton_interpreting():
+        out.append("CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before importing triton)")
+    if x["dtype"] == torch.float64 and x["device"].type != "cpu":
+        out.append("float64 is not compiled for GPUs (no spill-free tile configuration); use backend='reference'")
+    return out
+
+
+# auto order: cpu first, so that CPU tensors take the cpu backend even under Triton's interpreter
+BACKENDS = (
+    Backend("cpu", ("cpu",), description="ATen CPU flash kernel per (row, query block), invisible key blocks skipped",
+            input_check=_no_mask_grad),
+    Backend("triton", ("cuda", "cpu"), requirement=_triton_installed, input_check=_triton_inputs,
+            description="flash-attention kernels, tiles with no visible pair skipped (CPU: interpreter only)"),
+    Backend("reference", ("cpu", "cuda"), description="dense PyTorch specification (builds B x H x Sq x Sk)"),
+)
+
+
+def _check_qkv(q, k, v, layout: str = "bhsd"):
+    """q/k/v of a (B, H, S, D) ("bhsd") or packed (total, H, D) ("thd") layout; heads are dim 1 in both."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() != len(layout):
+            what = "(batch, heads, seq, head_dim)" if layout == "bhsd" else "(total_tokens, heads, head_dim)"
+            raise ValueError(f"{name} must be {len(layout)}-D {what}, got shape {tuple(t.shape)}")
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -32,15 +59,25 @@ def _check_qkv(q, k, v):
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
-        if t.shape[0] != q.shape[0] or t.shape[3] != q.shape[3]:
-            raise ValueError(f"{name} must have q's batch and head_dim ({q.shape[0]}, {q.shape[3]}), got shape "
-                             f"{tuple(t.shape)}")
+        if t.shape[-1] != q.shape[-1] or (layout == "bhsd" and t.shape[0] != q.shape[0]):
+            what = "batch and head_dim" if layout == "bhsd" else "head_dim"
+            raise ValueError(f"{name} must have q's {what}, got shape {tuple(t.shape)} for q {tuple(q.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of k/v's heads ({k.shape[1]}) (GQA/MQA)")
-    if q.shape[3] not in HEAD_DIMS:
-        raise ValueError(f"head_dim {q.shape[3]} is not supported; supported: multiples of 8 from 16 to 256")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head_dim {q.shape[-1]} is not supported; supported: multiples of 8 from 16 to 256")
+
+
+def _scale(scale, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a positive finite float, got {type(scale).__name__}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    return float(scale)
 
 
 def _lengths(name, t, B, hi, device):
@@ -92,9 +129,13 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
         span_mode: "inside" (keys in a span, rows in a span: MASS decoder) or "outside" (keys in no span).
         attn_mask: broadcastable to (B, Hq, Sq, Sk); bool (True = visible) is AND-ed, float is added.
         scale: score scale, default 1 / sqrt(D).
-        backend: "auto" (cpu on CPU tensors, else reference), "cpu" or "reference".
+        backend: "auto" (triton on CUDA tensors, cpu on CPU tensors; reference for what neither supports:
+            a float attn_mask that requires grad, fp64 on CUDA), "triton", "cpu" or "reference".
 
     Returns (B, Hq, Sq, D) in q's dtype. Rows with no visible key are 0, with zero gradients.
+
+    On CUDA tensors the values of lengths and spans are not range-checked (that would synchronise the
+    host); the kernels clip lengths to [0, S] and treat a span with start >= end as empty.
 
     Equivalent PyTorch (dense, for rows with a visible key)::
 
@@ -111,30 +152,78 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
         raise ValueError(f"span_mode must be one of {SPAN_MODES}, got {span_mode!r}")
     if prefix_lengths is not None and not causal:
         raise ValueError("prefix_lengths requires causal=True (prefix-LM: bidirectional prefix, causal rest)")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a positive finite float, got {type(scale).__name__}")
-    elif not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    scale = _scale(scale, D)
     dev = q.device
     kv_lengths = _lengths("kv_lengths", kv_lengths, B, Sk, dev)
     q_lengths = _lengths("q_lengths", q_lengths, B, Sq, dev)
     prefix_lengths = _lengths("prefix_lengths", prefix_lengths, B, Sk, dev)
     spans = _spans(spans, B, Sk, dev)
     attn_mask = _attn_mask(attn_mask, (B, Hq, Sq, Sk), dev)
-    chosen = select_backend("fused_attention", BACKENDS, backend, dev)
-    if chosen.name == "cpu" and attn_mask is not None and attn_mask.requires_grad:
-        # The blockwise backward returns no gradient for an additive mask; the dense reference does.
-        if backend != "auto":
-            raise BackendUnavailableError("fused_attention: backend='cpu' cannot differentiate attn_mask "
-                                          "(requires_grad=True); use backend='reference' or detach the mask")
-        chosen = BACKENDS[1]
-    if chosen.name == "cpu":
-        out, _ = ops.attention_cpu_fwd(q.contiguous(), k.contiguous(), v.contiguous(), kv_lengths, q_lengths,
-                                       prefix_lengths, spans, attn_mask, causal, span_mode, float(scale))
+    facts = dict(device=dev, dtype=q.dtype, mask_grad=attn_mask is not None and attn_mask.requires_grad)
+    chosen = select_backend("fused_attention", BACKENDS, backend, dev, facts)
+    if chosen.name != "reference":
+        out, _ = ops.FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), kv_lengths, q_lengths,
+                                          prefix_lengths, spans, attn_mask, causal, span_mode, scale)
         return out
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     return reference.attention(q, k, v, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
                                prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode, attn_mask=attn_mask,
-                               scale=float(scale), compute_dtype=compute)
+                               scale=scale, compute_dtype=compute)
+
+
+def _cu_seqlens(name: str, t, device, total: int, max_seqlen: int) -> torch.Tensor:
+    check_tensor(name, t, device=device, like="q")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor (FlashAttention's layout), got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D (batch + 1,), got shape {tuple(t.shape)}")
+    if values_checkable(t):  # on CUDA tensors this would synchronise: not checked there (as flash-attn)
+        lens = t[1:] - t[:-1]
+        if int(t[0]) != 0 or int(t[-1]) != total or bool((lens < 0).any()):
+            raise ValueError(f"{name} must start at 0, never decrease and end at the number of tokens ({total}), "
+                             f"got {t.tolist()}")
+        if lens.numel() and int(lens.max()) > max_seqlen:
+            raise ValueError(f"a sequence of {name} is longer ({int(lens.max())}) than its max_seqlen ({max_seqlen})")
+    return t.contiguous()
+
+
+def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+                           scale=None, backend="auto"):
+    """Attention over packed variable-length sequences (FlashAttention's varlen layout); forward and backward.
+
+    Args:
+        q: (total_q, Hq, D); k, v: (total_k, Hkv, D), Hq % Hkv == 0; sequence b is tokens
+            cu_seqlens[b]:cu_seqlens[b + 1] of each. fp16, bf16, fp32 (fp64 on CPU); D a multiple of 8 in [16, 256].
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 on q's device, starting at 0, ending at total_q / total_k.
+        max_seqlen_q, max_seqlen_k: Python ints >= every sequence's length (the grid size: no host sync).
+        causal: key j visible to query i of the same sequence when j <= i + (len_k - len_q) (bottom-right).
+        scale: score scale, default 1 / sqrt(D).
+        backend: "auto" (triton on CUDA tensors, cpu on CPU tensors), "triton", "cpu" or "reference".
+
+    Returns (total_q, Hq, D) in q's dtype; a query with no visible key (e.g. an empty key sequence) gives 0.
+
+    Equivalent PyTorch::
+
+        out = torch.cat([fused_attention(q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None],
+                                         v[c:d].transpose(0, 1)[None], causal=causal)[0].transpose(0, 1)
+                         for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])])
+    """
+    _check_qkv(q, k, v, layout="thd")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, lo=0)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, lo=0)
+    dev = q.device
+    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, dev, q.shape[0], max_seqlen_q)
+    cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, dev, k.shape[0], max_seqlen_k)
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                         f"{cu_q.shape[0]} and {cu_k.shape[0]}")
+    scale = _scale(scale, q.shape[-1])
+    chosen = select_backend("fused_attention_varlen", BACKENDS, backend, dev, dict(device=dev, dtype=q.dtype))
+    if chosen.name != "reference":
+        out, _ = ops.VARLEN_FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k,
+                                                 max_seqlen_q, max_seqlen_k, causal, scale)
+        return out
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale, compute_dtype=compute)

@@ -44,6 +44,8 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, meta: dict, attn_mask):
     at once (a (B, block, Sk) bool): per-piece Python work is then a few slices."""
     B, _, Sq, _ = q.shape
     Sk = k.shape[2]
+    if Sk == 0:
+        return  # no keys: every row is dead
     cols = torch.arange(Sk, device=q.device)
     for i0 in range(0, Sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, Sq)
@@ -108,3 +110,42 @@ def backward(dout, q, k, v, out, lse, meta: dict, attn_mask, scale: float):
             dk[b:b + 1].index_add_(2, keys, g_k.to(acc))
             dv[b:b + 1].index_add_(2, keys, g_v.to(acc))
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed (varlen) layout: each sequence is a batch row of its own
+# ------------------------------------------------------------------------------------------------
+
+def _sequences(cu_q: torch.Tensor, cu_k: torch.Tensor):
+    """(q0, q1, k0, k1) of each packed sequence (CPU tensors: reading them syncs nothing)."""
+    return zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist())
+
+
+def _row(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Tokens [a, b) of a packed (total, H, D) tensor as a (1, H, b - a, D) batch row."""
+    return t[a:b].transpose(0, 1).unsqueeze(0).contiguous()
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
+    """(out (total_q, Hq, D), lse (Hq, total_q)); causal is bottom-right aligned per sequence."""
+    out = torch.zeros_like(q)
+    lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    for q0, q1, k0, k1 in _sequences(cu_q, cu_k):
+        if q1 > q0:
+            o, l = forward(_row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1), dict(causal=causal), None, scale)
+            out[q0:q1] = o[0].transpose(0, 1)
+            lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for q0, q1, k0, k1 in _sequences(cu_q, cu_k):
+        if q1 > q0:
+            g_q, g_k, g_v = backward(_row(dout, q0, q1), _row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1),
+                                     _row(out, q0, q1), lse[None, :, q0:q1].contiguous(), dict(causal=causal), None,
+                                     scale)
+            dq[q0:q1] = g_q[0].transpose(0, 1)
+            dk[k0:k1] = g_k[0].transpose(0, 1)
+            dv[k0:k1] = g_v[0].transpose(0, 1)
+    return dq, dk, dv

@@ -64,3 +64,17 @@ def tiles_needed(vis: torch.Tensor, block_q: int, block_k: int) -> int:
     v = torch.nn.functional.pad(vis.to(torch.uint8), (0, pad_k, 0, pad_q))
     v = v.view(*lead, (Sq + pad_q) // block_q, block_q, (Sk + pad_k) // block_k, block_k)
     return int(v.amax(dim=(-3, -1)).sum())
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, *, causal: bool = False, scale: float | None = None,
+                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Packed layout (q: (total_q, Hq, D), k/v: (total_k, Hkv, D)): sequence b, tokens
+    cu_seqlens[b]:cu_seqlens[b + 1], attends within itself, as a batch row of `attention` of its own
+    (causal bottom-right aligned per sequence). Reads cu_seqlens on the host."""
+    bounds = zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
+                 cu_seqlens_k[1:].tolist())
+    row = lambda t, a, b: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731 - (1, H, len, D)
+    outs = [attention(row(q, a, b), row(k, c, d), row(v, c, d), causal=causal, scale=scale,
+                      compute_dtype=compute_dtype)[0].transpose(0, 1) for a, b, c, d in bounds]
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (NO_COL, Problem, _col_stats, _cols_ok, _dense_mask, _dot, _key_end, _pair_visible,
+from .triton_common import (NO_COL, Launch, Problem, _col_stats, _cols_ok, _dense_mask, _dot, _key_end, _pair_visible,
                             _row_meta, _row_stats, _rows_ok, _seq_info, _tile_class, block_config, padded_problem,
                             tile_counter, varlen_problem)
 
@@ -109,7 +109,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
                 if MASK_KIND != 0:
                     m_vis, bias = _dense_mask(mask_ptr, rows[None, :], cols[:, None], col_in[:, None] & row_in[None, :],
                                               smi, smj, MASK_KIND, ACC)
-                    s = s + bias * log2e
+                    if MASK_KIND == 2:
+                        s = s + bias * log2e
                 p = tl.math.exp2(s - lse2[None, :])
                 if not full:
                     vis = _pair_visible(rows[None, :], cols[:, None], _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)[None, :],
@@ -192,7 +193,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
             if MASK_KIND != 0:
                 m_vis, bias = _dense_mask(mask_ptr, rows[:, None], cols[None, :], row_in[:, None] & col_in[None, :],
                                           smi, smj, MASK_KIND, ACC)
-                s = s + bias * log2e
+                if MASK_KIND == 2:
+                    s = s + bias * log2e
             p = tl.math.exp2(s - lse2[:, None])
             if not full:
                 vis = _pair_visible(rows[:, None], cols[None, :], row_ok[:, None],
@@ -215,24 +217,31 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
 PRE_BLOCK_M = 64
 
 
-def launch_backward(prob: Problem, dout, q, k, v, out, lse):
-    """dq, dk, dv (in the inputs' dtypes and layouts) from the forward's out and lse."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)
+def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv) -> list[Launch]:
+    """The preprocess, dK/dV and dQ launches, in order."""
     a = prob.args
     seq = prob.strides
-    _bwd_preprocess[(triton.cdiv(prob.SQ, PRE_BLOCK_M), prob.B * prob.HQ)](
-        out, dout, delta, *seq(out), *seq(dout), *prob.lse_strides(), a["CU_Q"], a["CU_K"], prob.SQ, prob.SK,
-        prob.HQ, prob.D, BM=PRE_BLOCK_M, BD=a["BD"], VARLEN=prob.varlen, ACC=a["ACC"])
+    pre = Launch(_bwd_preprocess, (triton.cdiv(prob.SQ, PRE_BLOCK_M), prob.B * prob.HQ),
+                 (out, dout, delta, *seq(out), *seq(dout), *prob.lse_strides(), a["CU_Q"], a["CU_K"], prob.SQ, prob.SK,
+                  prob.HQ, prob.D), dict(BM=PRE_BLOCK_M, BD=a["BD"], VARLEN=prob.varlen, ACC=a["ACC"]))
+    launches = [pre]
     strides = (*seq(q), *seq(k), *seq(v), *seq(dout), *prob.lse_strides())
     for name, kernel, grads, rows, heads in (("dkdv", _bwd_dkdv, (dk, dv), prob.SK, prob.HKV),
                                              ("dq", _bwd_dq, (dq,), prob.SQ, prob.HQ)):
-        cfg = block_config(name, prob.D, q.dtype)
+        cfg = block_config(name, prob.D, q.dtype, a["MASK_KIND"] != 0)
         grid = (triton.cdiv(rows, cfg.block_n if name == "dkdv" else cfg.block_m), prob.B * heads)
         counts = tile_counter(name, cfg, grid[0] * grid[1], q.device)
-        kernel[grid](q, k, v, dout, lse, delta, *grads, counts if counts is not None else a["CU_Q"], *strides,
-                     BM=cfg.block_m, BN=cfg.block_n, COUNT=counts is not None, num_warps=cfg.num_warps,
-                     num_stages=cfg.num_stages, **a)
+        args = (q, k, v, dout, lse, delta, *grads, counts if counts is not None else a["CU_Q"], *strides)
+        launches.append(Launch(kernel, grid, args, dict(BM=cfg.block_m, BN=cfg.block_n, COUNT=counts is not None,
+                                                        **a), cfg))
+    return launches
+
+
+def launch_backward(prob: Problem, dout, q, k, v, out, lse):
+    """dq, dk, dv (in the inputs' dtypes and layouts) from the forward's out and lse."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for launch in backward_launches(prob, dout, q, k, v, out, lse, torch.empty_like(lse), dq, dk, dv):
+        launch()
     return dq, dk, dv
 
 

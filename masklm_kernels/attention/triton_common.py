@@ -22,19 +22,15 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._backends import triton_interpreting
+
 # Sentinel "no valid column" for j_min; any real column index is below it.
-NO_COL = 1 << 30
-
-
-def interpreting() -> bool:
-    """Triton's interpreter runs the kernels on CPU tensors (tests, BRIEF "Verification without a GPU")."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+NO_COL = tl.constexpr(1 << 30)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,7 +50,7 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def block_config(kernel: str, head_dim: int, dtype: torch.dtype) -> BlockConfig:
+def block_config(kernel: str, head_dim: int, dtype: torch.dtype, dense_mask: bool = False) -> BlockConfig:
     """Tile shape per kernel ("fwd", "dkdv", "dq") and head dim, chosen so that every configuration
     compiles for sm_80 and sm_90 without register spills (checked by `python -m benchmarks.compile_report`).
 
@@ -91,6 +87,25 @@ def dot_precision(dtype: torch.dtype) -> str:
 # ------------------------------------------------------------------------------------------------
 # Tile recorder (debug / benchmarks)
 # ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch, built by the launchers and run by them -- or compiled ahead of time for a GPU
+    that is not here by `benchmarks/compile_triton.py`, which thereby sees exactly what runs."""
+    kernel: triton.runtime.JITFunction
+    grid: tuple[int, int]
+    args: tuple
+    kwargs: dict
+    cfg: BlockConfig | None = None
+
+    def __call__(self) -> None:
+        opts = {} if self.cfg is None else dict(num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+        self.kernel[self.grid](*self.args, **self.kwargs, **opts)
+
+    def bound(self) -> dict:
+        """Every kernel parameter by name with the value this launch passes."""
+        return {**dict(zip(self.kernel.arg_names, self.args)), **self.kwargs}
+
 
 @dataclasses.dataclass
 class TileLaunch:
@@ -274,13 +289,16 @@ def _key_end(i_max, m0, kv_len, off, prefix, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _dense_mask(mask_ptr, i2, j2, in2, mstride_i, mstride_j, MASK_KIND: tl.constexpr, ACC: tl.constexpr):
-    """(visible, bias) of a dense attn_mask tile (bool: 1 = visible; float: added to the scores, -inf
-    hides the pair). `mask_ptr` already points at the (b, h) plane; out-of-range entries are hidden."""
+    """(visible, bias) of a dense attn_mask tile (bool: 1 = visible; float: the bias to add to the scores,
+    -inf hides the pair). `mask_ptr` already points at the (b, h) plane; out-of-range entries are hidden."""
     raw = tl.load(mask_ptr + i2 * mstride_i + j2 * mstride_j, mask=in2, other=0)
+    bias = raw.to(ACC)  # used by the caller for float masks only
     if MASK_KIND == 1:
-        return raw != 0, 0.0
-    bias = raw.to(ACC)
-    return bias != float("-inf"), tl.where(bias != float("-inf"), bias, 0.0)
+        vis = raw != 0
+    else:
+        vis = bias != float("-inf")
+        bias = tl.where(vis, bias, 0.0)
+    return vis, bias
 
 
 @triton.jit
@@ -332,7 +350,7 @@ def _common_args(q: torch.Tensor, HQ: int, HKV: int, D: int, causal: bool, scale
     (hi, lo), (l2_hi, l2_lo) = _split(scale), _split(1.0 / math.log(2.0))
     return dict(HQ=HQ, GROUP=HQ // HKV, D=D, scale_hi=hi, scale_lo=lo, log2e_hi=l2_hi, log2e_lo=l2_lo, CAUSAL=causal, BD=head_block(D),
                 ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-                UPCAST=interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype))
+                UPCAST=triton_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype))
 
 
 def padded_problem(q, k, meta: dict, attn_mask, scale: float) -> Problem:

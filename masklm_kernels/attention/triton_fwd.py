@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (Problem, _col_stats, _cols_ok, _dense_mask, _dot, _key_end, _pair_visible, _row_meta,
+from .triton_common import (Launch, Problem, _col_stats, _cols_ok, _dense_mask, _dot, _key_end, _pair_visible, _row_meta,
                             _row_stats, _rows_ok, _seq_info, _tile_class, block_config, padded_problem,
                             tile_counter, varlen_problem)
 
@@ -71,7 +71,8 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
             if MASK_KIND != 0:
                 m_vis, bias = _dense_mask(mask_ptr, rows[:, None], cols[None, :], row_in[:, None] & col_in[None, :],
                                           smi, smj, MASK_KIND, ACC)
-                s = s + bias * log2e
+                if MASK_KIND == 2:
+                    s = s + bias * log2e
             if not full:  # per-element mask arithmetic only on tiles that are not fully visible
                 vis = _pair_visible(rows[:, None], cols[None, :], row_ok[:, None],
                                     _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], off, prefix, CAUSAL)
@@ -104,14 +105,14 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def launch_forward(prob: Problem, q, k, v, out, lse) -> None:
-    cfg = block_config("fwd", prob.D, q.dtype)
+def forward_launch(prob: Problem, q, k, v, out, lse) -> Launch:
+    cfg = block_config("fwd", prob.D, q.dtype, prob.args["MASK_KIND"] != 0)
     grid = (triton.cdiv(prob.SQ, cfg.block_m), prob.B * prob.HQ)
     counts = tile_counter("fwd", cfg, grid[0] * grid[1], q.device)
-    _attn_fwd[grid](q, k, v, out, lse, counts if counts is not None else prob.args["CU_Q"],
-                    *prob.strides(q), *prob.strides(k), *prob.strides(v), *prob.strides(out), *prob.lse_strides(),
-                    BM=cfg.block_m, BN=cfg.block_n, COUNT=counts is not None,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **prob.args)
+    args = (q, k, v, out, lse, counts if counts is not None else prob.args["CU_Q"],
+            *prob.strides(q), *prob.strides(k), *prob.strides(v), *prob.strides(out), *prob.lse_strides())
+    return Launch(_attn_fwd, grid, args, dict(BM=cfg.block_m, BN=cfg.block_n, COUNT=counts is not None, **prob.args),
+                  cfg)
 
 
 def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +121,7 @@ def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor,
     prob = padded_problem(q, k, meta, attn_mask, scale)
     out = torch.empty_like(q)
     lse = torch.empty(B, HQ, SQ, dtype=_lse_dtype(q), device=q.device)
-    launch_forward(prob, q, k, v, out, lse)
+    forward_launch(prob, q, k, v, out, lse)()
     return out, lse
 
 
@@ -129,5 +130,5 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, sc
     prob = varlen_problem(q, k, cu_q, cu_k, max_q, max_k, causal, scale)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q), device=q.device)
-    launch_forward(prob, q, k, v, out, lse)
+    forward_launch(prob, q, k, v, out, lse)()
     return out, lse

@@ -1,0 +1,191 @@
+"""Ahead-of-time compilation of every Triton kernel configuration the library launches, for GPUs that are
+not here (BRIEF.md, "Verification without a GPU"), with each kernel's registers, spills and shared memory.
+
+The launches are built by the library's own launchers (`forward_launch`, `backward_launches`) on small CPU
+tensors, so what is compiled is what runs: the same kernels, block configurations, constexpr flags and
+argument types. Each is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
+and ptxas's own report (`TRITON_DUMP_PTXAS_LOG`) is parsed for registers, stack and spills; shared memory is
+Triton's (dynamic) allocation.
+
+Configurations: kernel (fwd, preprocess, dkdv, dq) x dtype (bf16 -- fp16 has the same configurations and
+code --, fp32, fp64) x head-dim block (16, 32, 64, 128, 256: every supported D maps to one) x mask variant
+(`plain`: no mask; `metadata`: causal, q/kv/prefix lengths and two "inside" spans -- the most live state of
+the metadata paths; `dense`: that plus a float attn_mask, which selects the dense-mask block configuration;
+`varlen`: packed layout, causal). Identical compilations are done once.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+DTYPE_NAMES = ("bf16", "fp32", "fp64")
+HEAD_DIMS = (16, 32, 64, 128, 256)
+VARIANTS = ("plain", "metadata", "dense", "varlen")
+
+
+@dataclasses.dataclass
+class TritonUsage:
+    kernel: str
+    arch: int
+    config: str  # dtype, head dim, variant, tile shape
+    registers: int = 0
+    stack_bytes: int = 0
+    spill_store_bytes: int = 0
+    spill_load_bytes: int = 0
+    shared_bytes: int = 0
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[name]
+
+
+def build_launches(dtype_name: str, head_dim: int, variant: str):
+    """The launches (forward, preprocess, dK/dV, dQ) of one configuration, on small CPU tensors."""
+    import torch
+
+    from masklm_kernels.attention import triton_bwd, triton_common, triton_fwd
+
+    dt = _dtype(dtype_name)
+    B, HQ, HKV, S = 2, 4, 2, 128
+    if variant == "varlen":
+        q, k = torch.empty(B * S, HQ, head_dim, dtype=dt), torch.empty(B * S, HKV, head_dim, dtype=dt)
+        cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
+        prob = triton_common.varlen_problem(q, k, cu, cu, S, S, True, 0.125)
+        lse = torch.empty(HQ, B * S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+    else:
+        q, k = torch.empty(B, HQ, S, head_dim, dtype=dt), torch.empty(B, HKV, S, head_dim, dtype=dt)
+        meta, mask = {}, None
+        if variant in ("metadata", "dense"):
+            lens = torch.full((B,), S, dtype=torch.int64)
+            meta = dict(causal=True, kv_lengths=lens, q_lengths=lens, prefix_lengths=lens,
+                        spans=torch.zeros(B, 2, 2, dtype=torch.int64), span_mode="inside")
+        if variant == "dense":
+            mask = torch.zeros(B, 1, S, S, dtype=torch.float32)
+        prob = triton_common.padded_problem(q, k, meta, mask, 0.125)
+        lse = torch.empty(B, HQ, S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+    fwd = triton_fwd.forward_launch(prob, q, k, k, q, lse)
+    return [fwd, *triton_bwd.backward_launches(prob, q, q, k, k, q, lse, lse, q, k, k)]
+
+
+_TYPES = {"torch.float16": "*fp16", "torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.float64": "*fp64",
+          "torch.int32": "*i32", "torch.int64": "*i64", "torch.uint8": "*u8"}
+
+
+def _source(launch):
+    """ASTSource of a launch: argument types, constexpr values and the divisibility hints Triton's launcher
+    derives (16-byte aligned pointers, integers divisible by 16 unless marked do_not_specialize)."""
+    import torch
+    from triton.compiler import ASTSource
+
+    fn = launch.kernel
+    bound = launch.bound()
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        v = bound[p.name]
+        if p.is_constexpr:
+            sig[p.name], const[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = _TYPES[str(v.dtype)]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i32"
+            if v % 16 == 0 and p.name not in fn.do_not_specialize and i not in fn.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={v!r}")
+    key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in const.items())),
+           tuple(sorted(attrs)), launch.cfg)
+    return ASTSource(fn, sig, const, attrs), key
+
+
+def _parse(log: str) -> dict:
+    from benchmarks.compile_report import parse_ptxas
+
+    (u, *_) = parse_ptxas(log, "triton") or [None]
+    if u is None:
+        raise RuntimeError(f"no ptxas report in:\n{log[-2000:]}")
+    return dict(registers=u.registers, stack_bytes=u.stack_bytes, spill_store_bytes=u.spill_store_bytes,
+                spill_load_bytes=u.spill_load_bytes)
+
+
+def _compile(task) -> TritonUsage:
+    """Compiles launch number `index` of one configuration for one arch (in a worker process)."""
+    dtype_name, head_dim, variant, index, arch = task
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its report
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated (3.9 warns otherwise)
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    launch = build_launches(dtype_name, head_dim, variant)[index]
+    src, _ = _source(launch)
+    cfg = launch.cfg
+    opts = {} if cfg is None else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # Triton prints ptxas's report from Python
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    tile = "" if cfg is None else f" {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+    usage = TritonUsage(launch.kernel.__name__, arch, f"{dtype_name} D<={head_dim} {variant}{tile}",
+                        shared_bytes=int(getattr(compiled.metadata, "shared", 0)))
+    for name, value in _parse(log.getvalue()).items():
+        setattr(usage, name, value)
+    return usage
+
+
+def tasks(archs) -> list[tuple]:
+    """(dtype, head dim, variant, launch index, arch) of every distinct compilation."""
+    seen, out = set(), []
+    for d in DTYPE_NAMES:
+        for h in HEAD_DIMS:
+            for v in VARIANTS:
+                for i, launch in enumerate(build_launches(d, h, v)):
+                    _, key = _source(launch)
+                    for a in archs:
+                        if (key, a) not in seen:
+                            seen.add((key, a))
+                            out.append((d, h, v, i, a))
+    return out
+
+
+def compile_all(archs, workers: int | None = None) -> list[TritonUsage]:
+    """Every distinct configuration for every arch, compiled in parallel processes."""
+    todo = tasks(archs)
+    workers = workers or min(len(todo), os.cpu_count() or 1)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_compile, todo))
+
+
+def problems(u: TritonUsage) -> list[str]:
+    from benchmarks.compile_report import MAX_SHARED_BYTES
+
+    out = []
+    if u.spill_store_bytes or u.spill_load_bytes:
+        out.append(f"spills {u.spill_store_bytes} B stored / {u.spill_load_bytes} B loaded")
+    if u.shared_bytes > MAX_SHARED_BYTES[u.arch]:
+        out.append(f"shared memory {u.shared_bytes} B > {MAX_SHARED_BYTES[u.arch]} B")
+    return out
+
+
+def format_table(usages: list[TritonUsage]) -> str:
+    rows = [("kernel", "arch", "regs", "stack B", "spill st/ld B", "smem B", "configuration")]
+    for u in usages:
+        rows.append((u.kernel, f"sm_{u.arch}", str(u.registers), str(u.stack_bytes),
+                     f"{u.spill_store_bytes}/{u.spill_load_bytes}", str(u.shared_bytes), u.config))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+if __name__ == "__main__":
+    us = compile_all([int(a) for a in sys.argv[1:]] or [80, 90])
+    print(format_table(us))
+    sys.exit(1 if any(problems(u) for u in us) else 0)

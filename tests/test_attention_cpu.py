@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import MASK_SHAPES, attention_case
+from attention_cases import (MASK_SHAPES, OP_CASES, attention_case, compile_inputs, dead_row_case, dead_rows, fwd_bwd,
+                             op_args, ref64)
 from helpers import assert_close, assert_equal, assert_within_eager_error
 from masklm_kernels import fused_attention
-from masklm_kernels.attention import cpu, masks, reference as ref
+from masklm_kernels.attention import cpu, reference as ref
 
 SEEDS = range(40)
 BLOCKS = ("default", 16, "16-gather")
@@ -33,32 +34,8 @@ def block_q(request, monkeypatch):
     return cpu.BLOCK_Q
 
 
-def _fwd_bwd(fn, q, k, v, dout, **kw):
-    """Output and (dq, dk, dv) of `fn(q, k, v, **kw)` for the upstream gradient `dout`."""
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = fn(q, k, v, **kw)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    return out.detach(), grads
-
-
 def _cpu(q, k, v, **kw):
     return fused_attention(q, k, v, backend="cpu", **kw)
-
-
-def _ref64(q, k, v, **kw):
-    return ref.attention(q, k, v, compute_dtype=torch.float64, **kw)
-
-
-def _dead_rows(q, k, kw) -> torch.Tensor:
-    """(B, Hq, Sq) bool: query rows with no visible key under `kw`, attn_mask included."""
-    B, Hq, Sq, _ = q.shape
-    meta = {n: kw[n] for n in ("causal", "kv_lengths", "q_lengths", "prefix_lengths", "spans", "span_mode")
-            if n in kw}
-    vis = masks.visibility(B, Sq, k.shape[2], **meta)
-    m = kw.get("attn_mask")
-    if m is not None:
-        vis = vis & (m if m.dtype == torch.bool else m != float("-inf"))
-    return ~vis.expand(B, Hq, Sq, k.shape[2]).any(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,7 +58,7 @@ def test_cases_cover_every_argument():
         if "attn_mask" in kw:
             seen |= {f"mask-{'bool' if kw['attn_mask'].dtype == torch.bool else 'float'}",
                      f"mask-dim{kw['attn_mask'].dim()}"}
-        if bool(_dead_rows(q, k, kw).any()):
+        if bool(dead_rows(q, k, kw).any()):
             seen.add("dead rows")
         for n in ("kv_lengths", "q_lengths"):
             if n in kw and bool((kw[n] == 0).any()):
@@ -98,8 +75,8 @@ def test_cases_cover_every_argument():
 def test_float64_forward_and_gradients_equal_reference(seed, block_q):
     q, k, v, kw = _case(seed)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1000), dtype=torch.float64)
-    out, grads = _fwd_bwd(_cpu, q, k, v, dout, **kw)
-    out_r, grads_r = _fwd_bwd(_ref64, q, k, v, dout, **kw)
+    out, grads = fwd_bwd(_cpu, q, k, v, dout, **kw)
+    out_r, grads_r = fwd_bwd(ref64, q, k, v, dout, **kw)
     what = f"case {seed} {tuple(q.shape)} {tuple(k.shape)} {sorted(kw)}"
     assert out.dtype == torch.float64 and out.shape == q.shape
     assert_close(out, out_r, atol=1e-10, rtol=1e-10, msg=f"out, {what}")
@@ -118,10 +95,10 @@ def test_low_precision_within_eager_error(seed, dtype, block_q):
     q, k, v, kw = _case(seed)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 2000)).to(dtype)
-    out, grads = _fwd_bwd(_cpu, q, k, v, dout, **kw)
+    out, grads = fwd_bwd(_cpu, q, k, v, dout, **kw)
     # the reference sees the same (rounded) inputs, upcast: only the computation's error is measured
-    out_r, grads_r = _fwd_bwd(_ref64, *(t.double() for t in (q, k, v)), dout.double(), **kw)
-    out_e, grads_e = _fwd_bwd(lambda *a, **kw_: ref.attention(*a, compute_dtype=dtype, **kw_), q, k, v, dout, **kw)
+    out_r, grads_r = fwd_bwd(ref64, *(t.double() for t in (q, k, v)), dout.double(), **kw)
+    out_e, grads_e = fwd_bwd(lambda *a, **kw_: ref.attention(*a, compute_dtype=dtype, **kw_), q, k, v, dout, **kw)
     what = f"{dtype} case {seed} {sorted(kw)}"
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     # Absolute slack: 4 ulps of the largest reference value. Needed where the eager computation is exact
@@ -137,36 +114,13 @@ def test_low_precision_within_eager_error(seed, dtype, block_q):
 # rows with no visible key
 # ------------------------------------------------------------------------------------------------
 
-def _dead_row_case(mask_kind: str, dtype: torch.dtype):
-    """B = 5, one reason per batch row: kv_lengths 0; q_lengths padding; rows outside every inside-span;
-    all-False bool / all -inf float attn_mask rows (rows 2, 5 and 17..40: whole 16-row blocks of that row);
-    row 4: everything visible."""
-    B, Hq, Hkv, S, D = 5, 4, 2, 41, 40
-    g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(B, h, S, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
-    dead_rows = [2, 5, *range(17, 41)]
-    if mask_kind == "bool":
-        mask = torch.ones(B, 1, S, S, dtype=torch.bool)
-        mask[3, :, dead_rows] = False
-    else:
-        mask = torch.randn(B, 1, S, S, generator=g)
-        mask[3, :, dead_rows] = float("-inf")
-    kw = dict(kv_lengths=torch.tensor([0, S, S, S, S]), q_lengths=torch.tensor([S, 7, S, S, S]),
-              spans=torch.tensor([[0, S], [0, S], [3, 9], [0, S], [0, S]]), span_mode="inside", attn_mask=mask)
-    dead = torch.zeros(B, Hq, S, dtype=torch.bool)
-    dead[0], dead[1, :, 7:], dead[2] = True, True, True
-    dead[2, :, 3:9] = False
-    dead[3, :, dead_rows] = True
-    return q, k, v, kw, dead
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 def test_rows_without_visible_keys_are_zero_with_zero_gradients(mask_kind, dtype, block_q):
-    q, k, v, kw, dead = _dead_row_case(mask_kind, dtype)
-    assert torch.equal(_dead_rows(q, k, kw), dead)
+    q, k, v, kw, dead = dead_row_case(mask_kind, dtype)
+    assert torch.equal(dead_rows(q, k, kw), dead)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
-    out, (dq, dk, dv) = _fwd_bwd(_cpu, q, k, v, dout, **kw)
+    out, (dq, dk, dv) = fwd_bwd(_cpu, q, k, v, dout, **kw)
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(t).all(), f"{name} has NaN/inf"
     assert (out[dead] == 0).all(), "output of a row with no visible key"
@@ -176,11 +130,11 @@ def test_rows_without_visible_keys_are_zero_with_zero_gradients(mask_kind, dtype
     # dead rows contribute nothing: a huge upstream gradient on them changes no gradient
     dout2 = dout.clone()
     dout2[dead] = 1e3
-    _, grads2 = _fwd_bwd(_cpu, q, k, v, dout2, **kw)
+    _, grads2 = fwd_bwd(_cpu, q, k, v, dout2, **kw)
     for name, g, g2 in zip(("dq", "dk", "dv"), (dq, dk, dv), grads2):
         assert_equal(g, g2, msg=f"{name} depends on the upstream gradient of dead rows")
     if dtype == torch.float64:
-        out_r, grads_r = _fwd_bwd(_ref64, q, k, v, dout, **kw)
+        out_r, grads_r = fwd_bwd(ref64, q, k, v, dout, **kw)
         assert_close(out, out_r, atol=1e-10, rtol=1e-10, msg="out")
         for name, g, g_r in zip(("dq", "dk", "dv"), (dq, dk, dv), grads_r):
             assert_close(g, g_r, atol=1e-10, rtol=1e-10, msg=name)
@@ -190,7 +144,7 @@ def test_every_row_dead_everywhere(block_q):
     """kv_lengths all 0: every block is skipped; output 0, gradients 0, never NaN."""
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 2, 33, 16, generator=g) for _ in range(3))
-    out, grads = _fwd_bwd(_cpu, q, k, v, torch.ones(q.shape), kv_lengths=torch.tensor([0, 0]), causal=True)
+    out, grads = fwd_bwd(_cpu, q, k, v, torch.ones(q.shape), kv_lengths=torch.tensor([0, 0]), causal=True)
     assert (out == 0).all() and all((t == 0).all() for t in grads)
 
 
@@ -206,8 +160,8 @@ def test_backward_is_bit_identical_across_runs(dtype, block_q):
     kw = dict(causal=True, prefix_lengths=torch.tensor([10, 0, 50]), kv_lengths=torch.tensor([113, 60, 0]),
               attn_mask=torch.randn(B, 1, 1, S, generator=g))
     dout = torch.randn(q.shape, generator=g).to(dtype)
-    out1, grads1 = _fwd_bwd(_cpu, q, k, v, dout, **kw)
-    out2, grads2 = _fwd_bwd(_cpu, q, k, v, dout, **kw)
+    out1, grads1 = fwd_bwd(_cpu, q, k, v, dout, **kw)
+    out2, grads2 = fwd_bwd(_cpu, q, k, v, dout, **kw)
     assert_equal(out1, out2, msg="out")
     for name, a, b in zip(("dq", "dk", "dv"), grads1, grads2):
         assert_equal(a, b, msg=name)
@@ -217,43 +171,16 @@ def test_backward_is_bit_identical_across_runs(dtype, block_q):
 # custom ops: opcheck, torch.compile
 # ------------------------------------------------------------------------------------------------
 
-def _op_args(kind: str, dtype=torch.float32, requires_grad=False):
-    g = torch.Generator().manual_seed(6)
-    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 19, 23, 16
-    q, k, v = (torch.randn(B, h, s, D, generator=g).to(dtype).requires_grad_(requires_grad)
-               for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
-    none4 = (None, None, None, None)
-    if kind == "plain":
-        return (q, k, v, *none4, None, False, "inside", 0.25)
-    if kind == "lengths":
-        return (q, k, v, torch.tensor([23, 0]), torch.tensor([5, 19]), torch.tensor([3, 9]), None, None,
-                True, "inside", 0.3)
-    if kind == "spans":
-        return (q, k, v, None, None, None, torch.tensor([[[1, 6], [9, 15]], [[0, 0], [2, 23]]]), None,
-                False, "inside", 0.25)
-    if kind == "spans_outside_bool_mask":
-        return (q, k, v, torch.tensor([20, 23]), None, None, torch.tensor([[4, 8], [0, 3]]),
-                torch.rand(Sq, Sk, generator=g) < 0.7, True, "outside", 0.2)
-    if kind == "float_mask":
-        m = torch.randn(B, 1, Sq, Sk, generator=g)
-        m[0, 0, 3] = float("-inf")
-        return (q, k, v, None, torch.tensor([19, 11]), None, None, m, False, "inside", 0.25)
-    raise KeyError(kind)
-
-
-OP_CASES = ["plain", "lengths", "spans", "spans_outside_bool_mask", "float_mask"]
-
-
 @pytest.mark.parametrize("kind", OP_CASES)
 def test_opcheck_forward(kind):
-    args = _op_args(kind, requires_grad=True)
+    args = op_args(kind, requires_grad=True)
     torch.library.opcheck(torch.ops.masklm_kernels.attention_cpu_fwd.default, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", OP_CASES)
 def test_opcheck_backward(kind, dtype):
-    args = _op_args(kind, dtype)
+    args = op_args(kind, dtype)
     q, k, v, *meta = args
     out, lse = torch.ops.masklm_kernels.attention_cpu_fwd(*args)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
@@ -265,20 +192,11 @@ def _attn_fn(q, k, v, kv_lengths, spans, mask):
                            attn_mask=mask, backend="cpu")
 
 
-def _compile_inputs(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(2, h, 37, 40, generator=g) for h in (4, 2, 2))
-    kv_lengths = torch.randint(0, 38, (2,), generator=g)
-    spans = torch.sort(torch.randint(0, 38, (2, 2, 2), generator=g), dim=-1).values
-    mask = torch.randn(1, 1, 37, 37, generator=g)
-    return (q, k, v, kv_lengths, spans, mask), torch.randn(2, 4, 37, 40, generator=g)
-
-
 def _check_compiled(fn, seeds, *, atol, rtol):
     for seed in seeds:
-        (q, k, v, *meta), dout = _compile_inputs(seed)
-        out_e, grads_e = _fwd_bwd(lambda q_, k_, v_: _attn_fn(q_, k_, v_, *meta), q, k, v, dout)
-        out_c, grads_c = _fwd_bwd(lambda q_, k_, v_: fn(q_, k_, v_, *meta), q, k, v, dout)
+        (q, k, v, *meta), dout = compile_inputs(seed)
+        out_e, grads_e = fwd_bwd(lambda q_, k_, v_: _attn_fn(q_, k_, v_, *meta), q, k, v, dout)
+        out_c, grads_c = fwd_bwd(lambda q_, k_, v_: fn(q_, k_, v_, *meta), q, k, v, dout)
         assert_close(out_c, out_e, atol=atol, rtol=rtol, msg=f"compiled out, seed {seed}")
         for name, a, b in zip(("dq", "dk", "dv"), grads_c, grads_e):
             assert_close(a, b, atol=atol, rtol=rtol, msg=f"compiled {name}, seed {seed}")
@@ -311,8 +229,8 @@ def test_auto_on_cpu_tensors_is_the_cpu_backend(seed):
     q, k, v, kw = _case(seed)
     q, k, v = (t.float() for t in (q, k, v))
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed))
-    out_a, grads_a = _fwd_bwd(lambda *a, **kw_: fused_attention(*a, backend="auto", **kw_), q, k, v, dout, **kw)
-    out_c, grads_c = _fwd_bwd(_cpu, q, k, v, dout, **kw)
+    out_a, grads_a = fwd_bwd(lambda *a, **kw_: fused_attention(*a, backend="auto", **kw_), q, k, v, dout, **kw)
+    out_c, grads_c = fwd_bwd(_cpu, q, k, v, dout, **kw)
     assert_equal(out_a, out_c, msg="out")
     for name, a, c in zip(("dq", "dk", "dv"), grads_a, grads_c):
         assert_equal(a, c, msg=name)

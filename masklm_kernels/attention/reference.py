@@ -66,6 +66,15 @@ def tiles_needed(vis: torch.Tensor, block_q: int, block_k: int) -> int:
     return int(v.amax(dim=(-3, -1)).sum())
 
 
+def tiles_full(vis: torch.Tensor, block_q: int, block_k: int) -> int:
+    """Tiles of `block_q` x `block_k` lying inside the (Sq, Sk) plane whose every pair is visible: those a
+    kernel computes without per-element mask arithmetic."""
+    *lead, Sq, Sk = vis.shape
+    nq, nk = Sq // block_q, Sk // block_k
+    v = vis[..., :nq * block_q, :nk * block_k].reshape(*lead, nq, block_q, nk, block_k)
+    return int(v.all(dim=-1).all(dim=-2).sum())
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, *, causal: bool = False, scale: float | None = None,
                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -87,6 +87,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
     dk = tl.zeros([BN, BD], ACC)
     dv = tl.zeros([BN, BD], ACC)
     count = pid_n * 0
+    masked = pid_n * 0
     for g in range(GROUP):
         h = (hk * GROUP + g).to(tl.int64)
         q_ptr = Q + b64 * sqb + h * sqh + q0.to(tl.int64) * sqs
@@ -113,6 +114,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
                         s = s + bias * log2e
                 p = tl.math.exp2(s - lse2[None, :])
                 if not full:
+                    masked += 1
                     vis = _pair_visible(rows[None, :], cols[:, None], _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)[None, :],
                                         col_ok[:, None], off, prefix, CAUSAL)
                     if MASK_KIND != 0:
@@ -129,6 +131,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
     if COUNT:
         tl.store(COUNTS + pid_bh * tl.num_programs(0) + pid_n, count)
+        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + pid_bh * tl.num_programs(0) + pid_n, masked)
 
 
 @triton.jit(do_not_specialize=["SQ", "SK"])
@@ -180,6 +183,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
     n_end = _key_end(i_max, m0, kv_len, off, prefix, CAUSAL)
     dq = tl.zeros([BM, BD], ACC)
     count = pid_m * 0
+    masked = pid_m * 0
     for n0 in range(0, n_end, BN):
         j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
         visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix, BM, BN, CAUSAL,
@@ -197,6 +201,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
                     s = s + bias * log2e
             p = tl.math.exp2(s - lse2[:, None])
             if not full:
+                masked += 1
                 vis = _pair_visible(rows[:, None], cols[None, :], row_ok[:, None],
                                     _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], off, prefix, CAUSAL)
                 if MASK_KIND != 0:
@@ -211,6 +216,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
              mask=row_in[:, None] & d_in[None, :])
     if COUNT:
         tl.store(COUNTS + pid_bh * tl.num_programs(0) + pid_m, count)
+        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + pid_bh * tl.num_programs(0) + pid_m, masked)
 
 
 # Rows per program of the preprocess (a streaming row sum: any size that fills a wave will do).

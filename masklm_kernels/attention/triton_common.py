@@ -109,7 +109,8 @@ class Launch:
 
 @dataclasses.dataclass
 class TileLaunch:
-    """One kernel launch: its tile shape and per-program counts of computed tiles (on the device)."""
+    """One kernel launch: its tile shape and, per program (on the device), the tiles it computed (row 0)
+    and those of them that needed the per-element mask, i.e. were not fully visible (row 1)."""
     kernel: str
     block_m: int
     block_n: int
@@ -117,7 +118,11 @@ class TileLaunch:
 
     @property
     def computed(self) -> int:
-        return int(self.counts.sum())  # host sync: only when asked
+        return int(self.counts[0].sum())  # host sync: only when asked
+
+    @property
+    def masked(self) -> int:
+        return int(self.counts[1].sum())
 
 
 _RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("masklm_tile_recorder", default=None)
@@ -126,8 +131,8 @@ _RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("masklm_
 @contextlib.contextmanager
 def record_tiles():
     """Within this block every Triton attention launch also writes how many tiles each program computed
-    (one int32 per program, no atomics) and appends a `TileLaunch` to the yielded list. Outside it the
-    kernels are compiled without the counter."""
+    and masked (two int32 per program, no atomics) and appends a `TileLaunch` to the yielded list.
+    Outside it the kernels are compiled without the counters."""
     launches: list[TileLaunch] = []
     token = _RECORDER.set(launches)
     try:
@@ -137,11 +142,11 @@ def record_tiles():
 
 
 def tile_counter(kernel: str, cfg: BlockConfig, programs: int, device) -> torch.Tensor | None:
-    """An int32 counter per program when recording (else None); registered with the recorder."""
+    """(2, programs) int32 counters when recording (else None); registered with the recorder."""
     launches = _RECORDER.get()
     if launches is None:
         return None
-    counts = torch.zeros(max(programs, 1), dtype=torch.int32, device=device)
+    counts = torch.zeros(2, max(programs, 1), dtype=torch.int32, device=device)
     launches.append(TileLaunch(kernel, cfg.block_m, cfg.block_n, counts))
     return counts
 

@@ -59,6 +59,7 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     l_i = tl.zeros([BM], ACC)
     acc = tl.zeros([BM, BD], ACC)
     count = pid_m * 0
+    masked = pid_m * 0
     for n0 in range(0, n_end, BN):
         j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
         visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix, BM, BN, CAUSAL,
@@ -74,6 +75,7 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
                 if MASK_KIND == 2:
                     s = s + bias * log2e
             if not full:  # per-element mask arithmetic only on tiles that are not fully visible
+                masked += 1
                 vis = _pair_visible(rows[:, None], cols[None, :], row_ok[:, None],
                                     _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], off, prefix, CAUSAL)
                 if MASK_KIND != 0:
@@ -99,6 +101,7 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     tl.store(lse_ptr + rows * sls, lse.to(LSE.dtype.element_ty), mask=row_in)
     if COUNT:
         tl.store(COUNTS + pid_bh * tl.num_programs(0) + pid_m, count)
+        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + pid_bh * tl.num_programs(0) + pid_m, masked)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:

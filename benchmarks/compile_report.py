@@ -1,12 +1,12 @@
-"""Static GPU build check: compile the CUDA sources for sm_80 and sm_90 and report each kernel's
-registers, stack, spills and shared memory (ptxas -v), without a GPU.
+"""Static GPU build check, without a GPU: compile the CUDA sources (nvcc) and every Triton kernel
+configuration the library launches (ahead of time, benchmarks/compile_triton.py) for sm_80 and sm_90, and
+report each kernel's registers, stack, spills and shared memory.
 
-    python -m benchmarks.compile_report            # table for every csrc/**/*.cu, both archs
-    python -m benchmarks.compile_report --arch 90
+    python -m benchmarks.compile_report            # csrc/**/*.cu and the Triton kernels, both archs
+    python -m benchmarks.compile_report --arch 90 --skip triton
 
-The test suite (tests/test_static_compile.py) runs the same check and fails on compile errors, register
-spills or shared memory over the architecture's per-block limit. The Triton kernels of later ops add
-their ahead-of-time reports here.
+Exits non-zero on a compile error, a register spill or shared memory over the architecture's per-block
+limit. The test suite (tests/test_static_compile.py) runs the same checks.
 """
 from __future__ import annotations
 
@@ -135,16 +135,31 @@ def format_table(usages: list[KernelUsage]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, action="append", choices=ARCHS, help="default: all of 80, 90")
+    p.add_argument("--skip", action="append", choices=("cuda", "triton"), default=[], help="leave a part out")
     args = p.parse_args(argv)
-    nvcc = find_nvcc()
-    if nvcc is None:
-        print("nvcc not found (PATH, $CUDA_HOME/bin): CUDA sources not checked")
-        return 0
-    usages = [u for src in cuda_sources() for arch in (args.arch or ARCHS) for u in compile_source(nvcc, src, arch)]
-    print(format_table(usages))
-    bad = [(u, p) for u in usages for p in u.problems]
-    for u, problem in bad:
-        print(f"FAIL sm_{u.arch} {u.kernel}: {problem}")
+    archs = args.arch or list(ARCHS)
+    bad: list[str] = []
+    if "cuda" not in args.skip:
+        nvcc = find_nvcc()
+        if nvcc is None:
+            print("nvcc not found (PATH, $CUDA_HOME/bin): CUDA sources not checked")
+        else:
+            usages = [u for src in cuda_sources() for arch in archs for u in compile_source(nvcc, src, arch)]
+            print("CUDA C++ (nvcc -Xptxas -v)\n" + format_table(usages))
+            bad += [f"sm_{u.arch} {u.kernel}: {p}" for u in usages for p in u.problems]
+    if "triton" not in args.skip:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            print("triton not installed: Triton kernels not checked")
+        else:
+            from . import compile_triton
+
+            usages = compile_triton.compile_all(archs)
+            print(f"\nTriton {triton.__version__} (ahead of time; ptxas report)\n" + compile_triton.format_table(usages))
+            bad += [f"sm_{u.arch} {u.kernel} [{u.config}]: {p}" for u in usages for p in compile_triton.problems(u)]
+    for line in bad:
+        print("FAIL " + line)
     return 1 if bad else 0
 
 

@@ -24,6 +24,10 @@ Peak memory, on a separate untimed call so that it never perturbs the timings:
   allocates, so it is a lower bound for code working in NumPy/Python (HF whole-word masking, the HF
   collator's padding, the NumPy reference). `peak_mem_method` names the method in every record.
 
+Compute. A case may state `flops`, the useful work of one call (e.g. attention counts visible pairs
+only); TFLOP/s is that over the median time. `extra` carries suite-specific figures (tiles computed /
+needed, block-mask creation time) into the record unchanged.
+
 Bandwidth. A case may state `bytes_moved`, the compulsory traffic of the op (bytes read + written
 once). GB/s is that over the median time, and is also given as a percentage of the device's measured
 copy bandwidth (`dst.copy_(src)` on a large buffer, read + write bytes counted), which is what a
@@ -57,7 +61,8 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 RECORD_KEYS = (
     "suite", "op", "backend", "case", "status", "reason", "notes",
     "time_ms", "time_ms_min", "time_ms_iqr", "repeats", "warmup",
-    "tokens", "tokens_per_s", "bytes_moved", "gb_per_s", "copy_gb_per_s", "pct_of_copy_bw",
+    "tokens", "tokens_per_s", "bytes_moved", "gb_per_s", "copy_gb_per_s", "pct_of_copy_bw", "flops", "tflops",
+    "extra",
     "peak_mem_bytes", "peak_mem_method", "peers", "speedup_over_peer",
     "device", "device_type", "device_kind", "cpu", "gpu",
     "torch", "triton", "python", "git_sha", "date", "threads", "load_avg_1m",
@@ -84,6 +89,8 @@ class Case:
     peers: dict[str, tuple[str, str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
     skip: str | None = None
     notes: str | None = None
+    flops: float | None = None  # useful floating-point work of one call (TFLOP/s = flops / median)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # suite-specific figures, recorded as is
 
     @property
     def label(self) -> str:
@@ -292,7 +299,8 @@ def make_record(suite: str, case: Case, env: dict[str, Any], *, status: str = "o
     rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
     rec.update(env)
     rec.update(suite=suite, op=case.op, backend=case.backend, case=dict(case.case), status=status,
-               reason=reason, notes=case.notes, tokens=case.tokens, bytes_moved=case.bytes_moved,
+               reason=reason, notes=case.notes, tokens=case.tokens, bytes_moved=case.bytes_moved, flops=case.flops,
+               extra=dict(case.extra),
                peers={k: {"op": o, "backend": b, "case": c} for k, (o, b, c) in case.peers.items()},
                speedup_over_peer={}, device_type=case.device.split(":")[0],
                device=env["gpu"] if case.device.startswith("cuda") else env["cpu"])
@@ -301,6 +309,8 @@ def make_record(suite: str, case: Case, env: dict[str, Any], *, status: str = "o
         sec = rec["time_ms"] / 1e3
         if case.tokens:
             rec["tokens_per_s"] = case.tokens / sec
+        if case.flops:
+            rec["tflops"] = case.flops / sec / 1e12
         if case.bytes_moved:
             rec["gb_per_s"] = case.bytes_moved / sec / 1e9
             if copy_gbps:
@@ -382,14 +392,14 @@ def _row(r: dict[str, Any]) -> list[str]:
         _num(r["time_ms"], ".3f"), _num(r["time_ms_min"], ".3f"), _num(r["time_ms_iqr"], ".3f"),
         str(r["repeats"]),
         _num(r["tokens_per_s"] and r["tokens_per_s"] / 1e6, ".2f"),
-        _num(r["gb_per_s"], ".2f"), _num(r["pct_of_copy_bw"], ".1f"),
+        _num(r["gb_per_s"], ".2f"), _num(r["pct_of_copy_bw"], ".1f"), _num(r["tflops"], ".3f"),
         _num(None if mem is None else mem / 2**20, ".2f"),
         speed or "-",
     ]
 
 
 TABLE_HEADER = ["op", "backend", "case", "median ms", "min ms", "IQR ms", "n", "Mtok/s", "GB/s",
-                "%copy", "peak MiB", "speedup over peer"]
+                "%copy", "TFLOP/s", "peak MiB", "speedup over peer"]
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:

@@ -1,15 +1,15 @@
 """Bad input to `fused_attention` gets a ValueError / TypeError whose message names the argument
-(BRIEF.md, "Tests: how correctness is judged"). Each case runs on both backends: validation happens
-before the backend is chosen, so the reference must refuse what the cpu backend refuses."""
+(BRIEF.md, "Tests: how correctness is judged"). Each case runs on every backend: validation happens
+before the backend is chosen, so all refuse the same inputs. Also `fused_attention_varlen`'s arguments."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from masklm_kernels import fused_attention
+from masklm_kernels import fused_attention, fused_attention_varlen
 
 B, HQ, HKV, SQ, SK, D = 2, 4, 2, 8, 6, 16
-BACKENDS = ("cpu", "reference")
+BACKENDS = ("cpu", "triton", "reference")  # triton: CPU tensors under the interpreter (conftest.py)
 
 
 def _qkv(*, q_shape=(B, HQ, SQ, D), k_shape=(B, HKV, SK, D), v_shape=None, dtype=torch.float32):
@@ -116,7 +116,7 @@ CASES = [
     case("causal-str", TypeError, r"causal must be a bool", causal="yes"),
     case("causal-tensor", TypeError, r"causal must be a bool", causal=torch.tensor(True)),
     # backend
-    case("backend-unknown", ValueError, r"backend must be one of.*'cpu'.*'reference'", backend="triton"),
+    case("backend-unknown", ValueError, r"backend must be one of.*'cpu'.*'triton'.*'reference'", backend="flash"),
     case("backend-none", TypeError, r"backend must be a string", backend=None),
 ]
 
@@ -147,3 +147,49 @@ def test_valid_edge_values_are_accepted():
                               span_mode="outside", attn_mask=torch.zeros(SK, dtype=torch.float64), scale=1,
                               backend=backend)
         assert out.shape == _Q.shape and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# fused_attention_varlen
+# ------------------------------------------------------------------------------------------------
+
+_CU = torch.tensor([0, 3, 8], dtype=torch.int32)  # two sequences of 3 and 5 tokens
+_QV, _KV = torch.randn(8, HQ, D), torch.randn(8, HKV, D)
+
+
+def vcase(id_, exc, match, *, q=_QV, k=_KV, v=_KV, cu_q=_CU, cu_k=_CU, max_q=5, max_k=5, **kwargs):
+    return pytest.param(q, k, v, cu_q, cu_k, max_q, max_k, kwargs, exc, match, id=id_)
+
+
+VARLEN_CASES = [
+    vcase("q-4d", ValueError, r"\bq\b must be 3-D", q=_Q),
+    vcase("k-dtype", TypeError, r"\bk\b must have the dtype of q", k=_KV.double(), v=_KV.double()),
+    vcase("heads", ValueError, r"multiple of k/v's heads", q=torch.randn(8, 3, D)),
+    vcase("head_dim", ValueError, r"head_dim", q=torch.randn(8, HQ, 12), k=torch.randn(8, HKV, 12),
+          v=torch.randn(8, HKV, 12)),
+    vcase("cu-int64", TypeError, r"cu_seqlens_q must be an int32", cu_q=_CU.long()),
+    vcase("cu-float", TypeError, r"cu_seqlens_k must be an int32", cu_k=_CU.float()),
+    vcase("cu-2d", ValueError, r"cu_seqlens_q must be 1-D", cu_q=_CU[None]),
+    vcase("cu-not-tensor", TypeError, r"cu_seqlens_q must be a torch.Tensor", cu_q=[0, 3, 8]),
+    vcase("cu-start", ValueError, r"cu_seqlens_q must start at 0", cu_q=torch.tensor([1, 3, 8], dtype=torch.int32)),
+    vcase("cu-decreasing", ValueError, r"cu_seqlens_k .*never decrease", cu_k=torch.tensor([0, 6, 5, 8], dtype=torch.int32),
+          cu_q=torch.tensor([0, 3, 3, 8], dtype=torch.int32)),
+    vcase("cu-end", ValueError, r"cu_seqlens_q .*end at the number of tokens \(8\)",
+          cu_q=torch.tensor([0, 3, 7], dtype=torch.int32)),
+    vcase("cu-length-mismatch", ValueError, r"same length", cu_k=torch.tensor([0, 8], dtype=torch.int32), max_k=8),
+    vcase("cu-device", ValueError, r"cu_seqlens_q must be on the same device as q", cu_q=_CU.to("meta")),
+    vcase("max-too-small", ValueError, r"longer \(5\) than its max_seqlen \(4\)", max_q=4),
+    vcase("max-negative", ValueError, r"max_seqlen_k", max_k=-1),
+    vcase("max-float", TypeError, r"max_seqlen_q must be an int", max_q=5.0),
+    vcase("causal-int", TypeError, r"causal must be a bool", causal=1),
+    vcase("scale-zero", ValueError, r"scale", scale=0.0),
+    vcase("backend-unknown", ValueError, r"backend must be one of", backend="flash"),
+]
+
+
+@pytest.mark.parametrize("q, k, v, cu_q, cu_k, max_q, max_k, kwargs, exc, match", VARLEN_CASES)
+def test_varlen_bad_input_is_refused_naming_the_argument(q, k, v, cu_q, cu_k, max_q, max_k, kwargs, exc, match):
+    backends = (kwargs.pop("backend"),) if "backend" in kwargs else BACKENDS
+    for backend in backends:
+        with pytest.raises(exc, match=match):
+            fused_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend, **kwargs)

@@ -1,6 +1,7 @@
 """Verification without a GPU (BRIEF.md): the CUDA sources compile with nvcc for sm_80 and sm_90 with
-the real build's flags, and no kernel spills registers or exceeds the shared-memory limit; the torch
-glue compiles with its CUDA branch enabled. Skipped, with the reason, where nvcc is absent."""
+the real build's flags, and every Triton kernel configuration the library launches compiles ahead of time
+for both; no kernel spills registers or exceeds the shared-memory limit; the torch glue compiles with its
+CUDA branch enabled. Skipped, with the reason, where nvcc or triton is absent."""
 from __future__ import annotations
 
 import os
@@ -69,3 +70,38 @@ def test_torch_glue_compiles_with_cuda_enabled(tmp_path):
                *(f"-I{p}" for p in torch_includes), f"-I{tmp_path}", src]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, f"{src} with MLK_WITH_CUDA:\n{r.stderr[-4000:]}"
+
+
+def test_triton_kernels_compile_without_spills():
+    pytest.importorskip("triton", reason="triton is not installed")
+    from benchmarks import compile_triton
+
+    usages = compile_triton.compile_all(compile_report.ARCHS)
+    print("\n" + compile_triton.format_table(usages))
+    kernels = {u.kernel for u in usages}
+    assert kernels == {"_attn_fwd", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq"}, kernels
+    problems = [f"sm_{u.arch} {u.kernel} [{u.config}]: {p}" for u in usages for p in compile_triton.problems(u)]
+    assert not problems, "; ".join(problems)
+
+
+def test_triton_compile_report_covers_every_launchable_configuration():
+    """Every tile configuration `block_config` can return (any supported head dim, 16-bit or fp32, with or
+    without a dense mask) is among those the report compiles."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    import torch
+
+    from benchmarks import compile_triton
+    from masklm_kernels.attention import triton_common
+    from masklm_kernels.attention.api import HEAD_DIMS
+
+    compiled = {(launch.kernel.__name__, launch.cfg, launch.kwargs["BD"])
+                for d in compile_triton.DTYPE_NAMES for h in compile_triton.HEAD_DIMS for v in compile_triton.VARIANTS
+                for launch in compile_triton.build_launches(d, h, v) if launch.cfg is not None}
+    names = {"fwd": "_attn_fwd", "dkdv": "_bwd_dkdv", "dq": "_bwd_dq"}
+    for kernel, name in names.items():
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for D in HEAD_DIMS:
+                for dense in (False, True):
+                    cfg = triton_common.block_config(kernel, D, dtype, dense)
+                    key = (name, cfg, triton_common.head_block(D))
+                    assert key in compiled, f"{kernel} D={D} {dtype} dense={dense}: {cfg} is never compiled"

@@ -1,19 +1,28 @@
-"""Suite `attention`: `masklm_kernels.fused_attention` against PyTorch SDPA with the equivalent mask.
+"""Suite `attention`: `masklm_kernels.fused_attention` against what a user would otherwise run, same inputs.
 
-Cases: fp32 (CPU) / bf16 (CUDA), B=8, H=8, D=64, S in {512, 1024} (quick: 512), masks
-* `causal_pad`: causal + 25% key/query padding (kv_lengths = q_lengths uniform in [S/2, S]);
-* `mass_decoder`: MASS decoder self-attention, causal + spans "inside" (a 50% fragment);
+Masks (O(B) metadata for ours; the equivalent dense mask or `mask_mod` for the peers):
+* `none`; `causal`;
+* `causal_pad`: causal + 25% key/query padding on average (kv_lengths = q_lengths uniform in [S/2, S]);
+* `mass_decoder`: MASS decoder self-attention, causal + a 50% fragment, spans "inside";
 * `mass_cross`: MASS cross-attention, spans "outside" + kv_lengths;
-* `prefix_lm`: causal + prefix_lengths uniform in [0, S/2];
-each as `fwd` and `fwd_bwd` (forward, then backward of a fixed upstream gradient). Peers, same inputs:
-`sdpa_dense` -- F.scaled_dot_product_attention with the dense (B, 1, S, S) bool mask (built once,
-untimed, as a user would cache it), and `sdpa_causal` (is_causal=True, no padding) for the causal
-kinds. Rows with no visible key are NaN under SDPA, so the dense mask gives those rows their own
-diagonal; the work compared is the same.
+* `prefix_lm`: causal + prefix_lengths uniform in [0, S/2].
+Modes: `fwd` (no autograd), `bwd` (the backward of a forward done untimed in `setup`), `fwd_bwd`.
+Shapes: CUDA bf16, 16k tokens per batch (B = 16384 / S), H x D = 2048 (D 64 and 128), S 128 .. 8192
+(quick: S 1024 and 4096, D 128); CPU fp32, B=8, H=8, D=64, S 512 and 1024 (quick: 512).
+
+Peers, same tensors: `sdpa_dense` -- F.scaled_dot_product_attention with the dense (B, 1, S, S) bool mask
+(built once, untimed, as a user would cache it; rows with no visible key get their diagonal, since SDPA
+returns NaN there); `sdpa_causal` (is_causal=True: less masking than asked, a lower bound) for the causal
+kinds and plain SDPA for `none`; on CUDA `flex` -- FlexAttention compiled, with the equivalent `mask_mod`
+(its `create_block_mask` timed separately as backend `flex_block_mask`) -- and `flash_attn` when installed
+(`none` and `causal`). TFLOP/s count visible pairs only (4 * D flops per visible pair forward, 2.5x that
+backward, FlashAttention's convention), so a kernel that skips invisible work is not credited for it. With
+the Triton backend, `extra` records the tiles each kernel computed and the tiles holding a visible pair.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +30,17 @@ import torch.nn.functional as F
 from ..harness import Case
 
 OP = "fused_attention"
-B, H, D = 8, 8, 64
-MASKS = ("causal_pad", "mass_decoder", "mass_cross", "prefix_lm")
+MASKS = ("none", "causal", "causal_pad", "mass_decoder", "mass_cross", "prefix_lm")
+MODES = ("fwd", "bwd", "fwd_bwd")
+FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # of the forward's 4 * D per visible pair
 DATA_SEED = 4321
 
 
-def _metadata(kind: str, S: int, g: torch.Generator) -> dict:
+def _metadata(kind: str, B: int, S: int, g: torch.Generator) -> dict:
+    if kind == "none":
+        return {}
+    if kind == "causal":
+        return dict(causal=True)
     lengths = torch.randint(S // 2, S + 1, (B,), generator=g)
     if kind == "causal_pad":
         return dict(causal=True, kv_lengths=lengths, q_lengths=lengths)
@@ -39,48 +53,126 @@ def _metadata(kind: str, S: int, g: torch.Generator) -> dict:
     return dict(causal=True, prefix_lengths=torch.randint(0, S // 2 + 1, (B,), generator=g))
 
 
-def _dense_mask(meta: dict, S: int, device) -> torch.Tensor:
+def _visibility(meta: dict, B: int, S: int, device) -> torch.Tensor:
     from masklm_kernels.attention.masks import visibility
 
-    vis = visibility(B, S, S, device=device, **{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                                 for k, v in meta.items()})
-    return vis | torch.eye(S, dtype=torch.bool, device=device)  # SDPA gives NaN on rows with no key
+    return visibility(B, S, S, device=device, **meta)
 
 
-def _step(attn, q, k, v, grad, backward: bool):
-    if not backward:
+def _mask_mod(meta: dict):
+    """FlexAttention's mask_mod for the same metadata (None: no mask)."""
+    if not meta:
+        return None
+    causal, prefix = meta.get("causal", False), meta.get("prefix_lengths")
+    kv_len, q_len, spans = meta.get("kv_lengths"), meta.get("q_lengths"), meta.get("spans")
+    inside = meta.get("span_mode", "inside") == "inside"
+
+    def mod(b, h, q_idx, kv_idx):
+        ok = q_idx >= 0  # an all-True start of the same shape
+        if causal:
+            c = kv_idx <= q_idx
+            ok = ok & ((c | (kv_idx < prefix[b])) if prefix is not None else c)
+        if kv_len is not None:
+            ok = ok & (kv_idx < kv_len[b])
+        if q_len is not None:
+            ok = ok & (q_idx < q_len[b])
+        if spans is not None:
+            key_in = (kv_idx >= spans[b, 0]) & (kv_idx < spans[b, 1])
+            ok = ok & ((key_in & (q_idx >= spans[b, 0]) & (q_idx < spans[b, 1])) if inside else ~key_in)
+        return ok
+
+    return mod
+
+
+def _step(attn, q, k, v, grad, mode: str, *out):
+    if mode == "fwd":
         with torch.no_grad():
             return attn(q, k, v)
-    out = attn(q, k, v)
-    return torch.autograd.grad(out, (q, k, v), grad)
+    if mode == "bwd":
+        return torch.autograd.grad(out[0], (q, k, v), grad)
+    return torch.autograd.grad(attn(q, k, v), (q, k, v), grad)
+
+
+def _case(backend: str, attn, tensors, mode: str, case: dict, device: str, flops: float, **kw) -> Case:
+    q, k, v, grad = tensors
+    setup = (lambda: (attn(q, k, v),)) if mode == "bwd" else None
+    return Case(OP, backend, case, fn=functools.partial(_step, attn, q, k, v, grad, mode), setup=setup,
+                device=device, tokens=q.shape[0] * q.shape[2], flops=flops, **kw)
+
+
+def _tiles(ours, tensors, vis: torch.Tensor) -> dict:
+    """Tiles each Triton kernel computed vs tiles holding a visible pair (one forward + backward)."""
+    from masklm_kernels.attention import reference
+    from masklm_kernels.attention.triton_common import record_tiles
+
+    q, k, v, grad = tensors
+    with record_tiles() as launches:
+        torch.autograd.grad(ours(q, k, v), (q, k, v), grad)
+    full = vis.expand(q.shape[0], q.shape[1], -1, -1)
+    return {f"tiles_{t.kernel}": f"{t.computed}/{reference.tiles_needed(full, t.block_m, t.block_n)}"
+            for t in launches}
+
+
+@functools.lru_cache(maxsize=1)
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _shapes(device: str, quick: bool):
+    if device == "cuda":
+        seqs, dims = ((1024, 4096), (128,)) if quick else ((128, 512, 1024, 2048, 4096, 8192), (64, 128))
+        return [(16384 // S, 2048 // D, S, D) for D in dims for S in seqs]
+    return [(8, 8, S, 64) for S in ((512,) if quick else (512, 1024))]
 
 
 def cases(device: str, quick: bool) -> list[Case]:
     from masklm_kernels import fused_attention
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    has_flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
     out: list[Case] = []
-    for S in ((512,) if quick else (512, 1024)):
-        g = torch.Generator().manual_seed(DATA_SEED + S)
-        q, k, v, grad = (torch.randn(B, H, S, D, generator=g).to(device, dtype) for _ in range(4))
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    for B, H, S, D in _shapes(device, quick):
+        g = torch.Generator().manual_seed(DATA_SEED + S + D)
+        tensors = tuple(torch.randn(B, H, S, D, generator=g).to(device, dtype).requires_grad_(i < 3) for i in range(4))
         for kind in MASKS:
-            meta = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in _metadata(kind, S, g).items()}
-            dense = _dense_mask(meta, S, device)
-            for mode in ("fwd", "fwd_bwd"):
+            meta = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in _metadata(kind, B, S, g).items()}
+            vis = _visibility(meta, B, S, device)
+            pairs = int(vis.sum()) * H
+            dense = vis | torch.eye(S, dtype=torch.bool, device=device)  # SDPA gives NaN on rows with no key
+            ours = functools.partial(fused_attention, **meta, backend="auto")
+            peers_fn = {"sdpa_dense": functools.partial(F.scaled_dot_product_attention, attn_mask=dense)}
+            if kind == "none":
+                peers_fn["sdpa"] = F.scaled_dot_product_attention
+            elif meta.get("causal"):
+                peers_fn["sdpa_causal"] = functools.partial(F.scaled_dot_product_attention, is_causal=True)
+            block_mask = None
+            if device == "cuda":
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                mod = _mask_mod(meta)
+                block_mask = None if mod is None else create_block_mask(mod, B, None, S, S, device=device)
+                peers_fn["flex"] = functools.partial(lambda q, k, v, bm: _flex()(q, k, v, block_mask=bm), bm=block_mask)
+                if has_flash and kind in ("none", "causal"):
+                    from flash_attn import flash_attn_func
+
+                    peers_fn["flash_attn"] = lambda q, k, v, c=kind == "causal": flash_attn_func(
+                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=c).transpose(1, 2)
+            extra = _tiles(ours, tensors, vis) if device == "cuda" else {}
+            for mode in MODES:
                 case = {"B": B, "H": H, "S": S, "D": D, "mask": kind, "mode": mode}
-                bwd = mode == "fwd_bwd"
-                peers = {"sdpa_dense": (OP, "sdpa_dense", case)}
-                ours = functools.partial(fused_attention, **meta, backend="auto")
-                sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=dense)
-                out.append(Case(OP, "sdpa_dense", case, fn=functools.partial(_step, sdpa, q, k, v, grad, bwd),
-                                device=device, tokens=B * S, notes="dense (B,1,S,S) bool mask, built untimed"))
-                if kind in ("causal_pad", "mass_decoder", "prefix_lm"):
-                    causal = functools.partial(F.scaled_dot_product_attention, is_causal=True)
-                    out.append(Case(OP, "sdpa_causal", case, fn=functools.partial(_step, causal, q, k, v, grad, bwd),
-                                    device=device, tokens=B * S, notes="is_causal only: less masking than asked"))
-                    peers["sdpa_causal"] = (OP, "sdpa_causal", case)
-                out.append(Case(OP, "ours", case, fn=functools.partial(_step, ours, q, k, v, grad, bwd),
-                                device=device, tokens=B * S, peers=peers,
-                                notes="backend=auto: cpu (blockwise) on CPU tensors"))
+                flops = 4.0 * D * pairs * FLOPS_FACTOR[mode]
+                for name, fn in peers_fn.items():
+                    note = {"sdpa_dense": "dense (B,1,S,S) bool mask, built untimed",
+                            "sdpa_causal": "is_causal only: less masking than asked",
+                            "flex": "compiled flex_attention, block mask built untimed"}.get(name)
+                    out.append(_case(name, fn, tensors, mode, case, device, flops, notes=note))
+                out.append(_case("ours", ours, tensors, mode, case, device, flops, extra=extra,
+                                 peers={n: (OP, n, case) for n in peers_fn},
+                                 notes="backend=auto: triton on CUDA, cpu (blockwise) on CPU"))
+            if block_mask is not None:
+                out.append(Case(OP, "flex_block_mask", {"B": B, "H": H, "S": S, "D": D, "mask": kind, "mode": "mask"},
+                                fn=functools.partial(create_block_mask, _mask_mod(meta), B, None, S, S, device=device),
+                                device=device, notes="FlexAttention create_block_mask, per new metadata"))
     return out

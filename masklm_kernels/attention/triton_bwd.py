@@ -104,7 +104,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
                 q = tl.load(q_ptr + rows[:, None] * sqs + dcol[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
                 do = tl.load(do_ptr + rows[:, None] * sds + dcol[None, :], mask=row_in[:, None] & d_in[None, :],
                              other=0.0)
-                lse2 = tl.load(LSE + l_ptr + rows * sls, mask=row_in, other=float("inf")).to(ACC) * log2e
+                lse2 = tl.load(LSE + l_ptr + rows * sls, mask=row_in, other=float("inf")).to(ACC)
                 delta = tl.load(DELTA + l_ptr + rows * sls, mask=row_in, other=0.0).to(ACC)
                 s = _dot(k, tl.trans(q), tl.zeros([BN, BM], ACC), UPCAST, PRECISION) * scale_log2  # S^T
                 if MASK_KIND != 0:
@@ -172,7 +172,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
     do = tl.load(DO + b64 * sdb + h.to(tl.int64) * sdh + q_off * sds + dcol[None, :],
                  mask=row_in[:, None] & d_in[None, :], other=0.0)
     l_off = b64 * slb + h.to(tl.int64) * slh + (q0 + rows).to(tl.int64) * sls
-    lse2 = tl.load(LSE + l_off, mask=row_in, other=float("inf")).to(ACC) * log2e
+    lse2 = tl.load(LSE + l_off, mask=row_in, other=float("inf")).to(ACC)
     delta = tl.load(DELTA + l_off, mask=row_in, other=0.0).to(ACC)
     k_ptr = K + b64 * skb + hk.to(tl.int64) * skh + k0.to(tl.int64) * sks
     v_ptr = V + b64 * svb + hk.to(tl.int64) * svh + k0.to(tl.int64) * svs

@@ -50,33 +50,39 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def block_config(kernel: str, head_dim: int, dtype: torch.dtype, dense_mask: bool = False) -> BlockConfig:
-    """Tile shape per kernel ("fwd", "dkdv", "dq") and head dim, chosen so that every configuration
-    compiles for sm_80 and sm_90 without register spills (checked by `python -m benchmarks.compile_report`).
+_C = BlockConfig
+# (kernel, operand width, dense attn_mask) -> [(largest head-dim block, config), ...]. Each entry is the
+# largest tile (in this order of preference: block_m, block_n, then fewer warps) that compiles without a
+# register spill for sm_80 and sm_90 in every mask variant, found by compiling the candidates ahead of time
+# (benchmarks/compile_triton.py; the table it prints is benchmarks/results/compile_report-*.txt). The
+# 16-bit forward starts from FlashAttention-2's Triton tutorial (128 x 64, 4-8 warps); a dense mask tile
+# costs registers, hence smaller tiles there; fp32 dots run in IEEE fp32 on CUDA cores (FMA layouts hold
+# more registers than MMA ones), hence its small tiles. The backward keeps its accumulators (dK and dV, or
+# dQ) in registers: the looped-over side is narrow.
+_CONFIGS = {
+    ("fwd", 16, False): [(64, _C(128, 64, 4, 3)), (128, _C(128, 64, 8, 3)), (256, _C(64, 64, 8, 2))],
+    ("fwd", 16, True): [(64, _C(64, 64, 8, 2)), (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
+    ("dkdv", 16, False): [(64, _C(32, 128, 8, 2)), (128, _C(32, 64, 4, 2)), (256, _C(16, 32, 8, 1))],
+    ("dkdv", 16, True): [(64, _C(32, 128, 8, 2)), (128, _C(16, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
+    ("dq", 16, False): [(64, _C(128, 32, 8, 2)), (128, _C(64, 32, 4, 2)), (256, _C(16, 16, 4, 1))],
+    ("dq", 16, True): [(64, _C(128, 32, 8, 2)), (128, _C(64, 32, 8, 2)), (256, _C(16, 16, 4, 1))],
+    ("fwd", 32, False): [(64, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
+    ("dkdv", 32, False): [(64, _C(16, 32, 8, 1)), (128, _C(16, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
+    ("dq", 32, False): [(64, _C(64, 32, 8, 2)), (128, _C(64, 16, 8, 2)), (256, _C(32, 16, 4, 2))],
+}
 
-    The forward follows FlashAttention-2's Triton tutorial (128 x 64 tiles, 4-8 warps); the backward uses
-    narrower tiles on the side that is looped over (its accumulators dK, dV or dQ stay in registers).
-    fp32/fp64 tiles are halved: their operands take twice the registers and shared memory."""
-    bd = head_block(head_dim)
-    wide = dtype in (torch.float32, torch.float64)
-    if kernel == "fwd":
-        if bd <= 64:
-            cfg = BlockConfig(128, 64, 4, 3)
-        elif bd <= 128:
-            cfg = BlockConfig(128, 64, 8, 3)
-        else:
-            cfg = BlockConfig(64, 32, 4, 2)
-    elif kernel == "dkdv":
-        cfg = BlockConfig(32, 128, 8, 2) if bd <= 64 else BlockConfig(32, 64, 4, 2) if bd <= 128 \
-            else BlockConfig(16, 64, 4, 1)
-    elif kernel == "dq":
-        cfg = BlockConfig(128, 32, 8, 2) if bd <= 64 else BlockConfig(64, 32, 4, 2) if bd <= 128 \
-            else BlockConfig(64, 16, 4, 1)
-    else:
+
+def block_config(kernel: str, head_dim: int, dtype: torch.dtype, dense_mask: bool = False) -> BlockConfig:
+    """Tile shape and launch options of `kernel` ("fwd", "dkdv", "dq") for a head dim, dtype and whether
+    a dense attn_mask is applied (fp32 -- and fp64, interpreter only -- use one table for both)."""
+    if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"unknown kernel {kernel!r}")
-    if wide:
-        cfg = BlockConfig(max(16, cfg.block_m // 2), max(16, cfg.block_n // 2), cfg.num_warps, min(cfg.num_stages, 2))
-    return cfg
+    width = 16 if dtype in (torch.float16, torch.bfloat16) else 32
+    bd = head_block(head_dim)
+    for max_bd, cfg in _CONFIGS[(kernel, width, dense_mask and width == 16)]:
+        if bd <= max_bd:
+            return cfg
+    raise ValueError(f"head_dim {head_dim} is above 256")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

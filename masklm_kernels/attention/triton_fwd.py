@@ -2,8 +2,11 @@
 visible pair (triton_common.py decides which, from the O(B) metadata, without loading them).
 
 One program per (query tile, batch row x query head); GQA/MQA read the key/value head h // GROUP.
-Writes the output (0 for rows with no visible key) and the natural-log log-sum-exp per row (+inf for
-those rows, so that the backward's exp(s - lse) is 0 there whatever s is).
+Writes the output (0 for rows with no visible key) and the base-2 log-sum-exp of the scaled scores per
+row, log2(sum_j 2^(s_ij * scale * log2 e)) (+inf for those rows, so that the backward's 2^(s - lse) is 0
+there whatever s is). Base 2, as FlashAttention's Triton kernels: the backward recomputes P = 2^(s - lse)
+from the very same s, so a row with one visible key gets P = 1 exactly (a natural-log lse would be
+rounded twice on the way).
 """
 from __future__ import annotations
 
@@ -94,7 +97,7 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     alive = l_i > 0
     l_safe = tl.where(alive, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(alive, (m_i + tl.math.log2(l_safe)) / log2e, float("inf"))
+    lse = tl.where(alive, m_i + tl.math.log2(l_safe), float("inf"))  # base 2: what the backward recomputes P with
     o_ptr = O + b64 * sob + h.to(tl.int64) * soh + q0.to(tl.int64) * sos
     tl.store(o_ptr + rows[:, None] * sos + dcol[None, :], out.to(O.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
     lse_ptr = LSE + b64 * slb + h.to(tl.int64) * slh + q0.to(tl.int64) * sls

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import compile_triton
 
             usages = compile_triton.compile_all(archs)
-            print(f"\nTriton {triton.__version__} (ahead of time; ptxas report)\n" + compile_triton.format_table(usages))
+            print(f"\nTriton {triton.__version__} (ahead of time; ptxas report)")
+            print(compile_triton.format_table(usages))
             bad += [f"sm_{u.arch} {u.kernel} [{u.config}]: {p}" for u in usages for p in compile_triton.problems(u)]
     for line in bad:
         print("FAIL " + line)

@@ -8,7 +8,8 @@ and ptxas's own report (`TRITON_DUMP_PTXAS_LOG`) is parsed for registers, stack 
 Triton's (dynamic) allocation.
 
 Configurations: kernel (fwd, preprocess, dkdv, dq) x dtype (bf16 -- fp16 has the same configurations and
-code --, fp32, fp64) x head-dim block (16, 32, 64, 128, 256: every supported D maps to one) x mask variant
+code --, fp32; fp64 runs under the interpreter only) x head-dim block (16, 32, 64, 128, 256: every supported D
+maps to one) x mask variant
 (`plain`: no mask; `metadata`: causal, q/kv/prefix lengths and two "inside" spans -- the most live state of
 the metadata paths; `dense`: that plus a float attn_mask, which selects the dense-mask block configuration;
 `varlen`: packed layout, causal). Identical compilations are done once.
@@ -22,7 +23,7 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-DTYPE_NAMES = ("bf16", "fp32", "fp64")
+DTYPE_NAMES = ("bf16", "fp32")  # fp64 runs under the interpreter only (api.py refuses it on CUDA)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 VARIANTS = ("plain", "metadata", "dense", "varlen")
 

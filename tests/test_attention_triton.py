@@ -206,7 +206,8 @@ def test_tiles_computed_are_exactly_the_tiles_with_a_visible_pair(seed, blocks):
         full = ref.tiles_full(vis, launch.block_m, launch.block_n)
         what = f"{launch.kernel} {launch.block_m}x{launch.block_n}, case {seed} {sorted(kw)}"
         assert launch.computed == needed, f"{what}: computed {launch.computed} tiles, {needed} hold a visible pair"
-        assert launch.masked == needed - full, f"{what}: {launch.masked} tiles masked, {needed - full} not fully visible"
+        assert launch.masked == needed - full, \
+            f"{what}: {launch.masked} tiles masked, {needed - full} are not fully visible"
 
 
 def test_dense_mask_tiles_are_all_masked_and_skipping_still_follows_the_metadata():

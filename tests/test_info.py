@@ -14,14 +14,17 @@ from masklm_kernels import info
 def test_info_lists_every_op_and_backend_with_reasons():
     data = info.collect()
     assert data["versions"]["torch"] == torch.__version__
-    expected = {"fused_attention": ["cpu", "reference"], "mask_tokens": ["cuda", "cpu", "reference"],
-                "mass_mask": ["cuda", "cpu", "reference"]}
+    attention = ["cpu", "triton", "reference"]
+    expected = {"fused_attention": attention, "fused_attention_varlen": attention,
+                "mask_tokens": ["cuda", "cpu", "reference"], "mass_mask": ["cuda", "cpu", "reference"]}
     assert {op: [b["backend"] for b in bs] for op, bs in data["ops"].items()} == expected
     for op, backends in data["ops"].items():
         for b in backends:
             assert isinstance(b["reasons"], list)
             if b["backend"] == "cuda":
                 assert (not b["reasons"]) == (torch.cuda.is_available() and data["extension"].get("cuda_kernels"))
+            if b["backend"] == "triton":
+                assert (not b["reasons"]) == (data["versions"]["triton"][0].isdigit()), b["reasons"]
     text = info.format_report(data)
     assert "mask_tokens" in text and "reference  available" in text
 

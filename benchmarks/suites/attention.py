@@ -137,7 +137,8 @@ def cases(device: str, quick: bool) -> list[Case]:
         g = torch.Generator().manual_seed(DATA_SEED + S + D)
         tensors = tuple(torch.randn(B, H, S, D, generator=g).to(device, dtype).requires_grad_(i < 3) for i in range(4))
         for kind in MASKS:
-            meta = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in _metadata(kind, B, S, g).items()}
+            meta = {n: (t.to(device) if isinstance(t, torch.Tensor) else t)
+                    for n, t in _metadata(kind, B, S, g).items()}
             vis = _visibility(meta, B, S, device)
             pairs = int(vis.sum()) * H
             dense = vis | torch.eye(S, dtype=torch.bool, device=device)  # SDPA gives NaN on rows with no key

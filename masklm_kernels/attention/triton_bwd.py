@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (NO_COL, Launch, Problem, _col_stats, _cols_ok, _dense_mask, _dot, _key_end, _pair_visible,
-                            _row_meta, _row_stats, _rows_ok, _seq_info, _tile_class, block_config, padded_problem,
+from .triton_common import (NO_COL, Launch, Problem, _col_stats, _cols_ok, _dot, _key_end, _row_meta, _row_stats,
+                            _rows_ok, _scales, _seq_info, _tile_class, _tile_scores, block_config, padded_problem,
                             tile_counter, varlen_problem)
 
 
@@ -62,8 +62,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
     q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
                                               HAS_PREFIX, NSPANS, NSP)
     off = sk - sq
-    log2e = tl.cast(log2e_hi, ACC) + tl.cast(log2e_lo, ACC)
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
     scale_log2 = scale * log2e
 
     cols = n0 + tl.arange(0, BN)
@@ -101,37 +100,32 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
             if visible:
                 rows = m0 + tl.arange(0, BM)
                 row_in = rows < sq
-                q = tl.load(q_ptr + rows[:, None] * sqs + dcol[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+                q = tl.load(q_ptr + rows[:, None] * sqs + dcol[None, :], mask=row_in[:, None] & d_in[None, :],
+                            other=0.0)
                 do = tl.load(do_ptr + rows[:, None] * sds + dcol[None, :], mask=row_in[:, None] & d_in[None, :],
                              other=0.0)
                 lse2 = tl.load(LSE + l_ptr + rows * sls, mask=row_in, other=float("inf")).to(ACC)
                 delta = tl.load(DELTA + l_ptr + rows * sls, mask=row_in, other=0.0).to(ACC)
                 s = _dot(k, tl.trans(q), tl.zeros([BN, BM], ACC), UPCAST, PRECISION) * scale_log2  # S^T
-                if MASK_KIND != 0:
-                    m_vis, bias = _dense_mask(mask_ptr, rows[None, :], cols[:, None], col_in[:, None] & row_in[None, :],
-                                              smi, smj, MASK_KIND, ACC)
-                    if MASK_KIND == 2:
-                        s = s + bias * log2e
+                s = _tile_scores(s, full, rows[None, :], cols[:, None],
+                                 _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)[None, :], col_ok[:, None],
+                                 col_in[:, None] & row_in[None, :], off, prefix, mask_ptr, smi, smj, log2e, CAUSAL,
+                                 MASK_KIND, ACC)
                 p = tl.math.exp2(s - lse2[None, :])
-                if not full:
-                    masked += 1
-                    vis = _pair_visible(rows[None, :], cols[:, None], _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)[None, :],
-                                        col_ok[:, None], off, prefix, CAUSAL)
-                    if MASK_KIND != 0:
-                        vis = vis & m_vis
-                    p = tl.where(vis, p, 0.0)
                 dv = _dot(p.to(do.dtype), do, dv, UPCAST, PRECISION)
                 dp = _dot(v, tl.trans(do), tl.zeros([BN, BM], ACC), UPCAST, PRECISION)
                 ds = p * (dp - delta[None, :])
                 dk = _dot(ds.to(q.dtype), q, dk, UPCAST, PRECISION)
                 count += 1
+                masked += tl.where(full, 0, 1)
     dk = dk * scale
     out_off = b64 * skb + hk.to(tl.int64) * skh + kv_off * sks + dcol[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
     if COUNT:
-        tl.store(COUNTS + pid_bh * tl.num_programs(0) + pid_n, count)
-        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + pid_bh * tl.num_programs(0) + pid_n, masked)
+        slot = pid_bh * tl.num_programs(0) + pid_n
+        tl.store(COUNTS + slot, count)
+        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + slot, masked)
 
 
 @triton.jit(do_not_specialize=["SQ", "SK"])
@@ -157,8 +151,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
     q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
                                               HAS_PREFIX, NSPANS, NSP)
     off = sk - sq
-    log2e = tl.cast(log2e_hi, ACC) + tl.cast(log2e_lo, ACC)
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
     scale_log2 = scale * log2e
 
     rows = m0 + tl.arange(0, BM)
@@ -194,29 +187,22 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
             kt = tl.load(k_ptr + cols[None, :] * sks + dcol[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
             vt = tl.load(v_ptr + cols[None, :] * svs + dcol[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
             s = _dot(q, kt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION) * scale_log2
-            if MASK_KIND != 0:
-                m_vis, bias = _dense_mask(mask_ptr, rows[:, None], cols[None, :], row_in[:, None] & col_in[None, :],
-                                          smi, smj, MASK_KIND, ACC)
-                if MASK_KIND == 2:
-                    s = s + bias * log2e
+            s = _tile_scores(s, full, rows[:, None], cols[None, :], row_ok[:, None],
+                             _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], row_in[:, None] & col_in[None, :],
+                             off, prefix, mask_ptr, smi, smj, log2e, CAUSAL, MASK_KIND, ACC)
             p = tl.math.exp2(s - lse2[:, None])
-            if not full:
-                masked += 1
-                vis = _pair_visible(rows[:, None], cols[None, :], row_ok[:, None],
-                                    _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], off, prefix, CAUSAL)
-                if MASK_KIND != 0:
-                    vis = vis & m_vis
-                p = tl.where(vis, p, 0.0)
             dp = _dot(do, vt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION)
             ds = p * (dp - delta[:, None])
             dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
             count += 1
+            masked += tl.where(full, 0, 1)
     dq = dq * scale
     tl.store(DQ + b64 * sqb + h.to(tl.int64) * sqh + q_off * sqs + dcol[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_in[:, None] & d_in[None, :])
     if COUNT:
-        tl.store(COUNTS + pid_bh * tl.num_programs(0) + pid_m, count)
-        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + pid_bh * tl.num_programs(0) + pid_m, masked)
+        slot = pid_bh * tl.num_programs(0) + pid_m
+        tl.store(COUNTS + slot, count)
+        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + slot, masked)
 
 
 # Rows per program of the preprocess (a streaming row sum: any size that fills a wave will do).

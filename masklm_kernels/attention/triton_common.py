@@ -285,7 +285,7 @@ def _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix,
         visible = visible & ((j_min <= i_max + off) | (j_min < prefix))
         full = full & ((n0 + BN - 1 <= m0 + off) | (n0 + BN <= prefix))
     if HAS_MASK:
-        full = False
+        full = full & False  # stays a tensor (constant-folded): callers count tl.where(full, 0, 1)
     return visible, full
 
 
@@ -310,6 +310,30 @@ def _dense_mask(mask_ptr, i2, j2, in2, mstride_i, mstride_j, MASK_KIND: tl.const
         vis = bias != float("-inf")
         bias = tl.where(vis, bias, 0.0)
     return vis, bias
+
+
+@triton.jit
+def _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC: tl.constexpr):
+    """(scale, log2 e) in the accumulator's precision, from their fp32 (hi, lo) halves."""
+    return tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC), tl.cast(log2e_hi, ACC) + tl.cast(log2e_lo, ACC)
+
+
+@triton.jit
+def _tile_scores(s, full, i2, j2, row_ok2, col_ok2, in2, off, prefix, mask_ptr, smi, smj, log2e,
+                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ACC: tl.constexpr):
+    """Scores of a computed tile (scaled, base 2; any orientation: i2/j2 and the masks are broadcastable 2-D
+    views) with the float mask's bias added and every invisible pair at -inf, so that 2^(s - m) is 0
+    there. The per-element visibility is evaluated only when the tile is not fully visible."""
+    if MASK_KIND != 0:
+        m_vis, bias = _dense_mask(mask_ptr, i2, j2, in2, smi, smj, MASK_KIND, ACC)
+        if MASK_KIND == 2:
+            s = s + bias * log2e
+    if not full:
+        vis = _pair_visible(i2, j2, row_ok2, col_ok2, off, prefix, CAUSAL)
+        if MASK_KIND != 0:
+            vis = vis & m_vis
+        s = tl.where(vis, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -359,7 +383,8 @@ def _split(x: float) -> tuple[float, float]:
 
 def _common_args(q: torch.Tensor, HQ: int, HKV: int, D: int, causal: bool, scale: float) -> dict:
     (hi, lo), (l2_hi, l2_lo) = _split(scale), _split(1.0 / math.log(2.0))
-    return dict(HQ=HQ, GROUP=HQ // HKV, D=D, scale_hi=hi, scale_lo=lo, log2e_hi=l2_hi, log2e_lo=l2_lo, CAUSAL=causal, BD=head_block(D),
+    return dict(HQ=HQ, GROUP=HQ // HKV, D=D, scale_hi=hi, scale_lo=lo, log2e_hi=l2_hi, log2e_lo=l2_lo, CAUSAL=causal,
+                BD=head_block(D),
                 ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
                 UPCAST=triton_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype))
 

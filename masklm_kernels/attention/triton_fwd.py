@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (Launch, Problem, _col_stats, _cols_ok, _dense_mask, _dot, _key_end, _pair_visible, _row_meta,
-                            _row_stats, _rows_ok, _seq_info, _tile_class, block_config, padded_problem,
+from .triton_common import (Launch, Problem, _col_stats, _cols_ok, _dot, _key_end, _row_meta, _row_stats, _rows_ok,
+                            _scales, _seq_info, _tile_class, _tile_scores, block_config, padded_problem,
                             tile_counter, varlen_problem)
 
 @triton.jit(do_not_specialize=["SQ", "SK"])
@@ -40,8 +40,8 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
                                               HAS_PREFIX, NSPANS, NSP)
     off = sk - sq
-    log2e = tl.cast(log2e_hi, ACC) + tl.cast(log2e_lo, ACC)
-    scale_log2 = (tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)) * log2e
+    scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
+    scale_log2 = scale * log2e
 
     rows = m0 + tl.arange(0, BM)
     dcol = tl.arange(0, BD)
@@ -72,18 +72,9 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
             col_in = cols < sk
             kt = tl.load(k_ptr + cols[None, :] * sks + dcol[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
             s = _dot(q, kt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION) * scale_log2
-            if MASK_KIND != 0:
-                m_vis, bias = _dense_mask(mask_ptr, rows[:, None], cols[None, :], row_in[:, None] & col_in[None, :],
-                                          smi, smj, MASK_KIND, ACC)
-                if MASK_KIND == 2:
-                    s = s + bias * log2e
-            if not full:  # per-element mask arithmetic only on tiles that are not fully visible
-                masked += 1
-                vis = _pair_visible(rows[:, None], cols[None, :], row_ok[:, None],
-                                    _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], off, prefix, CAUSAL)
-                if MASK_KIND != 0:
-                    vis = vis & m_vis
-                s = tl.where(vis, s, float("-inf"))
+            s = _tile_scores(s, full, rows[:, None], cols[None, :], row_ok[:, None],
+                             _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], row_in[:, None] & col_in[None, :],
+                             off, prefix, mask_ptr, smi, smj, log2e, CAUSAL, MASK_KIND, ACC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
             p = tl.math.exp2(s - m_use[:, None])
@@ -93,18 +84,21 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
             m_i = m_new
             count += 1
+            masked += tl.where(full, 0, 1)
 
     alive = l_i > 0
     l_safe = tl.where(alive, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(alive, m_i + tl.math.log2(l_safe), float("inf"))  # base 2: what the backward recomputes P with
     o_ptr = O + b64 * sob + h.to(tl.int64) * soh + q0.to(tl.int64) * sos
-    tl.store(o_ptr + rows[:, None] * sos + dcol[None, :], out.to(O.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
+    tl.store(o_ptr + rows[:, None] * sos + dcol[None, :], out.to(O.dtype.element_ty),
+             mask=row_in[:, None] & d_in[None, :])
     lse_ptr = LSE + b64 * slb + h.to(tl.int64) * slh + q0.to(tl.int64) * sls
     tl.store(lse_ptr + rows * sls, lse.to(LSE.dtype.element_ty), mask=row_in)
     if COUNT:
-        tl.store(COUNTS + pid_bh * tl.num_programs(0) + pid_m, count)
-        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + pid_bh * tl.num_programs(0) + pid_m, masked)
+        slot = pid_bh * tl.num_programs(0) + pid_m
+        tl.store(COUNTS + slot, count)
+        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + slot, masked)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,90 @@
+"""Plots of benchmark results: `python -m benchmarks.plot [suite] [--kind cpu|<gpu slug>] [--out DIR]`.
+
+Reads `benchmarks/results/<suite>-<kind>.jsonl`, keeps the newest record of every (op, backend, case), and
+writes one PNG per value of the suite's grouping key (attention: the mask kind) with one panel per mode:
+median time against sequence length, one line per backend (and head dim). Only records with status "ok".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from .harness import DEFAULT_OUT, case_key
+
+# suite -> (the case field that makes one figure, the field on the x axis, the field that makes panels)
+LAYOUT = {"attention": ("mask", "S", "mode")}
+
+
+def latest_records(path: Path) -> list[dict]:
+    """The newest (last written) ok record of each (op, backend, case) in a JSONL file."""
+    newest: dict[str, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        newest[case_key(r["op"], r["backend"], r["case"])] = r
+    return [r for r in newest.values() if r["status"] == "ok" and r["time_ms"]]
+
+
+def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_key, x_key, panel_key = LAYOUT[suite]
+    by_fig: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_fig[str(r["case"].get(fig_key))].append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fig_value, recs in sorted(by_fig.items()):
+        panels = sorted({r["case"].get(panel_key) for r in recs})
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        for ax, panel in zip(axes[0], panels):
+            lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for r in recs:
+                if r["case"].get(panel_key) == panel:
+                    label = r["backend"] + (f" D={r['case']['D']}" if "D" in r["case"] else "")
+                    lines[label].append((r["case"][x_key], r["time_ms"]))
+            for label, pts in sorted(lines.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        linewidth=2.5 if label.startswith("ours") else 1.2, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(x_key)
+            ax.set_ylabel("median time (ms)")
+            ax.set_title(f"{panel_key}={panel}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        r0 = recs[0]
+        device = r0["gpu"] if r0["device_type"] == "cuda" else r0["cpu"]
+        fig.suptitle(f"{suite}: {fig_key}={fig_value} -- {device}, torch {r0['torch']}, {r0['date'][:10]}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"{suite}-{r0['device_kind']}-{fig_value}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
+    p.add_argument("suite", nargs="?", default="attention", choices=sorted(LAYOUT))
+    p.add_argument("--kind", default="cpu", help="device kind of the results file (cpu, or the GPU's slug)")
+    p.add_argument("--results", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "plots")
+    args = p.parse_args(argv)
+    path = args.results / f"{args.suite}-{args.kind}.jsonl"
+    if not path.exists():
+        print(f"no results at {path}: run `python -m benchmarks {args.suite}` first", file=sys.stderr)
+        return 1
+    for out in plot_suite(args.suite, latest_records(path), args.out):
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

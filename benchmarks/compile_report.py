@@ -128,6 +128,11 @@ def format_table(usages: list[KernelUsage]) -> str:
         short = re.sub(r"\(anonymous namespace\)::|mlk::", "", u.kernel)
         rows.append((u.source, f"sm_{u.arch}", str(u.registers), str(u.stack_bytes),
                      f"{u.spill_store_bytes}/{u.spill_load_bytes}", str(u.shared_bytes), short[:90]))
+    return format_rows(rows)
+
+
+def format_rows(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, two spaces apart (shared by the CUDA and Triton tables)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -182,8 +182,9 @@ def format_table(usages: list[TritonUsage]) -> str:
     for u in usages:
         rows.append((u.kernel, f"sm_{u.arch}", str(u.registers), str(u.stack_bytes),
                      f"{u.spill_store_bytes}/{u.spill_load_bytes}", str(u.shared_bytes), u.config))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    from benchmarks.compile_report import format_rows
+
+    return format_rows(rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (NO_COL, Launch, Problem, _col_stats, _cols_ok, _dot, _key_end, _row_meta, _row_stats,
+from .triton_common import (Launch, Problem, _col_stats, _cols_ok, _dot, _key_range, _query_range, _row_meta, _row_stats,
                             _rows_ok, _scales, _seq_info, _tile_class, _tile_scores, block_config, padded_problem,
                             tile_counter, varlen_problem)
 
@@ -46,7 +46,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
               SQ, SK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
-              NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, MASK_KIND: tl.constexpr,
+              NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+              MASK_KIND: tl.constexpr,
               VARLEN: tl.constexpr, COUNT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
               PRECISION: tl.constexpr):
     """dK, dV of one key tile; DK and DV share k's strides (they are allocated like k)."""
@@ -77,11 +78,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
                 mask=col_in[:, None] & d_in[None, :], other=0.0)
     col_ok = _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)
     j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
-    m_start = 0
-    if CAUSAL:  # rows before j_min - off see none of these columns (unless the prefix shows them)
-        first = tl.where(j_min < prefix, 0, tl.maximum(j_min - off, 0))
-        m_start = (first // BM) * BM
-    m_end = tl.where(j_min < NO_COL, q_len, 0)
+    m_start, m_end = _query_range(j_min, q_len, off, prefix, st, en, BM, CAUSAL, NSPANS, INSIDE)
 
     dk = tl.zeros([BN, BD], ACC)
     dv = tl.zeros([BN, BD], ACC)
@@ -96,7 +93,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
         for m0 in range(m_start, m_end, BM):
             i_max, rows_full = _row_stats(m0, q_len, st, en, BM, NSPANS, INSIDE)
             visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix, BM, BN, CAUSAL,
-                                        MASK_KIND != 0)
+                                        MASK_KIND != 0, CONTIGUOUS)
             if visible:
                 rows = m0 + tl.arange(0, BM)
                 row_in = rows < sq
@@ -135,7 +132,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
             SQ, SK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
             HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
-            NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, MASK_KIND: tl.constexpr,
+            NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+            MASK_KIND: tl.constexpr,
             VARLEN: tl.constexpr, COUNT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
             PRECISION: tl.constexpr):
     """dQ of one query tile; DQ shares q's strides."""
@@ -173,14 +171,14 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
 
     row_ok = _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)
     i_max, rows_full = _row_stats(m0, q_len, st, en, BM, NSPANS, INSIDE)
-    n_end = _key_end(i_max, m0, kv_len, off, prefix, CAUSAL)
+    n_lo, n_end = _key_range(i_max, m0, kv_len, off, prefix, st, en, BN, CAUSAL, NSPANS, INSIDE)
     dq = tl.zeros([BM, BD], ACC)
     count = pid_m * 0
     masked = pid_m * 0
-    for n0 in range(0, n_end, BN):
+    for n0 in range(n_lo, n_end, BN):
         j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
         visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix, BM, BN, CAUSAL,
-                                    MASK_KIND != 0)
+                                    MASK_KIND != 0, CONTIGUOUS)
         if visible:
             cols = n0 + tl.arange(0, BN)
             col_in = cols < sk

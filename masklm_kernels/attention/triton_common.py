@@ -276,9 +276,12 @@ def _col_stats(n0, kv_len, st, en, BN: tl.constexpr, NSPANS: tl.constexpr, INSID
 
 @triton.jit
 def _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix,
-                BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                CONTIGUOUS: tl.constexpr):
     """(visible, full) of the tile rows [m0, m0+BM) x columns [n0, n0+BN): exact "holds a visible pair"
-    from (i_max, j_min) -- the causal term is monotone -- and "every pair visible" (dense masks: never)."""
+    from (i_max, j_min) -- the causal term is monotone -- and "every pair visible" (dense masks: never).
+    CONTIGUOUS (no span, or one "inside" span): the visible tiles of a row or column of tiles form one
+    range, which the loops iterate exactly."""
     visible = (i_max >= m0) & (j_min < NO_COL)
     full = rows_full & cols_full
     if CAUSAL:
@@ -286,16 +289,43 @@ def _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix,
         full = full & ((n0 + BN - 1 <= m0 + off) | (n0 + BN <= prefix))
     if HAS_MASK:
         full = full & False  # stays a tensor (constant-folded): callers count tl.where(full, 0, 1)
+    if CONTIGUOUS:
+        # Every tile of `_key_range` / `_query_range` is visible: the kernels' `if visible` folds away, so
+        # the loop has no branch around its loads and Triton can software-pipeline them.
+        visible = visible | True
     return visible, full
 
 
 @triton.jit
-def _key_end(i_max, m0, kv_len, off, prefix, CAUSAL: tl.constexpr):
-    """Exclusive end of the key columns rows [m0, i_max] can see (0 when they are all invalid)."""
+def _key_range(i_max, m0, kv_len, off, prefix, st, en, BN: tl.constexpr, CAUSAL: tl.constexpr,
+               NSPANS: tl.constexpr, INSIDE: tl.constexpr):
+    """[lo, end) of the key columns rows [m0, i_max] can see; lo a multiple of BN, empty when none. With
+    CONTIGUOUS masks (no span, or one "inside" span) every BN tile of it holds a visible pair."""
     end = kv_len
+    lo = 0
     if CAUSAL:
         end = tl.minimum(end, tl.maximum(i_max + off + 1, prefix))
-    return tl.where(i_max >= m0, end, 0)
+    if INSIDE and NSPANS == 1:
+        start = tl.max(st, axis=0)  # the one span (the padding entries are 0)
+        end = tl.minimum(end, tl.max(en, axis=0))
+        lo = (start // BN) * BN
+        end = tl.where(start < end, end, 0)
+    return lo, tl.where(i_max >= m0, end, 0)
+
+
+@triton.jit
+def _query_range(j_min, q_len, off, prefix, st, en, BM: tl.constexpr, CAUSAL: tl.constexpr,
+                 NSPANS: tl.constexpr, INSIDE: tl.constexpr):
+    """[lo, end) of the query rows that can see column j_min (the first valid column of a key tile: rows
+    that see none of the tile's columns see none of the tile); lo a multiple of BM, empty when none."""
+    first = j_min * 0
+    end = q_len
+    if CAUSAL:  # rows before j_min - off see none of these columns (unless the prefix shows them)
+        first = tl.where(j_min < prefix, 0, tl.maximum(j_min - off, 0))
+    if INSIDE and NSPANS == 1:
+        first = tl.maximum(first, tl.max(st, axis=0))
+        end = tl.minimum(end, tl.max(en, axis=0))
+    return (first // BM) * BM, tl.where((j_min < NO_COL) & (first < end), end, 0)
 
 
 @triton.jit
@@ -403,8 +433,9 @@ def padded_problem(q, k, meta: dict, attn_mask, scale: float) -> Problem:
         t = meta.get(key)
         args[name] = dummy if t is None else t
         args["HAS_" + name] = t is not None
-    args.update(SPANS=dummy if spans is None else spans.contiguous(), NSPANS=nspans,
-                NSP=max(2, triton.next_power_of_2(max(nspans, 1))), INSIDE=meta.get("span_mode", "inside") == "inside")
+    inside = meta.get("span_mode", "inside") == "inside"
+    args.update(SPANS=dummy if spans is None else spans.contiguous(), NSPANS=nspans, INSIDE=inside,
+                NSP=max(2, triton.next_power_of_2(max(nspans, 1))), CONTIGUOUS=nspans == 0 or (inside and nspans == 1))
     if attn_mask is None:
         args.update(MASK=dummy, smb=0, smh=0, smi=0, smj=0, MASK_KIND=0)
     else:
@@ -421,5 +452,5 @@ def varlen_problem(q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale
     args = _common_args(q, HQ, HKV, D, causal, scale)
     args.update(CU_Q=cu_q, CU_K=cu_k, SQ=max_q, SK=max_k, VARLEN=True,
                 QLEN=dummy, KVLEN=dummy, PREFIX=dummy, HAS_QLEN=False, HAS_KVLEN=False, HAS_PREFIX=False,
-                SPANS=dummy, NSPANS=0, NSP=2, INSIDE=True, MASK=dummy, smb=0, smh=0, smi=0, smj=0, MASK_KIND=0)
+                SPANS=dummy, NSPANS=0, NSP=2, INSIDE=True, CONTIGUOUS=True, MASK=dummy, smb=0, smh=0, smi=0, smj=0, MASK_KIND=0)
     return Problem(cu_q.shape[0] - 1, HQ, HKV, max_q, max_k, D, True, args, total_q)

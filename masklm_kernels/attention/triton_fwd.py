@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (Launch, Problem, _col_stats, _cols_ok, _dot, _key_end, _row_meta, _row_stats, _rows_ok,
+from .triton_common import (Launch, Problem, _col_stats, _cols_ok, _dot, _key_range, _query_range, _row_meta, _row_stats, _rows_ok,
                             _scales, _seq_info, _tile_class, _tile_scores, block_config, padded_problem,
                             tile_counter, varlen_problem)
 
@@ -25,7 +25,8 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
               SQ, SK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
-              NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, MASK_KIND: tl.constexpr,
+              NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+              MASK_KIND: tl.constexpr,
               VARLEN: tl.constexpr, COUNT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
               PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -56,17 +57,17 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
 
     row_ok = _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)
     i_max, rows_full = _row_stats(m0, q_len, st, en, BM, NSPANS, INSIDE)
-    n_end = _key_end(i_max, m0, kv_len, off, prefix, CAUSAL)
+    n_lo, n_end = _key_range(i_max, m0, kv_len, off, prefix, st, en, BN, CAUSAL, NSPANS, INSIDE)
 
     m_i = tl.full([BM], float("-inf"), ACC)
     l_i = tl.zeros([BM], ACC)
     acc = tl.zeros([BM, BD], ACC)
     count = pid_m * 0
     masked = pid_m * 0
-    for n0 in range(0, n_end, BN):
+    for n0 in range(n_lo, n_end, BN):
         j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
         visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix, BM, BN, CAUSAL,
-                                    MASK_KIND != 0)
+                                    MASK_KIND != 0, CONTIGUOUS)
         if visible:
             cols = n0 + tl.arange(0, BN)
             col_in = cols < sk

@@ -23,9 +23,8 @@ from .triton_common import (Launch, Problem, _col_stats, _cols_ok, _dot, _key_ra
 def _bwd_preprocess(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, sls, CU_Q, CU_K, SQ, SK, HQ, D,
                     BM: tl.constexpr, BD: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
+    b = tl.program_id(1)
+    h = tl.program_id(2)
     q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
     rows = pid_m * BM + tl.arange(0, BM)
     dcol = tl.arange(0, BD)
@@ -52,10 +51,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
               PRECISION: tl.constexpr):
     """dK, dV of one key tile; DK and DV share k's strides (they are allocated like k)."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    HKV = HQ // GROUP
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
     q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
     n0 = pid_n * BN
     if n0 >= sk:
@@ -120,9 +117,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
     if COUNT:
-        slot = pid_bh * tl.num_programs(0) + pid_n
+        slot = (b * tl.num_programs(2) + hk) * tl.num_programs(0) + pid_n
         tl.store(COUNTS + slot, count)
-        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + slot, masked)
+        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) + slot, masked)
 
 
 @triton.jit(do_not_specialize=["SQ", "SK"])
@@ -138,9 +135,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
             PRECISION: tl.constexpr):
     """dQ of one query tile; DQ shares q's strides."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
+    b = tl.program_id(1)
+    h = tl.program_id(2)
     hk = h // GROUP
     q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
     m0 = pid_m * BM
@@ -198,9 +194,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
     tl.store(DQ + b64 * sqb + h.to(tl.int64) * sqh + q_off * sqs + dcol[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_in[:, None] & d_in[None, :])
     if COUNT:
-        slot = pid_bh * tl.num_programs(0) + pid_m
+        slot = (b * tl.num_programs(2) + h) * tl.num_programs(0) + pid_m
         tl.store(COUNTS + slot, count)
-        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + slot, masked)
+        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) + slot, masked)
 
 
 # Rows per program of the preprocess (a streaming row sum: any size that fills a wave will do).
@@ -211,7 +207,7 @@ def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv)
     """The preprocess, dK/dV and dQ launches, in order."""
     a = prob.args
     seq = prob.strides
-    pre = Launch(_bwd_preprocess, (triton.cdiv(prob.SQ, PRE_BLOCK_M), prob.B * prob.HQ),
+    pre = Launch(_bwd_preprocess, (triton.cdiv(prob.SQ, PRE_BLOCK_M), prob.B, prob.HQ),
                  (out, dout, delta, *seq(out), *seq(dout), *prob.lse_strides(), a["CU_Q"], a["CU_K"], prob.SQ, prob.SK,
                   prob.HQ, prob.D), dict(BM=PRE_BLOCK_M, BD=a["BD"], VARLEN=prob.varlen, ACC=a["ACC"]))
     launches = [pre]
@@ -219,8 +215,8 @@ def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv)
     for name, kernel, grads, rows, heads in (("dkdv", _bwd_dkdv, (dk, dv), prob.SK, prob.HKV),
                                              ("dq", _bwd_dq, (dq,), prob.SQ, prob.HQ)):
         cfg = block_config(name, prob.D, q.dtype, a["MASK_KIND"] != 0)
-        grid = (triton.cdiv(rows, cfg.block_n if name == "dkdv" else cfg.block_m), prob.B * heads)
-        counts = tile_counter(name, cfg, grid[0] * grid[1], q.device)
+        grid = (triton.cdiv(rows, cfg.block_n if name == "dkdv" else cfg.block_m), prob.B, heads)
+        counts = tile_counter(name, cfg, grid[0] * grid[1] * grid[2], q.device)
         args = (q, k, v, dout, lse, delta, *grads, counts if counts is not None else a["CU_Q"], *strides)
         launches.append(Launch(kernel, grid, args, dict(BM=cfg.block_m, BN=cfg.block_n, COUNT=counts is not None,
                                                         **a), cfg))

@@ -99,7 +99,7 @@ class Launch:
     """One kernel launch, built by the launchers and run by them -- or compiled ahead of time for a GPU
     that is not here by `benchmarks/compile_triton.py`, which thereby sees exactly what runs."""
     kernel: triton.runtime.JITFunction
-    grid: tuple[int, int]
+    grid: tuple[int, int, int]  # (tiles, batch rows, heads)
     args: tuple
     kwargs: dict
     cfg: BlockConfig | None = None

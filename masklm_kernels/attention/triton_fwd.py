@@ -30,9 +30,8 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
               VARLEN: tl.constexpr, COUNT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
               PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
+    b = tl.program_id(1)
+    h = tl.program_id(2)
     hk = h // GROUP
     q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
     m0 = pid_m * BM
@@ -97,9 +96,9 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     lse_ptr = LSE + b64 * slb + h.to(tl.int64) * slh + q0.to(tl.int64) * sls
     tl.store(lse_ptr + rows * sls, lse.to(LSE.dtype.element_ty), mask=row_in)
     if COUNT:
-        slot = pid_bh * tl.num_programs(0) + pid_m
+        slot = (b * tl.num_programs(2) + h) * tl.num_programs(0) + pid_m
         tl.store(COUNTS + slot, count)
-        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) + slot, masked)
+        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) + slot, masked)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -108,8 +107,8 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 def forward_launch(prob: Problem, q, k, v, out, lse) -> Launch:
     cfg = block_config("fwd", prob.D, q.dtype, prob.args["MASK_KIND"] != 0)
-    grid = (triton.cdiv(prob.SQ, cfg.block_m), prob.B * prob.HQ)
-    counts = tile_counter("fwd", cfg, grid[0] * grid[1], q.device)
+    grid = (triton.cdiv(prob.SQ, cfg.block_m), prob.B, prob.HQ)  # (B, H) on axes 1, 2: each below 65536
+    counts = tile_counter("fwd", cfg, grid[0] * grid[1] * grid[2], q.device)
     args = (q, k, v, out, lse, counts if counts is not None else prob.args["CU_Q"],
             *prob.strides(q), *prob.strides(k), *prob.strides(v), *prob.strides(out), *prob.lse_strides())
     return Launch(_attn_fwd, grid, args, dict(BM=cfg.block_m, BN=cfg.block_n, COUNT=counts is not None, **prob.args),

@@ -50,14 +50,14 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
     """The launches (forward, preprocess, dK/dV, dQ) of one configuration, on small CPU tensors."""
     import torch
 
-    from masklm_kernels.attention import triton_bwd, triton_common, triton_fwd
+    from masklm_kernels.attention import triton_bwd, triton_fwd, triton_launch
 
     dt = _dtype(dtype_name)
     B, HQ, HKV, S = 2, 4, 2, 128
     if variant == "varlen":
         q, k = torch.empty(B * S, HQ, head_dim, dtype=dt), torch.empty(B * S, HKV, head_dim, dtype=dt)
         cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
-        prob = triton_common.varlen_problem(q, k, cu, cu, S, S, True, 0.125)
+        prob = triton_launch.varlen_problem(q, k, cu, cu, S, S, True, 0.125)
         lse = torch.empty(HQ, B * S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     else:
         q, k = torch.empty(B, HQ, S, head_dim, dtype=dt), torch.empty(B, HKV, S, head_dim, dtype=dt)
@@ -68,7 +68,7 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
                         spans=torch.zeros(B, 2, 2, dtype=torch.int64), span_mode="inside")
         if variant == "dense":
             mask = torch.zeros(B, 1, S, S, dtype=torch.float32)
-        prob = triton_common.padded_problem(q, k, meta, mask, 0.125)
+        prob = triton_launch.padded_problem(q, k, meta, mask, 0.125)
         lse = torch.empty(B, HQ, S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     fwd = triton_fwd.forward_launch(prob, q, k, k, q, lse)
     return [fwd, *triton_bwd.backward_launches(prob, q, q, k, k, q, lse, lse, q, k, k)]
@@ -145,9 +145,13 @@ def _compile(task) -> TritonUsage:
 
 def tasks(archs) -> list[tuple]:
     """(dtype, head dim, variant, launch index, arch) of every distinct compilation."""
+    from masklm_kernels.attention.triton_launch import unsupported
+
     seen, out = set(), []
     for d in DTYPE_NAMES:
         for h in HEAD_DIMS:
+            if unsupported(_dtype(d), h):
+                continue  # refused by the triton backend (api.py): never launched on a GPU
             for v in VARIANTS:
                 for i, launch in enumerate(build_launches(d, h, v)):
                     _, key = _source(launch)

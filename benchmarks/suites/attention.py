@@ -103,7 +103,7 @@ def _case(backend: str, attn, tensors, mode: str, case: dict, device: str, flops
 def _tiles(ours, tensors, vis: torch.Tensor) -> dict:
     """Tiles each Triton kernel computed vs tiles holding a visible pair (one forward + backward)."""
     from masklm_kernels.attention import reference
-    from masklm_kernels.attention.triton_common import record_tiles
+    from masklm_kernels.attention.triton_launch import record_tiles
 
     q, k, v, grad = tensors
     with record_tiles() as launches:

@@ -29,8 +29,12 @@ def _triton_inputs(x: dict) -> list[str]:
     out = _no_mask_grad(x)
     if x["device"].type == "cpu" and not triton_interpreting():
         out.append("CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before importing triton)")
-    if x["dtype"] == torch.float64 and x["device"].type != "cpu":
-        out.append("float64 is not compiled for GPUs (no spill-free tile configuration); use backend='reference'")
+    if x["device"].type != "cpu" and _triton_installed() is None:
+        from .triton_launch import unsupported  # the kernels' own limits (triton is installed: requirement)
+
+        reason = unsupported(x["dtype"], x["head_dim"])
+        if reason:
+            out.append(reason)
     return out
 
 
@@ -130,7 +134,8 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
         attn_mask: broadcastable to (B, Hq, Sq, Sk); bool (True = visible) is AND-ed, float is added.
         scale: score scale, default 1 / sqrt(D).
         backend: "auto" (triton on CUDA tensors, cpu on CPU tensors; reference for what neither supports:
-            a float attn_mask that requires grad, fp64 on CUDA), "triton", "cpu" or "reference".
+            a float attn_mask that requires grad, fp64 on CUDA, fp32 with D > 128 on CUDA), "triton", "cpu" or
+            "reference".
 
     Returns (B, Hq, Sq, D) in q's dtype. Rows with no visible key are 0, with zero gradients.
 
@@ -159,7 +164,7 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
     prefix_lengths = _lengths("prefix_lengths", prefix_lengths, B, Sk, dev)
     spans = _spans(spans, B, Sk, dev)
     attn_mask = _attn_mask(attn_mask, (B, Hq, Sq, Sk), dev)
-    facts = dict(device=dev, dtype=q.dtype, mask_grad=attn_mask is not None and attn_mask.requires_grad)
+    facts = dict(device=dev, dtype=q.dtype, head_dim=D, mask_grad=attn_mask is not None and attn_mask.requires_grad)
     chosen = select_backend("fused_attention", BACKENDS, backend, dev, facts)
     if chosen.name != "reference":
         out, _ = ops.FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), kv_lengths, q_lengths,
@@ -220,7 +225,8 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_q.shape[0]} and {cu_k.shape[0]}")
     scale = _scale(scale, q.shape[-1])
-    chosen = select_backend("fused_attention_varlen", BACKENDS, backend, dev, dict(device=dev, dtype=q.dtype))
+    chosen = select_backend("fused_attention_varlen", BACKENDS, backend, dev,
+                            dict(device=dev, dtype=q.dtype, head_dim=q.shape[-1]))
     if chosen.name != "reference":
         out, _ = ops.VARLEN_FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k,
                                                  max_seqlen_q, max_seqlen_k, causal, scale)

@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (Launch, Problem, _col_stats, _cols_ok, _dot, _key_range, _query_range, _row_meta, _row_stats,
-                            _rows_ok, _scales, _seq_info, _tile_class, _tile_scores, block_config, padded_problem,
-                            tile_counter, varlen_problem)
+from .triton_common import (_col_stats, _cols_ok, _dot, _key_range, _query_range, _row_meta, _row_stats, _rows_ok,
+                            _scales, _seq_info, _tile_class, _tile_scores)
+from .triton_launch import Launch, Problem, block_config, padded_problem, tile_counter, varlen_problem
 
 
 @triton.jit(do_not_specialize=["SQ", "SK"])

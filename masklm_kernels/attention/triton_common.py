@@ -1,4 +1,4 @@
-"""Shared pieces of the Triton attention kernels (triton_fwd.py, triton_bwd.py).
+"""Device side shared by the Triton attention kernels (triton_fwd.py, triton_bwd.py): `@triton.jit` helpers.
 
 Visibility from O(B) metadata, two levels (BRIEF.md, "Attention semantics"). A pair (i, j) of batch row
 b is visible when
@@ -13,153 +13,16 @@ the kernels skip the tile without loading it. Tiles whose every pair is visible 
 per-element mask; the rest apply `_pair_visible` to the scores. `attn_mask` (dense) is applied per
 element on every computed tile and never makes a tile skippable.
 
-Also here: block configurations (shared by the launchers and the AOT compile report) and the opt-in
-tile recorder (`record_tiles`), which makes the number of tiles each launch computed observable.
+The host side (tile configurations, launch description, tile recorder) is triton_launch.py.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
-import math
-
-import torch
 import triton
 import triton.language as tl
-
-from .._backends import triton_interpreting
 
 # Sentinel "no valid column" for j_min; any real column index is below it.
 NO_COL = tl.constexpr(1 << 30)
 
-
-# ------------------------------------------------------------------------------------------------
-# Block configurations
-# ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class BlockConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def head_block(head_dim: int) -> int:
-    """Power-of-two width of the head-dim axis of a tile (tl.dot needs >= 16); columns >= D are masked."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-_C = BlockConfig
-# (kernel, operand width, dense attn_mask) -> [(largest head-dim block, config), ...]. Each entry is the
-# largest tile (in this order of preference: block_m, block_n, then fewer warps) that compiles without a
-# register spill for sm_80 and sm_90 in every mask variant, found by compiling the candidates ahead of time
-# (benchmarks/compile_triton.py; the table it prints is benchmarks/results/compile_report-*.txt). The
-# 16-bit forward starts from FlashAttention-2's Triton tutorial (128 x 64, 4-8 warps); a dense mask tile
-# costs registers, hence smaller tiles there; fp32 dots run in IEEE fp32 on CUDA cores (FMA layouts hold
-# more registers than MMA ones), hence its small tiles. The backward keeps its accumulators (dK and dV, or
-# dQ) in registers: the looped-over side is narrow.
-_CONFIGS = {
-    ("fwd", 16, False): [(64, _C(128, 64, 4, 3)), (128, _C(128, 64, 8, 3)), (256, _C(64, 64, 8, 2))],
-    ("fwd", 16, True): [(64, _C(64, 64, 8, 2)), (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
-    ("dkdv", 16, False): [(64, _C(32, 128, 8, 2)), (128, _C(32, 64, 4, 2)), (256, _C(16, 32, 8, 1))],
-    ("dkdv", 16, True): [(64, _C(32, 128, 8, 2)), (128, _C(16, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
-    ("dq", 16, False): [(64, _C(128, 32, 8, 2)), (128, _C(64, 32, 4, 2)), (256, _C(16, 16, 4, 1))],
-    ("dq", 16, True): [(64, _C(128, 32, 8, 2)), (128, _C(64, 32, 8, 2)), (256, _C(16, 16, 4, 1))],
-    ("fwd", 32, False): [(64, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
-    ("dkdv", 32, False): [(64, _C(16, 32, 8, 1)), (128, _C(16, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
-    ("dq", 32, False): [(64, _C(64, 32, 8, 2)), (128, _C(64, 16, 8, 2)), (256, _C(32, 16, 4, 2))],
-}
-
-
-def block_config(kernel: str, head_dim: int, dtype: torch.dtype, dense_mask: bool = False) -> BlockConfig:
-    """Tile shape and launch options of `kernel` ("fwd", "dkdv", "dq") for a head dim, dtype and whether
-    a dense attn_mask is applied (fp32 -- and fp64, interpreter only -- use one table for both)."""
-    if kernel not in ("fwd", "dkdv", "dq"):
-        raise ValueError(f"unknown kernel {kernel!r}")
-    width = 16 if dtype in (torch.float16, torch.bfloat16) else 32
-    bd = head_block(head_dim)
-    for max_bd, cfg in _CONFIGS[(kernel, width, dense_mask and width == 16)]:
-        if bd <= max_bd:
-            return cfg
-    raise ValueError(f"head_dim {head_dim} is above 256")
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 runs in IEEE fp32 (TF32 would miss the brief's 2x-eager-error bar against fp32 eager matmul)."""
-    return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
-
-
-# ------------------------------------------------------------------------------------------------
-# Tile recorder (debug / benchmarks)
-# ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Launch:
-    """One kernel launch, built by the launchers and run by them -- or compiled ahead of time for a GPU
-    that is not here by `benchmarks/compile_triton.py`, which thereby sees exactly what runs."""
-    kernel: triton.runtime.JITFunction
-    grid: tuple[int, int, int]  # (tiles, batch rows, heads)
-    args: tuple
-    kwargs: dict
-    cfg: BlockConfig | None = None
-
-    def __call__(self) -> None:
-        opts = {} if self.cfg is None else dict(num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
-        self.kernel[self.grid](*self.args, **self.kwargs, **opts)
-
-    def bound(self) -> dict:
-        """Every kernel parameter by name with the value this launch passes."""
-        return {**dict(zip(self.kernel.arg_names, self.args)), **self.kwargs}
-
-
-@dataclasses.dataclass
-class TileLaunch:
-    """One kernel launch: its tile shape and, per program (on the device), the tiles it computed (row 0)
-    and those of them that needed the per-element mask, i.e. were not fully visible (row 1)."""
-    kernel: str
-    block_m: int
-    block_n: int
-    counts: torch.Tensor
-
-    @property
-    def computed(self) -> int:
-        return int(self.counts[0].sum())  # host sync: only when asked
-
-    @property
-    def masked(self) -> int:
-        return int(self.counts[1].sum())
-
-
-_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("masklm_tile_recorder", default=None)
-
-
-@contextlib.contextmanager
-def record_tiles():
-    """Within this block every Triton attention launch also writes how many tiles each program computed
-    and masked (two int32 per program, no atomics) and appends a `TileLaunch` to the yielded list.
-    Outside it the kernels are compiled without the counters."""
-    launches: list[TileLaunch] = []
-    token = _RECORDER.set(launches)
-    try:
-        yield launches
-    finally:
-        _RECORDER.reset(token)
-
-
-def tile_counter(kernel: str, cfg: BlockConfig, programs: int, device) -> torch.Tensor | None:
-    """(2, programs) int32 counters when recording (else None); registered with the recorder."""
-    launches = _RECORDER.get()
-    if launches is None:
-        return None
-    counts = torch.zeros(2, max(programs, 1), dtype=torch.int32, device=device)
-    launches.append(TileLaunch(kernel, cfg.block_m, cfg.block_n, counts))
-    return counts
-
-
-# ------------------------------------------------------------------------------------------------
-# JIT helpers
-# ------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _seq_info(cu_q, cu_k, b, SQ, SK, VARLEN: tl.constexpr):
@@ -373,84 +236,3 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-# ------------------------------------------------------------------------------------------------
-# Launch description shared by the forward and backward launchers
-# ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Problem:
-    """One attention call as the kernels see it: sizes, layout, and `args`, the keyword arguments every
-    kernel takes (metadata pointers, dense-mask strides, constexpr flags, the scale)."""
-    B: int
-    HQ: int
-    HKV: int
-    SQ: int  # padded: Sq; packed (varlen): max_seqlen_q
-    SK: int
-    D: int
-    varlen: bool
-    args: dict
-    total_q: int = 0  # packed layout: rows of q
-
-    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
-        """(batch, head, token) strides of q/k/v/out-like tensors: (B, H, S, D), or (total, H, D) packed."""
-        if self.varlen:
-            return 0, t.stride(1), t.stride(0)
-        return t.stride(0), t.stride(1), t.stride(2)
-
-    def lse_strides(self) -> tuple[int, int, int]:
-        """lse / delta layout: (B, HQ, SQ) padded, (HQ, total_q) packed."""
-        return (0, self.total_q, 1) if self.varlen else (self.HQ * self.SQ, self.SQ, 1)
-
-
-def _split(x: float) -> tuple[float, float]:
-    """x = hi + lo with both fp32-representable (to ~2^-48): kernel float arguments and float literals
-    are fp32, and fp64 inputs need the scale and log2(e) to more digits than that."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
-
-
-def _common_args(q: torch.Tensor, HQ: int, HKV: int, D: int, causal: bool, scale: float) -> dict:
-    (hi, lo), (l2_hi, l2_lo) = _split(scale), _split(1.0 / math.log(2.0))
-    return dict(HQ=HQ, GROUP=HQ // HKV, D=D, scale_hi=hi, scale_lo=lo, log2e_hi=l2_hi, log2e_lo=l2_lo, CAUSAL=causal,
-                BD=head_block(D),
-                ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-                UPCAST=triton_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype))
-
-
-def padded_problem(q, k, meta: dict, attn_mask, scale: float) -> Problem:
-    B, HQ, SQ, D = q.shape
-    HKV, SK = k.shape[1], k.shape[2]
-    dummy = q.new_empty(0, dtype=torch.int32)
-    spans = meta.get("spans")
-    if spans is not None and spans.dim() == 2:
-        spans = spans[:, None]
-    nspans = 0 if spans is None else spans.shape[1]
-    args = _common_args(q, HQ, HKV, D, bool(meta.get("causal")), scale)
-    args.update(CU_Q=dummy, CU_K=dummy, SQ=SQ, SK=SK, VARLEN=False)
-    for name, key in (("QLEN", "q_lengths"), ("KVLEN", "kv_lengths"), ("PREFIX", "prefix_lengths")):
-        t = meta.get(key)
-        args[name] = dummy if t is None else t
-        args["HAS_" + name] = t is not None
-    inside = meta.get("span_mode", "inside") == "inside"
-    args.update(SPANS=dummy if spans is None else spans.contiguous(), NSPANS=nspans, INSIDE=inside,
-                NSP=max(2, triton.next_power_of_2(max(nspans, 1))), CONTIGUOUS=nspans == 0 or (inside and nspans == 1))
-    if attn_mask is None:
-        args.update(MASK=dummy, smb=0, smh=0, smi=0, smj=0, MASK_KIND=0)
-    else:
-        m = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
-        smb, smh, smi, smj = m.expand(B, HQ, SQ, SK).stride()
-        args.update(MASK=m, smb=smb, smh=smh, smi=smi, smj=smj, MASK_KIND=1 if attn_mask.dtype == torch.bool else 2)
-    return Problem(B, HQ, HKV, SQ, SK, D, False, args)
-
-
-def varlen_problem(q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> Problem:
-    total_q, HQ, D = q.shape
-    HKV = k.shape[1]
-    dummy = q.new_empty(0, dtype=torch.int32)
-    args = _common_args(q, HQ, HKV, D, causal, scale)
-    args.update(CU_Q=cu_q, CU_K=cu_k, SQ=max_q, SK=max_k, VARLEN=True,
-                QLEN=dummy, KVLEN=dummy, PREFIX=dummy, HAS_QLEN=False, HAS_KVLEN=False, HAS_PREFIX=False,
-                SPANS=dummy, NSPANS=0, NSP=2, INSIDE=True, CONTIGUOUS=True, MASK=dummy, smb=0, smh=0, smi=0, smj=0, MASK_KIND=0)
-    return Problem(cu_q.shape[0] - 1, HQ, HKV, max_q, max_k, D, True, args, total_q)

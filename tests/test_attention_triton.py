@@ -339,3 +339,48 @@ def test_block_configs_cover_every_head_dim():
                 for dense in (False, True):
                     cfg = triton_launch.block_config(kernel, D, dtype, dense)
                     assert cfg.block_m >= 16 and cfg.block_n >= 16 and math.log2(cfg.block_m).is_integer()
+
+
+def test_triton_backend_names_the_inputs_it_has_no_gpu_configuration_for():
+    """On CUDA tensors (facts only: no GPU needed) fp64, and fp32 with head_dim > 128, are refused with the
+    reason; `auto` then takes the reference."""
+    from masklm_kernels.attention.api import BACKENDS
+
+    triton_backend = next(b for b in BACKENDS if b.name == "triton")
+    cuda = torch.device("cuda")
+    reasons = lambda dtype, d: triton_backend.not_supported_reasons(  # noqa: E731
+        cuda, dict(device=cuda, dtype=dtype, head_dim=d))
+    assert any("float64" in r for r in reasons(torch.float64, 64))
+    assert any("head_dim > 128" in r for r in reasons(torch.float32, 136))
+    assert reasons(torch.float32, 128) == [] and reasons(torch.bfloat16, 256) == []
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_varlen_custom_ops_opcheck_and_compile(backend):
+    """The packed layout's custom ops of both backends: opcheck, and torch.compile(fullgraph=True) equal to
+    eager without recompiling for new cu_seqlens values of the same batch size."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    dev = DEVICE if backend == "triton" else "cpu"
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case(3)
+    q, k, v, cu_q, cu_k = (t.to(dev) for t in (q.float(), k.float(), v.float(), cu_q, cu_k))
+    op = getattr(torch.ops.masklm_kernels, f"attention_varlen_{backend}_fwd")
+    torch.library.opcheck(op.default, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, mq, mk,
+                                       True, 0.2))
+
+    def fn(q_, k_, v_, cu_q_, cu_k_):
+        return fused_attention_varlen(q_, k_, v_, cu_q_, cu_k_, mq, mk, causal=True, backend=backend)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dev)
+    lengths = cu_q[1:] - cu_q[:-1]
+    for order in (lengths, lengths.flip(0)):  # the same tokens split into sequences differently
+        cq = torch.cat([cu_q[:1], order.cumsum(0).to(torch.int32)])
+        out_e, grads_e = fwd_bwd(lambda *a: fn(*a, cq, cu_k), q, k, v, dout)
+        out_c, grads_c = fwd_bwd(lambda *a: compiled(*a, cq, cu_k), q, k, v, dout)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), (out_c, *grads_c), (out_e, *grads_e)):
+            assert_equal(a, b, msg=f"compiled varlen {name}, lengths {order.tolist()}")
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

@@ -13,9 +13,9 @@ Shapes: CUDA bf16, 16k tokens per batch (B = 16384 / S), H x D = 2048 (D 64 and 
 Peers, same tensors: `sdpa_dense` -- F.scaled_dot_product_attention with the dense (B, 1, S, S) bool mask
 (built once, untimed, as a user would cache it; rows with no visible key get their diagonal, since SDPA
 returns NaN there); `sdpa_causal` (is_causal=True: less masking than asked, a lower bound) for the causal
-kinds and plain SDPA for `none`; on CUDA `flex` -- FlexAttention compiled, with the equivalent `mask_mod`
-(its `create_block_mask` timed separately as backend `flex_block_mask`) -- and `flash_attn` when installed
-(`none` and `causal`). TFLOP/s count visible pairs only (4 * D flops per visible pair forward, 2.5x that
+kinds and plain SDPA for `none`; `flex` -- FlexAttention compiled, with the equivalent `mask_mod` (its
+`create_block_mask` timed separately as backend `flex_block_mask`; on CPU forward only: torch has no CPU
+backward for it, recorded as skipped); on CUDA `flash_attn` when installed (`none` and `causal`). TFLOP/s count visible pairs only (4 * D flops per visible pair forward, 2.5x that
 backward, FlashAttention's convention), so a kernel that skips invisible work is not credited for it. With
 the Triton backend, `extra` records the tiles each kernel computed and the tiles holding a visible pair.
 """
@@ -34,6 +34,7 @@ MASKS = ("none", "causal", "causal_pad", "mass_decoder", "mass_cross", "prefix_l
 MODES = ("fwd", "bwd", "fwd_bwd")
 FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # of the forward's 4 * D per visible pair
 DATA_SEED = 4321
+FLEX_CPU_BACKWARD = "FlexAttention has no CPU backward (torch raises NotImplementedError): forward only on CPU"
 
 
 def _metadata(kind: str, B: int, S: int, g: torch.Generator) -> dict:
@@ -117,6 +118,9 @@ def _tiles(ours, tensors, vis: torch.Tensor) -> dict:
 def _flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # One compiled graph per (shape, mask_mod): more than dynamo's default 8 recompiles of one function in a
+    # full run, after which it would silently run flex_attention eagerly (unfused, not what a user measures).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -148,13 +152,12 @@ def cases(device: str, quick: bool) -> list[Case]:
                 peers_fn["sdpa"] = F.scaled_dot_product_attention
             elif meta.get("causal"):
                 peers_fn["sdpa_causal"] = functools.partial(F.scaled_dot_product_attention, is_causal=True)
-            block_mask = None
-            if device == "cuda":
-                from torch.nn.attention.flex_attention import create_block_mask
+            from torch.nn.attention.flex_attention import create_block_mask
 
-                mod = _mask_mod(meta)
-                block_mask = None if mod is None else create_block_mask(mod, B, None, S, S, device=device)
-                peers_fn["flex"] = functools.partial(lambda q, k, v, bm: _flex()(q, k, v, block_mask=bm), bm=block_mask)
+            mod = _mask_mod(meta)
+            block_mask = None if mod is None else create_block_mask(mod, B, None, S, S, device=device)
+            peers_fn["flex"] = functools.partial(lambda q, k, v, bm: _flex()(q, k, v, block_mask=bm), bm=block_mask)
+            if device == "cuda":
                 if has_flash and kind in ("none", "causal"):
                     from flash_attn import flash_attn_func
 
@@ -168,7 +171,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                     note = {"sdpa_dense": "dense (B,1,S,S) bool mask, built untimed",
                             "sdpa_causal": "is_causal only: less masking than asked",
                             "flex": "compiled flex_attention, block mask built untimed"}.get(name)
-                    out.append(_case(name, fn, tensors, mode, case, device, flops, notes=note))
+                    skip = FLEX_CPU_BACKWARD if name == "flex" and device == "cpu" and mode != "fwd" else None
+                    out.append(_case(name, fn, tensors, mode, case, device, flops, notes=note, skip=skip))
                 out.append(_case("ours", ours, tensors, mode, case, device, flops, extra=extra,
                                  peers={n: (OP, n, case) for n in peers_fn},
                                  notes="backend=auto: triton on CUDA, cpu (blockwise) on CPU"))

@@ -9,7 +9,9 @@ accumulation for fp16/bf16) with the piece's additive mask. The backward is that
 from the saved log-sum-exp, accumulated in a fixed order, so it is deterministic. Memory is
 O(H x BLOCK_Q x Sk) per piece, plus a (B, BLOCK_Q, Sk) bool visibility per query block.
 
-Rows with no visible key: the kernel returns 0 for them and gives them zero gradients.
+Rows with no visible key: the kernel returns 0 for them and gives them zero gradients; pieces leave out
+the rows of their block that have none (padding rows, rows outside an "inside" span). Without any mask,
+or with a plain causal mask and Sq == Sk, one call of the kernel covers the whole batch.
 """
 from __future__ import annotations
 
@@ -59,8 +61,9 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, meta: dict, attn_mask):
                 bias = m
                 vis = vis & (m != float("-inf"))
         key_any = vis.any(dim=2).any(dim=1).expand(B, Sk)  # (B, Sk): keys visible to some row of the block
-        lo = torch.where(key_any, cols, Sk).amin(dim=1).tolist()
-        hi = (torch.where(key_any, cols, -1).amax(dim=1) + 1).tolist()
+        row_any = vis.any(dim=3).any(dim=1).expand(B, i1 - i0)  # (B, rows): rows with a visible key
+        lo, hi = _extent(key_any)
+        r_lo, r_hi = _extent(row_any)
         count = key_any.sum(dim=1).tolist()
         for b in range(B):
             if hi[b] <= lo[b]:
@@ -68,21 +71,47 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, meta: dict, attn_mask):
             keys = slice(lo[b], hi[b])
             if count[b] < GATHER_BELOW * (hi[b] - lo[b]):
                 keys = key_any[b].nonzero().squeeze(1)
-            vb = vis[b if vis.shape[0] > 1 else 0][None]
+            rows = slice(r_lo[b], r_hi[b])  # rows with no visible key (padding, outside a span) are left out
+            vb = vis[b if vis.shape[0] > 1 else 0][None][..., rows, :]
             vb = vb[..., keys] if isinstance(keys, slice) else vb.index_select(-1, keys)
             if bias is None:
                 mask = torch.zeros(vb.shape, dtype=q.dtype)
             else:
                 bb = bias[b if bias.shape[0] > 1 else 0][None]
+                bb = bb[..., rows, :] if bb.shape[-2] != 1 else bb
                 mask = (bb[..., keys] if isinstance(keys, slice) else bb.index_select(-1, keys)).to(q.dtype)
-            yield b, i0, i1, keys, mask.masked_fill(~vb, float("-inf"))
+            yield b, i0 + r_lo[b], i0 + r_hi[b], keys, mask.masked_fill(~vb, float("-inf"))
+
+
+def _extent(any_: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per batch row, [first, last + 1) of the True entries of a (B, n) bool (empty: first >= last + 1)."""
+    n = any_.shape[1]
+    idx = torch.arange(n, device=any_.device)
+    return torch.where(any_, idx, n).amin(dim=1).tolist(), (torch.where(any_, idx, -1).amax(dim=1) + 1).tolist()
+
+
+def _whole_batch(q, k, meta: dict, attn_mask):
+    """ATen's kernel over the whole batch in one call when the mask is none or plain causal with Sq == Sk
+    (its own causal mask is top-left aligned; it skips the causal blocks itself): is_causal, else None."""
+    if attn_mask is not None or k.shape[2] == 0:
+        return None
+    if any(meta.get(n) is not None for n in ("kv_lengths", "q_lengths", "prefix_lengths", "spans")):
+        return None
+    if meta.get("causal"):
+        return True if q.shape[2] == k.shape[2] else None
+    return False
 
 
 def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq), the kernel's log-sum-exp)."""
     B, Hq, Sq, D = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    is_causal = _whole_batch(q, k, meta, attn_mask)
+    if is_causal is not None:
+        out, lse = _FLASH(q, k, v, 0.0, is_causal, scale=scale)
+        return out.contiguous(), lse.to(lse_dtype).contiguous()  # ATen returns them (B, S, H)-strided
     out = torch.zeros_like(q)
-    lse = torch.zeros(B, Hq, Sq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = torch.zeros(B, Hq, Sq, dtype=lse_dtype)
     for b, i0, i1, keys, mask in _pieces(q, k, meta, attn_mask):
         o, l = _FLASH(q[b:b + 1, :, i0:i1], _keys(k, b, keys), _keys(v, b, keys), 0.0, False,
                       attn_mask=mask, scale=scale)
@@ -94,6 +123,9 @@ def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor,
 def backward(dout, q, k, v, out, lse, meta: dict, attn_mask, scale: float):
     """Gradients (dq, dk, dv) in the inputs' dtypes; rows with no visible key contribute nothing.
     dk and dv sum over the query pieces in fp32 (fp64 for fp64 inputs)."""
+    is_causal = _whole_batch(q, k, meta, attn_mask)
+    if is_causal is not None:
+        return tuple(g.contiguous() for g in _FLASH_BWD(dout, q, k, v, out, lse, 0.0, is_causal, scale=scale))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros_like(q)
     dk = torch.zeros(k.shape, dtype=acc)

@@ -16,8 +16,9 @@ returns NaN there); `sdpa_causal` (is_causal=True: less masking than asked, a lo
 kinds and plain SDPA for `none`; `flex` -- FlexAttention compiled, with the equivalent `mask_mod` (its
 `create_block_mask` timed separately as backend `flex_block_mask`; on CPU forward only: torch has no CPU
 backward for it, recorded as skipped); on CUDA `flash_attn` when installed (`none` and `causal`). TFLOP/s count visible pairs only (4 * D flops per visible pair forward, 2.5x that
-backward, FlashAttention's convention), so a kernel that skips invisible work is not credited for it. With
-the Triton backend, `extra` records the tiles each kernel computed and the tiles holding a visible pair.
+backward, FlashAttention's convention), so a kernel that skips invisible work is not credited for it. On
+CUDA, `extra` records the tiles each Triton kernel computed and the tiles holding a visible pair, and the
+measured dense bf16 matmul rate (`dense_matmul_tflops`) that TFLOP/s are a fraction of.
 """
 from __future__ import annotations
 
@@ -114,6 +115,25 @@ def _tiles(ours, tensors, vis: torch.Tensor) -> dict:
             for t in launches}
 
 
+@functools.lru_cache(maxsize=None)
+def _matmul_tflops(device: str) -> float:
+    """The measured dense bf16 matmul rate (4096^3, median of 10 CUDA-event timings): the roofline that
+    attention TFLOP/s are compared with (recorded with every CUDA case of ours as `dense_matmul_tflops`)."""
+    n = 4096
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
 @functools.lru_cache(maxsize=1)
 def _flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -122,6 +142,12 @@ def _flex():
     # full run, after which it would silently run flex_attention eagerly (unfused, not what a user measures).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_call(q, k, v, *, block_mask, detach: bool):
+    if detach:
+        q, k, v = q.detach(), k.detach(), v.detach()
+    return _flex()(q, k, v, block_mask=block_mask)
 
 
 def _shapes(device: str, quick: bool):
@@ -156,14 +182,16 @@ def cases(device: str, quick: bool) -> list[Case]:
 
             mod = _mask_mod(meta)
             block_mask = None if mod is None else create_block_mask(mod, B, None, S, S, device=device)
-            peers_fn["flex"] = functools.partial(lambda q, k, v, bm: _flex()(q, k, v, block_mask=bm), bm=block_mask)
+            # on CPU (forward only) flex refuses inputs that require grad, even under no_grad: detach them
+            peers_fn["flex"] = functools.partial(_flex_call, block_mask=block_mask, detach=device == "cpu")
             if device == "cuda":
                 if has_flash and kind in ("none", "causal"):
                     from flash_attn import flash_attn_func
 
                     peers_fn["flash_attn"] = lambda q, k, v, c=kind == "causal": flash_attn_func(
                         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=c).transpose(1, 2)
-            extra = _tiles(ours, tensors, vis) if device == "cuda" else {}
+            extra = {**_tiles(ours, tensors, vis), "dense_matmul_tflops": _matmul_tflops(device)} \
+                if device == "cuda" else {}
             for mode in MODES:
                 case = {"B": B, "H": H, "S": S, "D": D, "mask": kind, "mode": mode}
                 flops = 4.0 * D * pairs * FLOPS_FACTOR[mode]

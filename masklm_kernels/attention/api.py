@@ -20,6 +20,14 @@ def _triton_installed() -> str | None:
     return None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"
 
 
+def _triton_requirement() -> str | None:
+    if _triton_installed():
+        return _triton_installed()
+    if not torch.cuda.is_available() and not triton_interpreting():
+        return "no CUDA device (CPU tensors run only under Triton's interpreter, TRITON_INTERPRET=1)"
+    return None
+
+
 def _no_mask_grad(x: dict) -> list[str]:
     return ["cannot differentiate attn_mask (requires_grad=True): use backend='reference' or detach the mask"] \
         if x.get("mask_grad") else []
@@ -42,7 +50,7 @@ def _triton_inputs(x: dict) -> list[str]:
 BACKENDS = (
     Backend("cpu", ("cpu",), description="ATen CPU flash kernel per (row, query block), invisible key blocks skipped",
             input_check=_no_mask_grad),
-    Backend("triton", ("cuda", "cpu"), requirement=_triton_installed, input_check=_triton_inputs,
+    Backend("triton", ("cuda", "cpu"), requirement=_triton_requirement, input_check=_triton_inputs,
             description="flash-attention kernels, tiles with no visible pair skipped (CPU: interpreter only)"),
     Backend("reference", ("cpu", "cuda"), description="dense PyTorch specification (builds B x H x Sq x Sk)"),
 )

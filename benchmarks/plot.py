@@ -27,6 +27,10 @@ def latest_records(path: Path) -> list[dict]:
     return [r for r in newest.values() if r["status"] == "ok" and r["time_ms"]]
 
 
+def _label(r: dict) -> str:
+    return r["backend"] + (f" D={r['case']['D']}" if "D" in r["case"] else "")
+
+
 def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -41,16 +45,17 @@ def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
     written = []
     for fig_value, recs in sorted(by_fig.items()):
         panels = sorted({r["case"].get(panel_key) for r in recs})
+        labels = sorted({_label(r) for r in recs})
+        color = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per backend across panels
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
         for ax, panel in zip(axes[0], panels):
             lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
             for r in recs:
                 if r["case"].get(panel_key) == panel:
-                    label = r["backend"] + (f" D={r['case']['D']}" if "D" in r["case"] else "")
-                    lines[label].append((r["case"][x_key], r["time_ms"]))
+                    lines[_label(r)].append((r["case"][x_key], r["time_ms"]))
             for label, pts in sorted(lines.items()):
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color[label],
                         linewidth=2.5 if label.startswith("ours") else 1.2, label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

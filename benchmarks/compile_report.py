@@ -45,12 +45,17 @@ class KernelUsage:
 
     @property
     def problems(self) -> list[str]:
-        out = []
-        if self.spill_store_bytes or self.spill_load_bytes:
-            out.append(f"spills {self.spill_store_bytes} B stored / {self.spill_load_bytes} B loaded")
-        if self.shared_bytes > MAX_SHARED_BYTES[self.arch]:
-            out.append(f"shared memory {self.shared_bytes} B > {MAX_SHARED_BYTES[self.arch]} B")
-        return out
+        return usage_problems(self)
+
+
+def usage_problems(u) -> list[str]:
+    """Spills, or shared memory over the arch's limit, of a kernel report (CUDA C++ or Triton)."""
+    out = []
+    if u.spill_store_bytes or u.spill_load_bytes:
+        out.append(f"spills {u.spill_store_bytes} B stored / {u.spill_load_bytes} B loaded")
+    if u.shared_bytes > MAX_SHARED_BYTES[u.arch]:
+        out.append(f"shared memory {u.shared_bytes} B > {MAX_SHARED_BYTES[u.arch]} B")
+    return out
 
 
 def find_nvcc() -> str | None:

@@ -171,14 +171,9 @@ def compile_all(archs, workers: int | None = None) -> list[TritonUsage]:
 
 
 def problems(u: TritonUsage) -> list[str]:
-    from benchmarks.compile_report import MAX_SHARED_BYTES
+    from benchmarks.compile_report import usage_problems
 
-    out = []
-    if u.spill_store_bytes or u.spill_load_bytes:
-        out.append(f"spills {u.spill_store_bytes} B stored / {u.spill_load_bytes} B loaded")
-    if u.shared_bytes > MAX_SHARED_BYTES[u.arch]:
-        out.append(f"shared memory {u.shared_bytes} B > {MAX_SHARED_BYTES[u.arch]} B")
-    return out
+    return usage_problems(u)
 
 
 def format_table(usages: list[TritonUsage]) -> str:

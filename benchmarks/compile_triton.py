@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -162,11 +163,19 @@ def tasks(archs) -> list[tuple]:
     return out
 
 
+def _compiler_process():
+    """Worker initializer: ahead-of-time compilation needs Triton's real JIT functions, and the test run
+    sets TRITON_INTERPRET=1 (which makes @triton.jit return interpreter functions): workers are spawned
+    fresh and drop it before anything imports triton."""
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
 def compile_all(archs, workers: int | None = None) -> list[TritonUsage]:
-    """Every distinct configuration for every arch, compiled in parallel processes."""
-    todo = tasks(archs)
-    workers = workers or min(len(todo), os.cpu_count() or 1)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    """Every distinct configuration for every arch, compiled in parallel (spawned) processes."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=ctx,
+                             initializer=_compiler_process) as pool:
+        todo = pool.submit(tasks, list(archs)).result()
         return list(pool.map(_compile, todo))
 
 

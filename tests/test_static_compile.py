@@ -94,8 +94,13 @@ def test_triton_compile_report_covers_every_launchable_configuration():
     from masklm_kernels.attention import triton_launch
     from masklm_kernels.attention.api import HEAD_DIMS
 
-    compiled = {(launch.kernel.__name__, launch.cfg, launch.kwargs["BD"])
-                for d, h, v, i, _ in compile_triton.tasks([90])
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=compile_triton._compiler_process) as p:
+        todo = p.submit(compile_triton.tasks, [90]).result()  # what compile_all compiles (real JIT functions)
+    launch_names = ("_attn_fwd", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq")  # build_launches' order
+    compiled = {(launch_names[i], launch.cfg, launch.kwargs["BD"]) for d, h, v, i, _ in todo
                 for launch in compile_triton.build_launches(d, h, v)[i:i + 1] if launch.cfg is not None}
     names = {"fwd": "_attn_fwd", "dkdv": "_bwd_dkdv", "dq": "_bwd_dq"}
     for kernel, name in names.items():

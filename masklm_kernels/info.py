@@ -17,10 +17,11 @@ from ._backends import Backend
 def _ops() -> dict[str, tuple[Backend, ...]]:
     """Every public op and its backends, in order of preference (what backend="auto" tries)."""
     from .attention import api as attention
+    from .losses import api as losses
     from .masking import api as masking
 
     return {"fused_attention": attention.BACKENDS, "fused_attention_varlen": attention.BACKENDS,
-            "mask_tokens": masking.BACKENDS, "mass_mask": masking.BACKENDS}
+            "masked_cross_entropy": losses.BACKENDS, "mask_tokens": masking.BACKENDS, "mass_mask": masking.BACKENDS}
 
 
 def _version(module: str) -> str:

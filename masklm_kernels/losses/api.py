@@ -1,0 +1,111 @@
+"""Public loss API: `masked_cross_entropy` (BRIEF.md, "Cross-entropy semantics")."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .._backends import Backend, select_backend
+from .._validation import INT_DTYPES, check_int, values_checkable
+from . import ops, reference
+
+BACKENDS = (
+    Backend("cpu", ("cpu",), description="labelled rows only, chunked fp32 PyTorch (O(chunk x V) extra memory)"),
+    Backend("reference", ("cpu", "cuda"), description="dense PyTorch specification (every row, autograd)"),
+)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_logits_labels(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if logits.dtype not in DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if labels.dtype not in INT_DTYPES or labels.dtype == torch.uint8:
+        raise TypeError(f"labels must be a signed integer tensor (class indices), got dtype {labels.dtype}")
+    if logits.dim() not in (2, 3) or logits.shape[-1] < 1:
+        raise ValueError(f"logits must be (N, V) or (B, S, V) with V >= 1, got shape {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (logits without the vocabulary "
+                         f"axis), got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels must be on the device of logits ({logits.device}), got {labels.device}")
+    return logits, labels
+
+
+def _check_float(name: str, value, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not lo <= float(value) <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return float(value)
+
+
+def _check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    if labels.numel() and values_checkable(labels):  # CUDA: would synchronise the host
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {V}) or ignore_index ({ignore_index}), got "
+                             f"{int(labels[bad].flatten()[0])}")
+
+
+def _num_items(num_items, device):
+    if num_items is None:
+        return None
+    if isinstance(num_items, torch.Tensor):
+        if num_items.dim() != 0 or num_items.dtype.is_complex:
+            raise TypeError(f"num_items must be a number or a 0-dim tensor, got shape {tuple(num_items.shape)}")
+        return num_items.to(device)
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
+        raise TypeError(f"num_items must be a positive number or a 0-dim tensor, got {type(num_items).__name__}")
+    if not num_items > 0:
+        raise ValueError(f"num_items must be > 0, got {num_items}")
+    return num_items
+
+
+def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
+                         num_items=None, backend="auto"):
+    """Cross-entropy over the labelled rows only, with torch's label smoothing and PaLM's z-loss.
+
+    Args:
+        logits: (N, V) or (B, S, V), fp16 / bf16 / fp32 / fp64; accumulation is fp32 (fp64 for fp64).
+        labels: (N,) or (B, S) integer class indices in [0, V), or `ignore_index` for unlabelled rows.
+        ignore_index: label of rows that carry no loss (default -100).
+        label_smoothing: eps in [0, 1]: the target puts 1 - eps on the label and eps / V on every class.
+        z_loss: coefficient of lse**2 added per labelled row (PaLM), >= 0.
+        reduction: "mean" (sum / number of labelled rows, or / num_items), "sum" or "none" (labels' shape).
+        num_items: divide the sum by this instead (exact gradient accumulation over micro-batches); a
+            positive number or a 0-dim tensor.
+        backend: "auto" (cpu on CPU tensors, else reference), "cpu" or "reference".
+
+    Returns the loss in the logits' dtype. With no labelled row the mean is 0 and gradients are 0 (not NaN).
+
+    Equivalent PyTorch (labelled rows present)::
+
+        F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                        label_smoothing=label_smoothing, reduction="sum") / n_labelled
+        + z_loss * (torch.logsumexp(logits.float(), -1)[labels != ignore_index] ** 2).sum() / n_labelled
+    """
+    logits, labels = _check_logits_labels(logits, labels)
+    ignore_index = check_int("ignore_index", ignore_index, lo=-(2**63), hi=2**63)
+    label_smoothing = _check_float("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _check_float("z_loss", z_loss, 0.0, float("inf"))
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    num_items = _num_items(num_items, logits.device)
+    V = logits.shape[-1]
+    _check_labels_in_range(labels, V, ignore_index)
+    chosen = select_backend("masked_cross_entropy", BACKENDS, backend, logits.device)
+    flat_logits = logits.reshape(-1, V)
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    if chosen.name == "cpu":
+        rows, _ = ops.cross_entropy_cpu_fwd(flat_logits.contiguous(), flat_labels.contiguous(), ignore_index,
+                                            label_smoothing, z_loss)
+    else:
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        rows = reference.row_losses(flat_logits, flat_labels, ignore_index=ignore_index,
+                                    label_smoothing=label_smoothing, z_loss=z_loss, compute_dtype=acc)
+    return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(logits.dtype)

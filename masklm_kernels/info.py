@@ -21,7 +21,8 @@ def _ops() -> dict[str, tuple[Backend, ...]]:
     from .masking import api as masking
 
     return {"fused_attention": attention.BACKENDS, "fused_attention_varlen": attention.BACKENDS,
-            "masked_cross_entropy": losses.BACKENDS, "mask_tokens": masking.BACKENDS, "mass_mask": masking.BACKENDS}
+            "masked_cross_entropy": losses.BACKENDS,
+            "fused_linear_cross_entropy": losses.BACKENDS, "mask_tokens": masking.BACKENDS, "mass_mask": masking.BACKENDS}
 
 
 def _version(module: str) -> str:

@@ -16,7 +16,8 @@ def test_info_lists_every_op_and_backend_with_reasons():
     assert data["versions"]["torch"] == torch.__version__
     attention = ["cpu", "triton", "reference"]
     expected = {"fused_attention": attention, "fused_attention_varlen": attention,
-                "masked_cross_entropy": ["cpu", "reference"], "mask_tokens": ["cuda", "cpu", "reference"],
+                "masked_cross_entropy": ["cpu", "reference"],
+                "fused_linear_cross_entropy": ["cpu", "reference"], "mask_tokens": ["cuda", "cpu", "reference"],
                 "mass_mask": ["cuda", "cpu", "reference"]}
     assert {op: [b["backend"] for b in bs] for op, bs in data["ops"].items()} == expected
     for op, backends in data["ops"].items():

@@ -1,6 +1,6 @@
-"""Losses (BRIEF.md, "Cross-entropy semantics"): `masked_cross_entropy`, computed over labelled rows only.
-Backends: `cpu` (chunked, labelled rows only) and `reference` (dense). Triton kernels and the fused LM-head
-loss (`fused_linear_cross_entropy`) are issue 4's next steps."""
-from .api import BACKENDS, masked_cross_entropy
+"""Losses (BRIEF.md, "Cross-entropy semantics"): `masked_cross_entropy` and `fused_linear_cross_entropy` (the
+LM head fused with it), computed over labelled rows only. Backends: `cpu` (chunked, labelled rows only) and
+`reference` (dense). The Triton kernels are issue 4's next step."""
+from .api import BACKENDS, fused_linear_cross_entropy, masked_cross_entropy
 
-__all__ = ["BACKENDS", "masked_cross_entropy"]
+__all__ = ["BACKENDS", "fused_linear_cross_entropy", "masked_cross_entropy"]

@@ -1,4 +1,4 @@
-"""Public loss API: `masked_cross_entropy` (BRIEF.md, "Cross-entropy semantics")."""
+"""Public loss API: `masked_cross_entropy` and `fused_linear_cross_entropy` (BRIEF.md, "Cross-entropy semantics")."""
 from __future__ import annotations
 
 import numbers
@@ -109,3 +109,79 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
         rows = reference.row_losses(flat_logits, flat_labels, ignore_index=ignore_index,
                                     label_smoothing=label_smoothing, z_loss=z_loss, compute_dtype=acc)
     return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(logits.dtype)
+
+
+def _check_linear(hidden, weight, bias, labels):
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (N, H) or (B, S, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"weight must be (V, H) with H = hidden's last size ({hidden.shape[-1]}), got shape "
+                         f"{tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (one per class), got {tuple(bias.shape)}")
+    if labels.dtype not in INT_DTYPES or labels.dtype == torch.uint8:
+        raise TypeError(f"labels must be a signed integer tensor (class indices), got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its last axis), got "
+                         f"{tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels must be on the device of hidden ({hidden.device}), got {labels.device}")
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, label_smoothing=0.0,
+                               z_loss=0.0, reduction="mean", num_items=None, backend="auto"):
+    """The LM head fused with `masked_cross_entropy`: logits = hidden @ weight.T + bias are computed only for
+    labelled rows, a chunk of rows at a time, and never materialised for all N rows.
+
+    Args:
+        hidden: (N, H) or (B, S, H) final hidden states, fp16 / bf16 / fp32 / fp64.
+        weight: (V, H) output embedding (tied or not), hidden's dtype and device.
+        labels: (N,) or (B, S) class indices in [0, V), or `ignore_index`.
+        bias: optional (V,).
+        ignore_index, label_smoothing, z_loss, reduction, num_items: as `masked_cross_entropy`.
+        backend: "auto" (cpu on CPU tensors, else reference), "cpu" or "reference".
+
+    Returns the loss in hidden's dtype; gradients for hidden, weight and bias. Peak extra memory of the cpu
+    backend is O(CHUNK_ROWS x V) plus an fp32 copy of weight and its gradient; the work is proportional to
+    the labelled rows. The cpu backend recomputes the labelled rows' logits in the backward (no N x V
+    buffer is kept). The labelled rows are found on the host (free for CPU tensors).
+
+    Equivalent PyTorch::
+
+        masked_cross_entropy(F.linear(hidden, weight, bias), labels, ...)   # materialises (N, V) logits
+    """
+    _check_linear(hidden, weight, bias, labels)
+    ignore_index = check_int("ignore_index", ignore_index, lo=-(2**63), hi=2**63)
+    label_smoothing = _check_float("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _check_float("z_loss", z_loss, 0.0, float("inf"))
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    num_items = _num_items(num_items, hidden.device)
+    _check_labels_in_range(labels, weight.shape[0], ignore_index)
+    chosen = select_backend("fused_linear_cross_entropy", BACKENDS, backend, hidden.device)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    if chosen.name == "cpu":
+        rows, _ = ops.linear_cross_entropy_cpu_fwd(flat_hidden.contiguous(), weight.contiguous(),
+                                                   None if bias is None else bias.contiguous(),
+                                                   flat_labels.contiguous(), ignore_index, label_smoothing, z_loss)
+    else:
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logits = torch.nn.functional.linear(flat_hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+        rows = reference.row_losses(logits, flat_labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                    z_loss=z_loss)
+    return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(hidden.dtype)

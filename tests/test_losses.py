@@ -355,3 +355,16 @@ def test_linear_opcheck_and_compile():
             assert_equal(c, a, msg=f"compiled {name}, seed {seed}")
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_modules_forward_their_options():
+    from masklm_kernels.losses import FusedLinearCrossEntropyLoss, MaskedCrossEntropyLoss
+
+    x, y = _inputs(40, dtype=torch.float32)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, reduction="sum")
+    assert_equal(MaskedCrossEntropyLoss(**opts)(x, y), masked_cross_entropy(x, y, **opts), msg="module loss")
+    h, w, b, y = _linear_inputs(41, dtype=torch.float32)
+    module = FusedLinearCrossEntropyLoss(**opts)
+    assert "label_smoothing=0.1" in repr(module)
+    assert_equal(module(h, w, y, bias=b, num_items=None), fused_linear_cross_entropy(h, w, y, bias=b, **opts),
+                 msg="fused module loss")

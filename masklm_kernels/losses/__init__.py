@@ -2,5 +2,7 @@
 LM head fused with it), computed over labelled rows only. Backends: `cpu` (chunked, labelled rows only) and
 `reference` (dense). The Triton kernels are issue 4's next step."""
 from .api import BACKENDS, fused_linear_cross_entropy, masked_cross_entropy
+from .modules import FusedLinearCrossEntropyLoss, MaskedCrossEntropyLoss
 
-__all__ = ["BACKENDS", "fused_linear_cross_entropy", "masked_cross_entropy"]
+__all__ = ["BACKENDS", "FusedLinearCrossEntropyLoss", "MaskedCrossEntropyLoss", "fused_linear_cross_entropy",
+           "masked_cross_entropy"]

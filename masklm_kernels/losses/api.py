@@ -24,16 +24,21 @@ def _check_logits_labels(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if logits.dtype not in DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if labels.dtype not in INT_DTYPES or labels.dtype == torch.uint8:
-        raise TypeError(f"labels must be a signed integer tensor (class indices), got dtype {labels.dtype}")
     if logits.dim() not in (2, 3) or logits.shape[-1] < 1:
         raise ValueError(f"logits must be (N, V) or (B, S, V) with V >= 1, got shape {tuple(logits.shape)}")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (logits without the vocabulary "
-                         f"axis), got {tuple(labels.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels must be on the device of logits ({logits.device}), got {labels.device}")
+    _check_labels(labels, "logits", logits, "the vocabulary axis")
     return logits, labels
+
+
+def _check_labels(labels: torch.Tensor, like: str, t: torch.Tensor, last_axis: str) -> None:
+    """Signed integer labels with the shape of `t` without its last axis, on t's device."""
+    if labels.dtype not in INT_DTYPES or labels.dtype == torch.uint8:
+        raise TypeError(f"labels must be a signed integer tensor (class indices), got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(t.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(t.shape[:-1])} ({like} without {last_axis}), got "
+                         f"{tuple(labels.shape)}")
+    if labels.device != t.device:
+        raise ValueError(f"labels must be on the device of {like} ({t.device}), got {labels.device}")
 
 
 def _check_float(name: str, value, lo: float, hi: float) -> float:
@@ -133,13 +138,7 @@ def _check_linear(hidden, weight, bias, labels):
             raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},) (one per class), got {tuple(bias.shape)}")
-    if labels.dtype not in INT_DTYPES or labels.dtype == torch.uint8:
-        raise TypeError(f"labels must be a signed integer tensor (class indices), got dtype {labels.dtype}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its last axis), got "
-                         f"{tuple(labels.shape)}")
-    if labels.device != hidden.device:
-        raise ValueError(f"labels must be on the device of hidden ({hidden.device}), got {labels.device}")
+    _check_labels(labels, "hidden", hidden, "its last axis")
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, label_smoothing=0.0,

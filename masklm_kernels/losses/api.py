@@ -71,6 +71,18 @@ def _num_items(num_items, device):
     return num_items
 
 
+def _check_options(ignore_index, label_smoothing, z_loss, reduction, num_items, labels, V: int):
+    """The options both losses share, normalised; labels range-checked against the V classes."""
+    ignore_index = check_int("ignore_index", ignore_index, lo=-(2**63), hi=2**63)
+    label_smoothing = _check_float("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _check_float("z_loss", z_loss, 0.0, float("inf"))
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    num_items = _num_items(num_items, labels.device)
+    _check_labels_in_range(labels, V, ignore_index)
+    return ignore_index, label_smoothing, z_loss, num_items
+
+
 def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
                          num_items=None, backend="auto"):
     """Cross-entropy over the labelled rows only, with torch's label smoothing and PaLM's z-loss.
@@ -95,14 +107,9 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
         + z_loss * (torch.logsumexp(logits.float(), -1)[labels != ignore_index] ** 2).sum() / n_labelled
     """
     logits, labels = _check_logits_labels(logits, labels)
-    ignore_index = check_int("ignore_index", ignore_index, lo=-(2**63), hi=2**63)
-    label_smoothing = _check_float("label_smoothing", label_smoothing, 0.0, 1.0)
-    z_loss = _check_float("z_loss", z_loss, 0.0, float("inf"))
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    num_items = _num_items(num_items, logits.device)
     V = logits.shape[-1]
-    _check_labels_in_range(labels, V, ignore_index)
+    ignore_index, label_smoothing, z_loss, num_items = _check_options(
+        ignore_index, label_smoothing, z_loss, reduction, num_items, labels, V)
     chosen = select_backend("masked_cross_entropy", BACKENDS, backend, logits.device)
     flat_logits = logits.reshape(-1, V)
     flat_labels = labels.reshape(-1).to(torch.int64)
@@ -164,13 +171,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
         masked_cross_entropy(F.linear(hidden, weight, bias), labels, ...)   # materialises (N, V) logits
     """
     _check_linear(hidden, weight, bias, labels)
-    ignore_index = check_int("ignore_index", ignore_index, lo=-(2**63), hi=2**63)
-    label_smoothing = _check_float("label_smoothing", label_smoothing, 0.0, 1.0)
-    z_loss = _check_float("z_loss", z_loss, 0.0, float("inf"))
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    num_items = _num_items(num_items, hidden.device)
-    _check_labels_in_range(labels, weight.shape[0], ignore_index)
+    ignore_index, label_smoothing, z_loss, num_items = _check_options(
+        ignore_index, label_smoothing, z_loss, reduction, num_items, labels, weight.shape[0])
     chosen = select_backend("fused_linear_cross_entropy", BACKENDS, backend, hidden.device)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).to(torch.int64)

@@ -13,6 +13,10 @@ maps to one) x mask variant
 (`plain`: no mask; `metadata`: causal, q/kv/prefix lengths and two "inside" spans -- the most live state of
 the metadata paths; `dense`: that plus a float attn_mask, which selects the dense-mask block configuration;
 `varlen`: packed layout, causal). Identical compilations are done once.
+
+The loss kernel (masklm_kernels/losses/triton_ce.py) is compiled at its largest vocabulary block (V >=
+MAX_BLOCK_V; smaller vocabularies take a smaller power-of-two block, with less live state), loss only and
+with the gradient sweep, for bf16 and fp32 logits.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 DTYPE_NAMES = ("bf16", "fp32")  # fp64 runs under the interpreter only (api.py refuses it on CUDA)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 VARIANTS = ("plain", "metadata", "dense", "varlen")
+LOSS_VARIANTS = ("loss", "loss+grad")
 
 
 @dataclasses.dataclass
@@ -48,9 +53,17 @@ def _dtype(name: str):
 
 
 def build_launches(dtype_name: str, head_dim: int, variant: str):
-    """The launches (forward, preprocess, dK/dV, dQ) of one configuration, on small CPU tensors."""
+    """The launches (forward, preprocess, dK/dV, dQ) of one configuration, on small CPU tensors; for a loss
+    variant (head_dim unused) the cross-entropy launch."""
     import torch
 
+    if variant in LOSS_VARIANTS:
+        from masklm_kernels.losses import triton_ce
+
+        N, V = 4, 30522
+        x, y, acc = torch.empty(N, V, dtype=_dtype(dtype_name)), torch.empty(N, dtype=torch.int64), torch.empty(N)
+        grad = x if variant == "loss+grad" else None
+        return [triton_ce.launch(x, y, -100, 0.1, 0.0, acc, acc, grad, acc if grad is not None else None)]
     from masklm_kernels.attention import triton_bwd, triton_fwd, triton_launch
 
     dt = _dtype(dtype_name)
@@ -137,7 +150,8 @@ def _compile(task) -> TritonUsage:
     with contextlib.redirect_stdout(log):  # Triton prints ptxas's report from Python
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     tile = "" if cfg is None else f" {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-    usage = TritonUsage(launch.kernel.__name__, arch, f"{dtype_name} D<={head_dim} {variant}{tile}",
+    label = launch.label or f"D<={head_dim} {variant}{tile}"
+    usage = TritonUsage(launch.kernel.__name__, arch, f"{dtype_name} {label}",
                         shared_bytes=int(getattr(compiled.metadata, "shared", 0)))
     for name, value in _parse(log.getvalue()).items():
         setattr(usage, name, value)
@@ -160,6 +174,9 @@ def tasks(archs) -> list[tuple]:
                         if (key, a) not in seen:
                             seen.add((key, a))
                             out.append((d, h, v, i, a))
+    for d in DTYPE_NAMES:
+        for v in LOSS_VARIANTS:
+            out += [(d, 0, v, 0, a) for a in archs]
     return out
 
 

@@ -1,8 +1,10 @@
 """Plots of benchmark results: `python -m benchmarks.plot [suite] [--kind cpu|<gpu slug>] [--out DIR]`.
 
 Reads `benchmarks/results/<suite>-<kind>.jsonl`, keeps the newest record of every (op, backend, case), and
-writes one PNG per value of the suite's grouping key (attention: the mask kind) with one panel per mode:
-median time against sequence length, one line per backend (and head dim). Only records with status "ok".
+writes one PNG per value of the suite's grouping key, one line per backend (and head dim), only records with
+status "ok". attention: one PNG per mask kind, one panel per mode, median time against sequence length.
+losses: one PNG per vocabulary size (fused_linear_cross_entropy), median time and peak memory against the
+labelled fraction.
 """
 from __future__ import annotations
 
@@ -14,8 +16,13 @@ from pathlib import Path
 
 from .harness import DEFAULT_OUT, case_key
 
-# suite -> (the case field that makes one figure, the field on the x axis, the field that makes panels)
-LAYOUT = {"attention": ("mask", "S", "mode")}
+# suite -> (op plotted (None: all), the case field that makes one figure, the field on the x axis, the case
+# field that makes panels (None: one panel per metric), metrics, log-2 x axis)
+LAYOUT = {
+    "attention": (None, "mask", "S", "mode", ("time_ms",), True),
+    "losses": ("fused_linear_cross_entropy", "V", "labelled", None, ("time_ms", "peak_mem_bytes"), False),
+}
+_AXIS = {"time_ms": ("median time (ms)", 1.0), "peak_mem_bytes": ("peak memory (MiB)", 2.0 ** -20)}
 
 
 def latest_records(path: Path) -> list[dict]:
@@ -37,31 +44,36 @@ def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig_key, x_key, panel_key = LAYOUT[suite]
+    op, fig_key, x_key, panel_key, metrics, xlog = LAYOUT[suite]
     by_fig: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_fig[str(r["case"].get(fig_key))].append(r)
+        if op is None or r["op"] == op:
+            by_fig[str(r["case"].get(fig_key))].append(r)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for fig_value, recs in sorted(by_fig.items()):
-        panels = sorted({r["case"].get(panel_key) for r in recs})
+        if panel_key is None:
+            panels = [(None, m) for m in metrics]
+        else:
+            panels = [(v, metrics[0]) for v in sorted({r["case"].get(panel_key) for r in recs})]
         labels = sorted({_label(r) for r in recs})
         color = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per backend across panels
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-        for ax, panel in zip(axes[0], panels):
+        for ax, (panel, metric) in zip(axes[0], panels):
             lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
             for r in recs:
-                if r["case"].get(panel_key) == panel:
-                    lines[_label(r)].append((r["case"][x_key], r["time_ms"]))
+                if (panel_key is None or r["case"].get(panel_key) == panel) and r.get(metric) is not None:
+                    lines[_label(r)].append((r["case"][x_key], r[metric] * _AXIS[metric][1]))
             for label, pts in sorted(lines.items()):
                 pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color[label],
                         linewidth=2.5 if label.startswith("ours") else 1.2, label=label)
-            ax.set_xscale("log", base=2)
+            if xlog:
+                ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(x_key)
-            ax.set_ylabel("median time (ms)")
-            ax.set_title(f"{panel_key}={panel}")
+            ax.set_ylabel(_AXIS[metric][0])
+            ax.set_title(f"{panel_key}={panel}" if panel_key else _AXIS[metric][0])
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         r0 = recs[0]

@@ -6,7 +6,10 @@ that cannot run raises `BackendUnavailableError` listing the reasons, never fall
 """
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -44,6 +47,41 @@ class Backend:
 def triton_interpreting() -> bool:
     """Triton's interpreter is on (TRITON_INTERPRET=1): Triton kernels then run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_installed() -> str | None:
+    """None when triton can be imported, else the reason (without importing it)."""
+    return None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"
+
+
+def triton_requirement() -> str | None:
+    """Requirement of every Triton backend: triton installed, and a CUDA device or the interpreter."""
+    if triton_installed():
+        return triton_installed()
+    if not torch.cuda.is_available() and not triton_interpreting():
+        return "no CUDA device (CPU tensors run only under Triton's interpreter, TRITON_INTERPRET=1)"
+    return None
+
+
+def triton_cpu_reason(device: torch.device) -> list[str]:
+    """Triton backends take CPU tensors only under the interpreter."""
+    if device.type == "cpu" and not triton_interpreting():
+        return ["CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before importing triton)"]
+    return []
+
+
+def split_fp32(x: float) -> tuple[float, float]:
+    """x = hi + lo with both fp32-representable (to ~2^-48): Triton's float arguments and literals are fp32,
+    and fp64 inputs (interpreter) need constants to more digits than that."""
+    return (hi := _fp32(x)), _fp32(x - hi)
+
+
+def _fp32(x: float) -> float:
+    """x rounded to fp32 in plain Python (no tensor: nothing a torch function mode would see as a read)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def select_backend(op: str, backends: Sequence[Backend], requested: str, device: torch.device,

@@ -14,10 +14,10 @@ from masklm_kernels import info
 def test_info_lists_every_op_and_backend_with_reasons():
     data = info.collect()
     assert data["versions"]["torch"] == torch.__version__
-    attention = ["cpu", "triton", "reference"]
-    expected = {"fused_attention": attention, "fused_attention_varlen": attention,
-                "masked_cross_entropy": ["cpu", "reference"],
-                "fused_linear_cross_entropy": ["cpu", "reference"], "mask_tokens": ["cuda", "cpu", "reference"],
+    kernels = ["cpu", "triton", "reference"]
+    expected = {"fused_attention": kernels, "fused_attention_varlen": kernels,
+                "masked_cross_entropy": kernels,
+                "fused_linear_cross_entropy": kernels, "mask_tokens": ["cuda", "cpu", "reference"],
                 "mass_mask": ["cuda", "cpu", "reference"]}
     assert {op: [b["backend"] for b in bs] for op, bs in data["ops"].items()} == expected
     for op, backends in data["ops"].items():

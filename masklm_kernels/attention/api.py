@@ -1,13 +1,12 @@
 """Public attention API: `fused_attention` and `fused_attention_varlen` (BRIEF.md, "Attention semantics")."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
 
 import torch
 
-from .._backends import Backend, select_backend, triton_interpreting
+from .._backends import Backend, select_backend, triton_cpu_reason, triton_installed, triton_requirement
 from .._validation import check_int, check_range, check_tensor, values_checkable
 from . import ops, reference
 from .masks import SPAN_MODES
@@ -16,16 +15,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = tuple(range(16, 257, 8))  # every multiple of 8 from 16 to 256 (40, 80, 96 included)
 
 
-def _triton_installed() -> str | None:
-    return None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"
-
-
-def _triton_requirement() -> str | None:
-    if _triton_installed():
-        return _triton_installed()
-    if not torch.cuda.is_available() and not triton_interpreting():
-        return "no CUDA device (CPU tensors run only under Triton's interpreter, TRITON_INTERPRET=1)"
-    return None
 
 
 def _no_mask_grad(x: dict) -> list[str]:
@@ -34,10 +23,8 @@ def _no_mask_grad(x: dict) -> list[str]:
 
 
 def _triton_inputs(x: dict) -> list[str]:
-    out = _no_mask_grad(x)
-    if x["device"].type == "cpu" and not triton_interpreting():
-        out.append("CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before importing triton)")
-    if x["device"].type != "cpu" and _triton_installed() is None:
+    out = _no_mask_grad(x) + triton_cpu_reason(x["device"])
+    if x["device"].type != "cpu" and triton_installed() is None:
         from .triton_launch import unsupported  # the kernels' own limits (triton is installed: requirement)
 
         reason = unsupported(x["dtype"], x["head_dim"])
@@ -50,7 +37,7 @@ def _triton_inputs(x: dict) -> list[str]:
 BACKENDS = (
     Backend("cpu", ("cpu",), description="ATen CPU flash kernel per (row, query block), invisible key blocks skipped",
             input_check=_no_mask_grad),
-    Backend("triton", ("cuda", "cpu"), requirement=_triton_requirement, input_check=_triton_inputs,
+    Backend("triton", ("cuda", "cpu"), requirement=triton_requirement, input_check=_triton_inputs,
             description="flash-attention kernels, tiles with no visible pair skipped (CPU: interpreter only)"),
     Backend("reference", ("cpu", "cuda"), description="dense PyTorch specification (builds B x H x Sq x Sk)"),
 )

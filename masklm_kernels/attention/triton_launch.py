@@ -15,19 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backends import triton_interpreting
+from .._backends import split_fp32, triton_interpreting
+from .._triton_launch import BlockConfig, Launch  # noqa: F401 (re-exported to the launchers)
 
 # ------------------------------------------------------------------------------------------------
 # Block configurations
 # ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class BlockConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
 
 def head_block(head_dim: int) -> int:
     """Power-of-two width of the head-dim axis of a tile (tl.dot needs >= 16); columns >= D are masked."""
@@ -98,25 +91,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 # ------------------------------------------------------------------------------------------------
 # Tile recorder (debug / benchmarks)
 # ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Launch:
-    """One kernel launch, built by the launchers and run by them -- or compiled ahead of time for a GPU
-    that is not here by `benchmarks/compile_triton.py`, which thereby sees exactly what runs."""
-    kernel: triton.runtime.JITFunction
-    grid: tuple[int, int, int]  # (tiles, batch rows, heads)
-    args: tuple
-    kwargs: dict
-    cfg: BlockConfig | None = None
-
-    def __call__(self) -> None:
-        opts = {} if self.cfg is None else dict(num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
-        self.kernel[self.grid](*self.args, **self.kwargs, **opts)
-
-    def bound(self) -> dict:
-        """Every kernel parameter by name with the value this launch passes."""
-        return {**dict(zip(self.kernel.arg_names, self.args)), **self.kwargs}
-
 
 @dataclasses.dataclass
 class TileLaunch:
@@ -191,15 +165,8 @@ class Problem:
         return (0, self.total_q, 1) if self.varlen else (self.HQ * self.SQ, self.SQ, 1)
 
 
-def _split(x: float) -> tuple[float, float]:
-    """x = hi + lo with both fp32-representable (to ~2^-48): kernel float arguments and float literals
-    are fp32, and fp64 inputs need the scale and log2(e) to more digits than that."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
-
-
 def _common_args(q: torch.Tensor, HQ: int, HKV: int, D: int, causal: bool, scale: float) -> dict:
-    (hi, lo), (l2_hi, l2_lo) = _split(scale), _split(1.0 / math.log(2.0))
+    (hi, lo), (l2_hi, l2_lo) = split_fp32(scale), split_fp32(1.0 / math.log(2.0))
     return dict(HQ=HQ, GROUP=HQ // HKV, D=D, scale_hi=hi, scale_lo=lo, log2e_hi=l2_hi, log2e_lo=l2_lo, CAUSAL=causal,
                 BD=head_block(D),
                 ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,

@@ -5,13 +5,28 @@ import numbers
 
 import torch
 
-from .._backends import Backend, select_backend
+from .._backends import Backend, select_backend, triton_cpu_reason, triton_requirement
 from .._validation import INT_DTYPES, check_int, values_checkable
 from . import ops, reference
 
+
+def _no_inplace(facts: dict) -> list[str]:
+    return ["inplace_grad=True: only the triton backend writes the gradient over the logits"] \
+        if facts.get("inplace_grad") else []
+
+
+def _triton_inputs(facts: dict) -> list[str]:
+    return triton_cpu_reason(facts["device"])
+
+
 BACKENDS = (
-    Backend("cpu", ("cpu",), description="labelled rows only, chunked fp32 PyTorch (O(chunk x V) extra memory)"),
-    Backend("reference", ("cpu", "cuda"), description="dense PyTorch specification (every row, autograd)"),
+    Backend("cpu", ("cpu",), input_check=_no_inplace,
+            description="labelled rows only, chunked fp32 PyTorch (O(chunk x V) extra memory)"),
+    Backend("triton", ("cuda", "cpu"), requirement=triton_requirement, input_check=_triton_inputs,
+            description="one fused pass per row (online log-sum-exp, gradient in the same launch); fused head: "
+                        "labelled rows only, chunked cuBLAS matmuls (CPU: interpreter only)"),
+    Backend("reference", ("cpu", "cuda"), input_check=_no_inplace,
+            description="dense PyTorch specification (every row, autograd)"),
 )
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -83,8 +98,23 @@ def _check_options(ignore_index, label_smoothing, z_loss, reduction, num_items, 
     return ignore_index, label_smoothing, z_loss, num_items
 
 
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _scale(reduction: str, labels: torch.Tensor, ignore_index: int, num_items, dtype: torch.dtype) -> torch.Tensor:
+    """The factor of the summed row losses (0-dim, on labels' device): 1 for "sum"; for "mean" one over the
+    labelled-row count (or num_items), at least 1, exactly as reference.reduce divides (no host sync)."""
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype, device=labels.device)
+    count = (labels != ignore_index).sum() if num_items is None else num_items
+    if isinstance(count, torch.Tensor):
+        return 1.0 / count.to(dtype).clamp_min(1)
+    return torch.full((), 1.0 / max(count, 1), dtype=dtype, device=labels.device)
+
+
 def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
-                         num_items=None, backend="auto"):
+                         num_items=None, inplace_grad=False, backend="auto"):
     """Cross-entropy over the labelled rows only, with torch's label smoothing and PaLM's z-loss.
 
     Args:
@@ -96,9 +126,18 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
         reduction: "mean" (sum / number of labelled rows, or / num_items), "sum" or "none" (labels' shape).
         num_items: divide the sum by this instead (exact gradient accumulation over micro-batches); a
             positive number or a 0-dim tensor.
-        backend: "auto" (cpu on CPU tensors, else reference), "cpu" or "reference".
+        inplace_grad: opt-in, triton backend, "mean"/"sum": the forward writes d loss / d logits over the
+            logits buffer (no second N x V buffer, as Liger does); the logits' values are lost after the
+            call, and anything else that saved them for its backward raises when that backward runs.
+        backend: "auto" (cpu on CPU tensors, triton on CUDA), "cpu", "triton" or "reference".
 
     Returns the loss in the logits' dtype. With no labelled row the mean is 0 and gradients are 0 (not NaN).
+    On the triton backend "mean"/"sum" compute the gradient in the forward's launch (the backward only
+    scales it); "none" recomputes it in the backward.
+
+    Labels outside [0, V) that are not ignore_index: CPU tensors raise ValueError. CUDA tensors are not
+    checked (that would synchronise the host): the kernel never reads out of bounds, and such a row's loss
+    and gradient row are NaN, so a "mean"/"sum" loss is NaN.
 
     Equivalent PyTorch (labelled rows present)::
 
@@ -110,14 +149,28 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
     V = logits.shape[-1]
     ignore_index, label_smoothing, z_loss, num_items = _check_options(
         ignore_index, label_smoothing, z_loss, reduction, num_items, labels, V)
-    chosen = select_backend("masked_cross_entropy", BACKENDS, backend, logits.device)
+    if not isinstance(inplace_grad, bool):
+        raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
+    chosen = select_backend("masked_cross_entropy", BACKENDS, backend, logits.device,
+                            dict(device=logits.device, inplace_grad=inplace_grad))
     flat_logits = logits.reshape(-1, V)
     flat_labels = labels.reshape(-1).to(torch.int64)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    options = (ignore_index, label_smoothing, z_loss)
     if chosen.name == "cpu":
-        rows, _ = ops.cross_entropy_cpu_fwd(flat_logits.contiguous(), flat_labels.contiguous(), ignore_index,
-                                            label_smoothing, z_loss)
+        rows, _ = ops.cross_entropy_cpu_fwd(flat_logits.contiguous(), flat_labels.contiguous(), *options)
+    elif chosen.name == "triton":
+        x = flat_logits if flat_logits.stride(-1) == 1 else flat_logits.contiguous()
+        y = flat_labels.contiguous()
+        if reduction != "none" and _wants_grad(logits):
+            scale = _scale(reduction, y, ignore_index, num_items, acc)
+            if inplace_grad:
+                total = ops.InplaceGradCrossEntropy.apply(x, y, scale, *options)
+            else:
+                total, _ = ops.cross_entropy_triton_reduced(x, y, scale, *options)
+            return total.to(logits.dtype)
+        rows = ops.cross_entropy_triton_fwd(x, y, *options)
     else:
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         rows = reference.row_losses(flat_logits, flat_labels, ignore_index=ignore_index,
                                     label_smoothing=label_smoothing, z_loss=z_loss, compute_dtype=acc)
     return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(logits.dtype)
@@ -149,7 +202,8 @@ def _check_linear(hidden, weight, bias, labels):
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, label_smoothing=0.0,
-                               z_loss=0.0, reduction="mean", num_items=None, backend="auto"):
+                               z_loss=0.0, reduction="mean", num_items=None, max_labelled_rows=None,
+                               backend="auto"):
     """The LM head fused with `masked_cross_entropy`: logits = hidden @ weight.T + bias are computed only for
     labelled rows, a chunk of rows at a time, and never materialised for all N rows.
 
@@ -159,12 +213,19 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
         labels: (N,) or (B, S) class indices in [0, V), or `ignore_index`.
         bias: optional (V,).
         ignore_index, label_smoothing, z_loss, reduction, num_items: as `masked_cross_entropy`.
-        backend: "auto" (cpu on CPU tensors, else reference), "cpu" or "reference".
+        max_labelled_rows: optional int >= 0, an upper bound on the number of labelled rows (exact-count
+            masking provides it). Without it the labelled rows are counted on the host, a synchronisation
+            with a CUDA device; with it nothing synchronises, the work is that of max_labelled_rows rows,
+            and if more rows are labelled the loss and the gradients are NaN (never silently partial).
+        backend: "auto" (cpu on CPU tensors, triton on CUDA), "cpu", "triton" or "reference".
 
-    Returns the loss in hidden's dtype; gradients for hidden, weight and bias. Peak extra memory of the cpu
-    backend is O(CHUNK_ROWS x V) plus an fp32 copy of weight and its gradient; the work is proportional to
-    the labelled rows. The cpu backend recomputes the labelled rows' logits in the backward (no N x V
-    buffer is kept). The labelled rows are found on the host (free for CPU tensors).
+    Returns the loss in hidden's dtype; gradients for hidden, weight and bias. Work and memory: per chunk of
+    labelled rows, one c x V logits buffer (the loss and its gradient are computed in it, in place), then
+    d hidden, d weight and d bias; d weight and d bias accumulate in fp32 (fp64 for fp64 inputs). Peak
+    extra memory is one chunk (cpu: 256 rows in fp32; triton: 64 MiB of logits) plus d weight's fp32
+    accumulator (and, on the cpu backend, an fp32 copy of a low-precision weight). "mean"/"sum" compute the
+    gradients in the forward (one matmul fewer than recomputing the logits; the backward scales them);
+    "none" recomputes the chunks in the backward, for its per-row upstream gradient.
 
     Equivalent PyTorch::
 
@@ -173,16 +234,26 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
     _check_linear(hidden, weight, bias, labels)
     ignore_index, label_smoothing, z_loss, num_items = _check_options(
         ignore_index, label_smoothing, z_loss, reduction, num_items, labels, weight.shape[0])
-    chosen = select_backend("fused_linear_cross_entropy", BACKENDS, backend, hidden.device)
+    max_rows = -1 if max_labelled_rows is None else check_int("max_labelled_rows", max_labelled_rows, lo=0,
+                                                               hi=2**62)
+    chosen = select_backend("fused_linear_cross_entropy", BACKENDS, backend, hidden.device,
+                            dict(device=hidden.device))
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).to(torch.int64)
-    if chosen.name == "cpu":
-        rows, _ = ops.linear_cross_entropy_cpu_fwd(flat_hidden.contiguous(), weight.contiguous(),
-                                                   None if bias is None else bias.contiguous(),
-                                                   flat_labels.contiguous(), ignore_index, label_smoothing, z_loss)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    options = (ignore_index, label_smoothing, z_loss, max_rows)
+    if chosen.name != "reference":
+        fwd, _, reduced = ops.LINEAR[chosen.name]
+        args = (flat_hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                flat_labels.contiguous())
+        if reduction != "none" and _wants_grad(hidden, weight, bias):
+            scale = _scale(reduction, flat_labels, ignore_index, num_items, acc)
+            return reduced(*args, scale, *options)[0].to(hidden.dtype)
+        rows = fwd(*args, *options)
     else:
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logits = torch.nn.functional.linear(flat_hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
         rows = reference.row_losses(logits, flat_labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
                                     z_loss=z_loss)
+        if max_rows >= 0:  # the bound's contract: NaN when exceeded
+            rows = torch.where((flat_labels != ignore_index).sum() > max_rows, float("nan"), rows)
     return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(hidden.dtype)

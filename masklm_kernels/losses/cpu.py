@@ -1,10 +1,10 @@
 """CPU backend of masked cross-entropy and of the LM head fused with it: only labelled rows are computed,
 in fp32 (fp64 for fp64 inputs), CHUNK_ROWS rows at a time, so that extra memory is O(CHUNK_ROWS x V)
-whatever N is (plus, for the fused head, an fp32 copy of the weight and its gradient accumulator).
+whatever N is (plus, for the fused head, an fp32 copy of a low-precision weight and the gradient accumulator).
 
-Forward: per labelled row the log-sum-exp (saved) and the loss. Backward: d loss_i / d x_ij =
-g_i * (softmax_ij * (1 + 2 z lse_i) - (1 - eps) [j == y_i] - eps / V), recomputed from the saved lse
-chunk by chunk; unlabelled rows get exactly 0.
+masked_cross_entropy: forward, per labelled row the log-sum-exp (saved) and the loss; backward, d loss_i / d x_ij
+= g_i * (softmax_ij * (1 + 2 z lse_i) - (1 - eps) [j == y_i] - eps / V), recomputed from the saved lse chunk
+by chunk; unlabelled rows get exactly 0. The fused LM head: `rows_inplace`, run chunk by chunk by linear.run.
 """
 from __future__ import annotations
 
@@ -68,46 +68,31 @@ def backward(grad_rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------
-# LM head fused with the loss: logits = hidden @ weight.T + bias, for labelled rows only, chunk by chunk
+# LM head fused with the loss (driven by linear.run): a chunk's loss and gradient, in place
 # ------------------------------------------------------------------------------------------------
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    x = h @ w.T
-    return x if b is None else x + b
-
-
-def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                   ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row loss (N,), lse (N,)) without ever holding more than CHUNK_ROWS x V logits."""
-    acc = _acc_dtype(hidden)
-    w = weight.to(acc)
-    b = None if bias is None else bias.to(acc)
-    loss = torch.zeros(labels.shape[0], dtype=acc)
-    lse = torch.zeros(labels.shape[0], dtype=acc)
-    for idx in _chunks(labels, ignore_index):
-        x = _logits(hidden.index_select(0, idx).to(acc), w, b)
-        row, l = _chunk_loss(x, labels.index_select(0, idx), label_smoothing, z_loss)
-        loss.index_copy_(0, idx, row)
-        lse.index_copy_(0, idx, l)
+def rows_inplace(x: torch.Tensor, y: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                 grad: torch.Tensor | None = None, weight: torch.Tensor | None = None):
+    """(loss (c,), lse (c,)) of a chunk of logits x (c, V) in the accumulation dtype; with `grad` (which must
+    be x) x is overwritten by weight_i * d loss_i / d x_i. No second c x V buffer: exp, the normalisation
+    and the smoothing and true-class terms are applied in place (the chunk is the peak memory)."""
+    assert grad is None or grad is x
+    keep = y != ignore_index
+    ys = torch.where(keep, y, 0)[:, None]
+    target = x.gather(1, ys).squeeze(1)
+    mean = x.mean(dim=1) if label_smoothing else None
+    m = x.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = x.sub_(m).exp_().sum(dim=1, keepdim=True)
+    lse = (m + s.log()).squeeze(1)
+    loss = (1.0 - label_smoothing) * (lse - target) + z_loss * lse * lse
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - mean)
+    loss, lse = torch.where(keep, loss, 0.0), torch.where(keep, lse, 0.0)
+    if grad is not None:
+        w = torch.where(keep, weight.expand(keep.shape), 0.0)
+        x.mul_(((1.0 + 2.0 * z_loss * lse) * w)[:, None] / s)
+        if label_smoothing:
+            x.sub_((label_smoothing / x.shape[1] * w)[:, None])
+        x.scatter_add_(1, ys, (-(1.0 - label_smoothing) * w)[:, None])
     return loss, lse
-
-
-def linear_backward(grad_rows, hidden, weight, bias, labels, lse, ignore_index: int, label_smoothing: float,
-                    z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d hidden, d weight, d bias) for the per-row upstream gradient; the labelled rows' logits are
-    recomputed chunk by chunk (one more matmul than keeping them, O(CHUNK_ROWS x V) memory instead of
-    O(N x V)); d weight and d bias accumulate in fp32 (fp64) over the chunks, in a fixed order."""
-    acc = _acc_dtype(hidden)
-    w = weight.to(acc)
-    b = None if bias is None else bias.to(acc)
-    d_hidden = torch.zeros_like(hidden)
-    d_weight = torch.zeros_like(w)
-    d_bias = torch.zeros(weight.shape[0], dtype=acc)
-    for idx in _chunks(labels, ignore_index):
-        h = hidden.index_select(0, idx).to(acc)
-        d = _chunk_grad(_logits(h, w, b), labels.index_select(0, idx), lse.index_select(0, idx),
-                        grad_rows.index_select(0, idx).to(acc), label_smoothing, z_loss)
-        d_hidden.index_copy_(0, idx, (d @ w).to(hidden.dtype))
-        d_weight.addmm_(d.T, h)
-        d_bias += d.sum(dim=0)
-    return d_hidden, d_weight.to(weight.dtype), d_bias.to(weight.dtype)

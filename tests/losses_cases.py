@@ -19,7 +19,8 @@ def chunks(request, monkeypatch):
     """The default chunk (one chunk at these sizes) and small chunks (several, the last one partial): 8 rows
     for the cpu backend, 16 (the least) for triton's fused head."""
     if request.param != "default":
-        monkeypatch.setattr(cpu, "CHUNK_ROWS", 8)
+        monkeypatch.setattr(cpu, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(cpu, "MIN_CHUNK_ROWS", 8)
         monkeypatch.setattr(triton_ce, "CHUNK_BYTES", 1)
 
 

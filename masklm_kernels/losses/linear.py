@@ -96,6 +96,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
             _addmm_acc(d_weight, x.T, h)
             if d_bias is not None:
                 d_bias += x.sum(dim=0, dtype=acc)
+        del x, h  # before the next chunk's matmul allocates its buffer: one chunk alive at a time
     loss = loss[:N]
     if overflow is not None:
         loss = torch.where(overflow, float("nan"), loss)

@@ -138,6 +138,8 @@ def _(logits, labels, scale, ignore_index, label_smoothing, z_loss):
 
 
 def _reduced_setup(ctx, inputs, output):
+    # the gradient output carries no gradient: without this autograd would allocate zeros of its size
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
@@ -186,7 +188,8 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
 def _linear_run(backend: str, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, max_rows,
                 row_weight=None):
     if backend == "cpu":
-        rows_fn, compute, chunk = cpu.rows_inplace, _acc_dtype(hidden), cpu.CHUNK_ROWS
+        acc = _acc_dtype(hidden)
+        rows_fn, compute, chunk = cpu.rows_inplace, acc, cpu.chunk_rows(weight.shape[0], torch.finfo(acc).bits // 8)
     else:
         tri = _triton()
         rows_fn, compute, chunk = tri.rows, hidden.dtype, tri.chunk_rows(weight.shape[0], hidden.element_size())
@@ -252,6 +255,7 @@ def _register_linear(backend: str):
 
     def reduced_setup(ctx, inputs, output):
         _, dh, dw, db = output
+        ctx.set_materialize_grads(False)  # else autograd allocates zero gradients for dh, dw and db
         ctx.mark_non_differentiable(dh, dw, db)
         ctx.save_for_backward(dh, dw, db if inputs[2] is not None else None)
         ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)

@@ -104,3 +104,17 @@ def test_a_block_of_minus_infinity_logits_is_not_nan():
                                     z_loss=1e-3)
     assert_close(loss, loss_r, **F64, msg="loss")
     assert_close(grad, grad_r, **F64, msg="grad")
+
+
+def test_inplace_gradient_under_compile_fullgraph_equals_eager():
+    def fn(x, y):
+        return masked_cross_entropy(x * 2.0, y, inplace_grad=True, label_smoothing=0.1, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    x, y = _inputs(67, N=9, V=41, dtype=torch.float32)
+    loss_e, grad_e = _loss_and_grad(fn, x, y)
+    loss_c, grad_c = _loss_and_grad(compiled, x, y)
+    assert_close(loss_c, loss_e, atol=0, rtol=0, msg="loss")
+    assert_close(grad_c, grad_e, atol=0, rtol=0, msg="grad")
+    torch._dynamo.reset()

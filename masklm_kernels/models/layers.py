@@ -1,0 +1,139 @@
+"""Modules shared by the MLM encoder and the MASS encoder-decoder (parameter names as Hugging Face's BERT,
+so that weights map one to one). Attention takes an `attend(q, k, v)` callable: the model decides how the
+mask is applied (the library's fused kernels from O(B) metadata, or a dense mask in plain PyTorch), and the
+layers stay the same for both backends.
+
+Attention-probability dropout is not applied (the fused kernels have none; the reference skips it too, so
+that both backends compute the same function); hidden dropout is.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with BERT's post-LayerNorm residual; queries from x, keys/values from `memory`
+    (cross-attention) or x. Tensors are token-major: (..., tokens, hidden), heads split as (..., nh, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, attend: Attend, memory: torch.Tensor | None = None) -> torch.Tensor:
+        src = x if memory is None else memory
+        split = (self.heads, self.head_dim)
+        q = self.query(x).unflatten(-1, split)
+        k, v = self.key(src).unflatten(-1, split), self.value(src).unflatten(-1, split)
+        out = self.dense(attend(q, k, v).flatten(-2))
+        return self.LayerNorm(x + self.dropout(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.output = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(x + self.dropout(self.output(F.gelu(self.intermediate(x)))))
+
+
+class Layer(nn.Module):
+    """An encoder layer (self-attention, feed-forward), or with `cross=True` a decoder layer
+    (self-attention, cross-attention over the encoder's output, feed-forward)."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.crossattention = Attention(cfg) if cross else None
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, attend: Attend, memory: torch.Tensor | None = None,
+                cross_attend: Attend | None = None) -> torch.Tensor:
+        x = self.attention(x, attend)
+        if self.crossattention is not None:
+            x = self.crossattention(x, cross_attend, memory)
+        return self.ffn(x)
+
+
+class LMHead(nn.Module):
+    """BERT's prediction head: dense + GELU + LayerNorm, then the decoder tied to the word embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+# ------------------------------------------------------------------------------------------------
+# attend callables
+# ------------------------------------------------------------------------------------------------
+
+def dense_attend(visible: torch.Tensor) -> Attend:
+    """Plain PyTorch attention for padded (B, S, nh, D) tensors and a boolean `visible` mask broadcastable to
+    (B, nh, Sq, Sk); query rows with no visible key give 0 (as the library's kernels, never NaN)."""
+
+    def attend(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        p = torch.where(visible.any(-1, keepdim=True), p, torch.zeros_like(p))
+        return (p @ v).transpose(1, 2)
+
+    return attend
+
+
+def padded_fused_attend(**meta) -> Attend:
+    """The library's `fused_attention` for padded (B, S, nh, D) tensors with O(B) mask metadata."""
+    from ..attention import fused_attention
+
+    def attend(q, k, v):
+        out = fused_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **meta)
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def varlen_fused_attend(cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int, causal: bool = False) -> Attend:
+    """The library's `fused_attention_varlen` for packed (total, nh, D) tensors."""
+    from ..attention import fused_attention_varlen
+
+    def attend(q, k, v):
+        return fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=causal)
+
+    return attend

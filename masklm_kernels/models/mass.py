@@ -1,0 +1,56 @@
+"""MASS encoder-decoder (Song et al., 2019) over `mass_mask`'s outputs, with the two backends of mlm.py:
+
+* encoder: bidirectional self-attention over each row's valid tokens;
+* decoder (its inputs: the fragment's tokens shifted right, at their own positions): self-attention
+  causal and restricted to the fragment (`spans`, span_mode "inside": keys and rows in the fragment),
+  cross-attention to the encoder's tokens outside the fragment (span_mode "outside", encoder lengths);
+* loss on the fragment's positions (mass_mask's labels), through the tied LM head.
+
+"fused" passes this metadata to `fused_attention` (no dense mask is built; decoder rows outside the
+fragment are not computed) and the labelled rows to `fused_linear_cross_entropy`; "reference" builds the
+same masks densely in plain PyTorch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Layer, LMHead, dense_attend, padded_fused_attend
+from .mlm import Encoder, check_backend, lm_loss
+
+
+class MassModel(nn.Module):
+    """forward(encoder_input_ids, decoder_input_ids, labels, spans, *, lengths) -> dict(loss, logits of the
+    labelled rows when return_logits). All (B, S) except spans (B, 2) and lengths (B,): mass_mask's outputs."""
+
+    def __init__(self, cfg: ModelConfig, backend: str = "fused"):
+        super().__init__()
+        self.config, self.backend = cfg, check_backend(backend)
+        self.encoder = Encoder(cfg)
+        self.decoder = nn.ModuleList(Layer(cfg, cross=True)
+                                     for _ in range(cfg.num_decoder_layers or cfg.num_hidden_layers))
+        self.cls = LMHead(cfg)
+
+    def forward(self, encoder_input_ids, decoder_input_ids, labels, spans, *, lengths, return_logits=False):
+        B, S = encoder_input_ids.shape
+        dev = encoder_input_ids.device
+        lengths = lengths.to(device=dev, dtype=torch.int64)
+        positions = torch.arange(S, device=dev).expand(B, S)
+        if self.backend == "fused":
+            enc_attend = padded_fused_attend(kv_lengths=lengths)
+            self_attend = padded_fused_attend(causal=True, spans=spans, span_mode="inside")
+            cross_attend = padded_fused_attend(kv_lengths=lengths, spans=spans, span_mode="outside")
+        else:
+            i, j = positions[:, :, None], positions[:, None, :]
+            start, end = spans[:, 0, None, None], spans[:, 1, None, None]
+            in_span_j = (j >= start) & (j < end)
+            enc_attend = dense_attend((j < lengths[:, None, None])[:, None])
+            self_attend = dense_attend((in_span_j & (i >= start) & (i < end) & (j <= i))[:, None])
+            cross_attend = dense_attend(((j < lengths[:, None, None]) & ~in_span_j)[:, None])
+        memory = self.encoder(encoder_input_ids, positions, enc_attend)
+        x = self.encoder.embeddings(decoder_input_ids, positions)  # embeddings shared with the encoder
+        for layer in self.decoder:
+            x = layer(x, self_attend, memory, cross_attend)
+        weight = self.encoder.embeddings.word_embeddings.weight
+        return lm_loss(self.cls, weight, x, labels, self.backend, return_logits)

@@ -1,0 +1,117 @@
+"""BERT-style masked-LM encoder with two backends that compute the same function:
+
+* "fused": the batch is unpadded once for all layers (packed tokens, FlashAttention's varlen layout, so
+  no layer touches a padding token), attention is `fused_attention_varlen`, and only the labelled rows
+  reach the LM head, through `fused_linear_cross_entropy` (no (tokens, vocab) logits).
+* "reference": plain PyTorch on the padded batch, a dense key-padding mask, full logits, F.cross_entropy.
+
+Unpadding and selecting the labelled rows count tokens on the host (`nonzero`): one synchronisation each
+per step on a GPU, as Hugging Face's and FlashAttention's unpad helpers do.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Embeddings, Layer, LMHead, dense_attend, varlen_fused_attend
+
+BACKENDS = ("fused", "reference")
+IGNORE_INDEX = -100
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def lengths_from(input_ids: torch.Tensor, lengths, attention_mask) -> torch.Tensor:
+    """(B,) int64 lengths of right-padded rows, from `lengths` or a (B, S) 0/1 `attention_mask`."""
+    if lengths is not None and attention_mask is not None:
+        raise ValueError("pass lengths or attention_mask, not both")
+    if lengths is None and attention_mask is None:
+        return torch.full(input_ids.shape[:1], input_ids.shape[1], dtype=torch.int64, device=input_ids.device)
+    if lengths is None:
+        return attention_mask.to(torch.int64).sum(1)
+    return lengths.to(device=input_ids.device, dtype=torch.int64)
+
+
+def cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+class Encoder(nn.Module):
+    """Embeddings and the layers, for packed tokens (fused) or a padded batch (reference)."""
+
+    def __init__(self, cfg: ModelConfig, num_layers: int | None = None):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(num_layers or cfg.num_hidden_layers))
+
+    def forward(self, ids, positions, attend):
+        x = self.embeddings(ids, positions)
+        for layer in self.layer:
+            x = layer(x, attend)
+        return x
+
+
+class BertMLM(nn.Module):
+    """forward(input_ids (B, S), labels (B, S) = None, *, lengths (B,) or attention_mask (B, S)) ->
+    dict(loss (0-dim: mean over labelled rows, 0 when none), logits (n_labelled, V) when return_logits,
+    in row-major order of the labelled positions). Labels at padding positions are ignored."""
+
+    def __init__(self, cfg: ModelConfig, backend: str = "fused"):
+        super().__init__()
+        self.config, self.backend = cfg, check_backend(backend)
+        self.bert = Encoder(cfg)
+        self.cls = LMHead(cfg)
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:
+        return self.bert.embeddings.word_embeddings.weight  # tied, as BERT's
+
+    def forward(self, input_ids, labels=None, *, lengths=None, attention_mask=None, return_logits=False):
+        B, S = input_ids.shape
+        lengths = lengths_from(input_ids, lengths, attention_mask)
+        positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        if self.backend == "fused":
+            valid = positions < lengths[:, None]
+            idx = valid.flatten().nonzero().squeeze(1)  # unpad once (host sync: the token count)
+            cu = cu_seqlens(lengths)
+            x = self.bert(input_ids.flatten()[idx], positions.flatten()[idx], varlen_fused_attend(cu, cu, S, S))
+            rows = None if labels is None else labels.flatten()[idx]
+        else:
+            valid = positions < lengths[:, None]
+            x = self.bert(input_ids, positions, dense_attend(valid[:, None, None, :]))
+            rows = None if labels is None else labels.masked_fill(~valid, IGNORE_INDEX)
+        return self._head(x, rows, return_logits)
+
+    def _head(self, x, labels, return_logits):
+        return lm_loss(self.cls, self.decoder_weight, x, labels, self.backend, return_logits)
+
+
+def lm_loss(head: LMHead, weight: torch.Tensor, x: torch.Tensor, labels, backend: str, return_logits: bool) -> dict:
+    """The LM head and the loss over x (..., H) and labels (...): dict(loss, logits of the labelled rows).
+    fused: only labelled rows are transformed and reach fused_linear_cross_entropy; reference: full logits."""
+    if labels is None:
+        return {}
+    x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)
+    out = {}
+    if backend == "fused":
+        from ..losses import fused_linear_cross_entropy
+
+        keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # host sync: the labelled-row count
+        h = head.transform(x.index_select(0, keep))
+        out["loss"] = fused_linear_cross_entropy(h, weight, labels.index_select(0, keep), bias=head.bias)
+        if return_logits:
+            out["logits"] = F.linear(h, weight, head.bias)
+        return out
+    logits = F.linear(head.transform(x), weight, head.bias)
+    keep = labels != IGNORE_INDEX
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    out["loss"] = loss / keep.sum().clamp_min(1)
+    if return_logits:
+        out["logits"] = logits[keep]
+    return out

@@ -1,0 +1,82 @@
+"""Reference models (masklm_kernels.models): the "fused" backend (the library's kernels: varlen attention,
+metadata masks, the fused LM head over labelled rows) computes the same loss, labelled-row logits and
+parameter gradients as the "reference" backend (plain PyTorch, dense masks, full logits), in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close
+from masklm_kernels import mass_mask
+from masklm_kernels.models import BertMLM, MassModel, model_config
+
+F64 = dict(atol=1e-10, rtol=1e-9)
+V = 97
+
+
+def _pair(cls, seed, **overrides):
+    torch.manual_seed(seed)
+    cfg = model_config("tiny", vocab_size=V, hidden_dropout_prob=0.0, **overrides)
+    ref = cls(cfg, backend="reference").double()
+    fused = cls(cfg, backend="fused").double()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _compare(ref, fused, *args, **kwargs):
+    outs = []
+    for model in (ref, fused):
+        out = model(*args, return_logits=True, **kwargs)
+        out["loss"].backward()
+        outs.append(out)
+    assert_close(outs[1]["loss"], outs[0]["loss"], **F64, msg="loss")
+    assert outs[1]["logits"].shape == outs[0]["logits"].shape
+    assert_close(outs[1]["logits"], outs[0]["logits"], **F64, msg="labelled-row logits")
+    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+        g_ref = torch.zeros_like(p_ref) if p_ref.grad is None else p_ref.grad
+        g_fused = torch.zeros_like(p_fused) if p_fused.grad is None else p_fused.grad
+        assert_close(g_fused, g_ref, **F64, msg=f"grad {name}")
+    return outs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mlm_fused_equals_reference(seed):
+    ref, fused = _pair(BertMLM, seed)
+    g = torch.Generator().manual_seed(seed)
+    B, S = 4, 17
+    ids = torch.randint(5, V, (B, S), generator=g)
+    lengths = torch.tensor([17, 9, 1, 0])  # full, padded, one token, empty
+    labels = torch.where(torch.rand(B, S, generator=g) < 0.3, ids, -100)
+    _compare(ref, fused, ids, labels, lengths=lengths)
+
+
+def test_mlm_attention_mask_and_no_labels():
+    ref, fused = _pair(BertMLM, 3)
+    ids = torch.randint(5, V, (2, 8))
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    labels = torch.full((2, 8), -100)
+    labels[1, 6] = 7  # on padding: ignored by both
+    outs = _compare(ref, fused, ids, labels, attention_mask=mask)
+    assert outs[1]["loss"] == 0 and outs[1]["logits"].shape == (0, V)
+    with pytest.raises(ValueError, match="lengths or attention_mask, not both"):
+        fused(ids, labels, lengths=torch.tensor([8, 5]), attention_mask=mask)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mass_fused_equals_reference(seed):
+    ref, fused = _pair(MassModel, seed, num_decoder_layers=1)
+    g = torch.Generator().manual_seed(seed)
+    B, S = 5, 15
+    ids = torch.randint(5, V, (B, S), generator=g)
+    lengths = torch.tensor([15, 11, 4, 1, 0])
+    enc, dec, labels, spans = mass_mask(ids, lengths=lengths, mask_token_id=4, vocab_size=V, seed=seed)
+    _compare(ref, fused, enc, dec, labels, spans, lengths=lengths)
+
+
+def test_bad_backend_and_config():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BertMLM(model_config("tiny"), backend="flash")
+    with pytest.raises(ValueError, match="size must be one of"):
+        model_config("huge")
+    with pytest.raises(ValueError, match="multiple of num_attention_heads"):
+        model_config("tiny", hidden_size=65)

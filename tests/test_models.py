@@ -80,3 +80,33 @@ def test_bad_backend_and_config():
         model_config("huge")
     with pytest.raises(ValueError, match="multiple of num_attention_heads"):
         model_config("tiny", hidden_size=65)
+
+
+def test_from_hf_equals_hugging_face_bert():
+    transformers = pytest.importorskip("transformers")
+    from masklm_kernels.models import from_hf
+    from masklm_kernels.models.hf import hf_name_to_ours
+
+    torch.manual_seed(5)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    hf = transformers.BertForMaskedLM(cfg).double().eval()
+    hf.config._attn_implementation = "eager"
+    ours = from_hf(hf, backend="fused").eval()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(5, V, (3, 12), generator=g)
+    lengths = torch.tensor([12, 7, 3])
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    labels = torch.where((torch.rand(3, 12, generator=g) < 0.4) & (mask == 1), ids, -100)
+    out_hf = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    out_hf.loss.backward()
+    out = ours(ids, labels, attention_mask=mask, return_logits=True)
+    out["loss"].backward()
+    assert_close(out["loss"], out_hf.loss, **F64, msg="loss")
+    assert_close(out["logits"], out_hf.logits[labels != -100], **F64, msg="labelled-row logits")
+    mine = dict(ours.named_parameters())
+    for name, p in hf.named_parameters():
+        target = hf_name_to_ours(name)
+        if target is not None and p.grad is not None:
+            assert_close(mine[target].grad, p.grad, **F64, msg=f"grad {name}")

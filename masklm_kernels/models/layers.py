@@ -100,6 +100,21 @@ class LMHead(nn.Module):
         return self.LayerNorm(F.gelu(self.dense(x)))
 
 
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms (PyTorch's defaults
+    give N(0, 1) embeddings, hence tied-head logits in the tens and an initial loss far above ln V)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 # ------------------------------------------------------------------------------------------------
 # attend callables
 # ------------------------------------------------------------------------------------------------

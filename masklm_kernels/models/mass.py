@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Layer, LMHead, dense_attend, padded_fused_attend
+from .layers import Layer, LMHead, dense_attend, init_weights, padded_fused_attend
 from .mlm import Encoder, check_backend, lm_loss
 
 
@@ -31,6 +31,7 @@ class MassModel(nn.Module):
         self.decoder = nn.ModuleList(Layer(cfg, cross=True)
                                      for _ in range(cfg.num_decoder_layers or cfg.num_hidden_layers))
         self.cls = LMHead(cfg)
+        self.apply(init_weights)
 
     def forward(self, encoder_input_ids, decoder_input_ids, labels, spans, *, lengths, return_logits=False):
         B, S = encoder_input_ids.shape

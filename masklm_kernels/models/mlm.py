@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Embeddings, Layer, LMHead, dense_attend, varlen_fused_attend
+from .layers import Embeddings, Layer, LMHead, dense_attend, init_weights, varlen_fused_attend
 
 BACKENDS = ("fused", "reference")
 IGNORE_INDEX = -100
@@ -67,6 +67,7 @@ class BertMLM(nn.Module):
         self.config, self.backend = cfg, check_backend(backend)
         self.bert = Encoder(cfg)
         self.cls = LMHead(cfg)
+        self.apply(init_weights)
 
     @property
     def decoder_weight(self) -> torch.Tensor:

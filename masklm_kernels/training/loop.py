@@ -1,0 +1,115 @@
+"""The training loop: model, AdamW with linear warm-up and decay, masking on the device every step,
+held-out evaluation, checkpoints that resume a run exactly, and a summary."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+
+import torch
+
+from ..masking import mask_tokens, mass_mask
+from ..models import BertMLM, MassModel, model_config
+from . import data
+
+
+@dataclasses.dataclass
+class Args:
+    task: str = "mlm"
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 128
+    model: str = "small"
+    backend: str = "fused"
+    device: str = "cpu"
+    seed: int = 0
+    text_file: str | None = None
+    vocab_size: int = 8000
+    lr: float = 1e-3
+    warmup: float = 0.1
+    log_every: int = 10
+    save: str | None = None
+    resume: str | None = None
+    stop_after: int | None = None  # stop (and save) after this many steps of a run planned for `steps`
+
+
+def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train") -> dict:
+    """The step's batch with its masks (keyed by seed, step and global sample ids), on the device."""
+    n = len(ds.train if split == "train" else ds.eval)
+    sample_ids = data.sample_ids_for(step, args.batch_size, n, args.seed)
+    ids, lengths = ds.batch(sample_ids, split)
+    dev = torch.device(args.device)
+    ids, lengths, sample_ids = ids.to(dev), lengths.to(dev), sample_ids.to(dev)
+    seed = args.seed + (7919 if split == "eval" else 0)
+    specials = [data.PAD_ID, data.CLS_ID, data.SEP_ID]
+    if args.task == "mlm":
+        masked, labels = mask_tokens(ids, mask_token_id=data.MASK_ID, vocab_size=ds.vocab_size, lengths=lengths,
+                                     special_token_ids=specials, sample_ids=sample_ids, seed=seed, step=step,
+                                     random_token_range=(len(data.SPECIAL), ds.vocab_size))
+        return dict(args=(masked, labels), kwargs=dict(lengths=lengths), tokens=int(lengths.sum()))
+    enc, dec, labels, spans = mass_mask(ids, lengths=lengths, mask_token_id=data.MASK_ID, vocab_size=ds.vocab_size,
+                                        special_token_ids=specials, sample_ids=sample_ids, seed=seed, step=step)
+    return dict(args=(enc, dec, labels, spans), kwargs=dict(lengths=lengths), tokens=int(lengths.sum()))
+
+
+def build(args: Args, vocab_size: int):
+    torch.manual_seed(args.seed)
+    cfg = model_config(args.model, vocab_size=vocab_size, max_position_embeddings=max(args.seq_len, 64))
+    model = (BertMLM if args.task == "mlm" else MassModel)(cfg, backend=args.backend).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warm = max(1, int(args.warmup * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (args.steps - s) / max(1, args.steps - warm))))
+    return model, opt, sched
+
+
+def evaluate(args: Args, model, ds: data.Dataset, batches: int = 4) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(*b["args"], **b["kwargs"])["loss"])
+                  for b in (masked_batch(args, ds, s, "eval") for s in range(batches))]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
+    """Runs args.steps steps (from a checkpoint with args.resume) and returns the summary."""
+    out = out or sys.stdout
+    ds = ds or data.build_dataset(args.text_file, args.seq_len, args.vocab_size)
+    model, opt, sched = build(args, ds.vocab_size)
+    start, first_loss = 0, None
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location=args.device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        torch.set_rng_state(ckpt["rng"])
+        start, first_loss = ckpt["step"], ckpt["first_loss"]
+    model.train()
+    tokens, t0, loss_value = 0, time.perf_counter(), float("nan")
+    end = min(args.steps, args.stop_after or args.steps)
+    for step in range(start, end):
+        batch = masked_batch(args, ds, step)
+        loss = model(*batch["args"], **batch["kwargs"])["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = float(loss.detach())  # one host read per step, for the log
+        first_loss = loss_value if first_loss is None else first_loss
+        tokens += batch["tokens"]
+        if (step + 1) % args.log_every == 0 or step + 1 == end:
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar = "#" * int(20 * (step + 1) / args.steps)
+            print(f"[{bar:<20}] step {step + 1}/{args.steps}  loss {loss_value:.4f}  {rate:,.0f} tokens/s",
+                  file=out, flush=True)
+    elapsed = time.perf_counter() - t0
+    if args.save:
+        torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                        rng=torch.get_rng_state(), step=end, first_loss=first_loss), args.save)
+    return dict(first_loss=first_loss, final_loss=loss_value, eval_loss=evaluate(args, model, ds),
+                tokens_per_s=tokens / elapsed if elapsed > 0 and tokens else math.nan, steps=end,
+                device=args.device, backend=args.backend, task=args.task, model=args.model,
+                state=model.state_dict())

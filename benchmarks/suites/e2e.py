@@ -1,0 +1,97 @@
+"""Suite `e2e`: one masked-LM training step (forward, backward, AdamW step) on the same batches.
+
+* `hf_patched` vs `hf_unpatched`: a Hugging Face BertForMaskedLM (its default attention, SDPA) patched in
+  place with `patch_bert` (fused attention from the padding lengths, fused LM head over labelled rows)
+  against the same model unpatched;
+* `fused` vs `reference`: the library's BertMLM (unpadded once, varlen attention, fused head) against its
+  plain-PyTorch backend (dense mask, full logits), the same weights.
+Batches: right padding with lengths uniform in [S/2, S] (25% padding on average), 15% of the real tokens
+masked with `mask_tokens`. CPU: L4 / H256 / V30522, B16, S128, fp32 (issue 5's CPU figure). CUDA:
+BERT-base (L12 / H768), B8, S512, bf16 weights. Dropout off (the fused attention has no attention dropout).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+
+import torch
+
+from ..harness import Case
+
+DATA_SEED = 4242
+
+
+def _batch(B: int, S: int, V: int, device: str):
+    from masklm_kernels import mask_tokens
+
+    g = torch.Generator().manual_seed(DATA_SEED)
+    lengths = torch.randint(S // 2, S + 1, (B,), generator=g)
+    mask = (torch.arange(S)[None] < lengths[:, None]).long()
+    ids = torch.where(mask == 1, torch.randint(5, V, (B, S), generator=g), 0)
+    masked, labels = mask_tokens(ids, mask_token_id=4, vocab_size=V, lengths=lengths, special_token_ids=[0])
+    return masked.to(device), labels.to(device), mask.to(device), lengths.to(device)
+
+
+def _step(model, opt, call):
+    loss = call(model)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    from masklm_kernels.models import BertMLM, from_hf
+
+    if device == "cuda":
+        L, H, heads, inter, B, S, dtype = 12, 768, 12, 3072, 8, 512, torch.bfloat16
+    else:
+        L, H, heads, inter, B, S, dtype = 4, 256, 4, 1024, 16, 128, torch.float32
+    V = 30522
+    case = {"model": f"L{L}-H{H}", "B": B, "S": S, "V": V, "padding": 0.25, "masked": 0.15, "mode": "train_step"}
+    ids, labels, mask, lengths = _batch(B, S, V, device)
+    tokens = int(mask.sum())
+    out: list[Case] = []
+    have_hf = importlib.util.find_spec("transformers") is not None
+    reason = None if have_hf else "transformers is not installed (pip install transformers)"
+    hf_model = None
+    if have_hf:
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=heads,
+                                      intermediate_size=inter, max_position_embeddings=max(512, S),
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        hf_model = transformers.BertForMaskedLM(cfg).to(device, dtype).train()
+    for name in ("hf_unpatched", "hf_patched"):
+        fn = None
+        if hf_model is not None:
+            from masklm_kernels.integrations.huggingface import patch_bert
+
+            m = copy.deepcopy(hf_model)
+            if name == "hf_patched":
+                patch_bert(m)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+            fn = functools.partial(_step, m, opt, lambda mod: mod(input_ids=ids, attention_mask=mask,
+                                                                   labels=labels).loss)
+        peers = {"hf_unpatched": ("e2e_train_step", "hf_unpatched", case)} if name == "hf_patched" else {}
+        out.append(Case("e2e_train_step", name, case, fn=fn, device=device, tokens=tokens, skip=reason, peers=peers))
+    if hf_model is not None:
+        ref = from_hf(hf_model, backend="reference")
+    else:
+        from masklm_kernels.models import model_config
+
+        ref = BertMLM(model_config("base", hidden_size=H, num_hidden_layers=L, num_attention_heads=heads,
+                                   intermediate_size=inter, hidden_dropout_prob=0.0), backend="reference")
+        ref = ref.to(device, dtype)
+    for name in ("reference", "fused"):
+        m = copy.deepcopy(ref)
+        m.backend = name
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+        fn = functools.partial(_step, m, opt, lambda mod: mod(ids, labels, lengths=lengths)["loss"])
+        peers = {"reference": ("e2e_train_step", "reference", case)} if name == "fused" else {}
+        if name == "fused" and hf_model is not None:
+            peers["hf_unpatched"] = ("e2e_train_step", "hf_unpatched", case)
+        out.append(Case("e2e_train_step", name, case, fn=fn, device=device, tokens=tokens, peers=peers))
+    return out

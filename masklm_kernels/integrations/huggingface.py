@@ -18,6 +18,7 @@ import contextvars
 import types
 
 import torch
+import torch.nn.functional as F
 
 _LENGTHS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("masklm_hf_lengths", default=None)
 _PATCHED = "_masklm_kernels_patched"
@@ -30,8 +31,6 @@ def _base_and_head(model):
         return model.bert, pred.transform, pred.decoder.weight, pred.decoder.bias
     if hasattr(model, "roberta") and hasattr(model, "lm_head"):
         head = model.lm_head
-        import torch.nn.functional as F
-
         return model.roberta, (lambda x: head.layer_norm(F.gelu(head.dense(x)))), head.decoder.weight, \
             head.decoder.bias
     raise TypeError(f"patch_bert expects a BertForMaskedLM or RobertaForMaskedLM, got {type(model).__name__}")
@@ -48,7 +47,7 @@ def _attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs
     return out.transpose(1, 2).reshape(B, S, -1), None
 
 
-def _lengths(input_ids, inputs_embeds, attention_mask) -> torch.Tensor | None:
+def _lengths(attention_mask) -> torch.Tensor | None:
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
@@ -62,7 +61,7 @@ def _lengths(input_ids, inputs_embeds, attention_mask) -> torch.Tensor | None:
 
 
 def _model_forward(self, input_ids=None, attention_mask=None, *args, labels=None, **kwargs):
-    token = _LENGTHS.set(_lengths(input_ids, kwargs.get("inputs_embeds"), attention_mask))
+    token = _LENGTHS.set(_lengths(attention_mask))
     try:
         if labels is None:
             return self._masklm_original_forward(input_ids, attention_mask, *args, **kwargs)

@@ -5,6 +5,8 @@ library's kernels (`--backend fused`) or plain PyTorch (`--backend reference`), 
 from the Python standard library's docstrings (or `--text-file`), with a WordPiece tokenizer trained on it
 and cached. Masks are drawn on the device every step, keyed by (seed, step, global sample id).
 `--compare` runs the same steps with both backends and prints the speedup and the loss difference.
+Data parallel: `torchrun --nproc_per_node N -m masklm_kernels.train ...` (DDP, gloo on CPU, nccl on CUDA;
+--batch-size is the global batch).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import sys
 
 import torch
 
-from .training import data
+from .training import data, distributed
 from .training.loop import Args, train
 
 
@@ -24,7 +26,7 @@ def parse(argv=None) -> Args:
     d = Args()
     p.add_argument("--task", choices=("mlm", "mass"), default=d.task)
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split across processes)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--model", choices=("tiny", "small", "base"), default=d.model)
     p.add_argument("--backend", choices=("fused", "reference"), default=d.backend)
@@ -33,6 +35,7 @@ def parse(argv=None) -> Args:
     p.add_argument("--text-file", default=None, help="one paragraph per line (default: stdlib docstrings)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--dropout", type=float, default=None, help="hidden and attention dropout (default 0.1)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save", default=None, help="checkpoint path written at the end")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (up to --steps)")
@@ -43,41 +46,54 @@ def parse(argv=None) -> Args:
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1 or a.seq_len < 8:
         p.error("--steps and --batch-size must be >= 1, --seq-len >= 8")
+    if a.dropout is not None and not 0.0 <= a.dropout < 1.0:
+        p.error("--dropout must be in [0, 1)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args = Args(task=a.task, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, model=a.model,
                 backend=a.backend, device=device, seed=a.seed, text_file=a.text_file, vocab_size=a.vocab_size,
-                lr=a.lr, log_every=a.log_every, save=a.save, resume=a.resume, stop_after=a.stop_after)
+                lr=a.lr, log_every=a.log_every, save=a.save, resume=a.resume, stop_after=a.stop_after,
+                dropout=a.dropout)
     args.summary_json, args.compare = a.summary_json, a.compare
     return args
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    print(f"task {args.task}, model {args.model}, backend {args.backend}, device {args.device}, "
-          f"{args.steps} steps x {args.batch_size} x {args.seq_len}", flush=True)
-    ds = data.build_dataset(args.text_file, args.seq_len, args.vocab_size)
-    print(f"corpus: {len(ds.train)} train / {len(ds.eval)} eval samples, vocabulary {ds.vocab_size}", flush=True)
+    ctx = distributed.setup(args.device)
+    try:
+        run_all(args, ctx)
+    finally:
+        distributed.teardown(ctx)
+    return 0
+
+
+def run_all(args: Args, ctx: distributed.Context) -> None:
+    say = print if ctx.main else (lambda *a, **k: None)
+    say(f"task {args.task}, model {args.model}, backend {args.backend}, device {ctx.device}, "
+        f"{args.steps} steps x {args.batch_size} x {args.seq_len}"
+        + (f" on {ctx.world} processes" if ctx.enabled else ""), flush=True)
+    ds = distributed.main_first(ctx, lambda: data.build_dataset(args.text_file, args.seq_len, args.vocab_size))
+    say(f"corpus: {len(ds.train)} train / {len(ds.eval)} eval samples, vocabulary {ds.vocab_size}", flush=True)
     runs = [args] if not args.compare else [dataclasses.replace(args, backend=b) for b in ("reference", "fused")]
     summaries = []
     for run in runs:
         s = train(run, ds)
         s.pop("state")
-        print(f"{run.backend}: first loss {s['first_loss']:.4f}, final {s['final_loss']:.4f}, "
-              f"eval {s['eval_loss']:.4f}, {s['tokens_per_s']:,.0f} tokens/s", flush=True)
+        say(f"{run.backend}: first loss {s['first_loss']:.4f}, final {s['final_loss']:.4f}, "
+            f"eval {s['eval_loss']:.4f}, {s['tokens_per_s']:,.0f} tokens/s", flush=True)
         summaries.append(s)
     summary = summaries[-1]
     if args.compare:
         ref, fused = summaries
         summary = dict(fused, speedup=fused["tokens_per_s"] / ref["tokens_per_s"],
                        loss_difference=abs(fused["final_loss"] - ref["final_loss"]), reference=ref)
-        print(f"fused vs reference: {summary['speedup']:.2f}x tokens/s, final loss difference "
-              f"{summary['loss_difference']:.2e}", flush=True)
-    if args.summary_json:
+        say(f"fused vs reference: {summary['speedup']:.2f}x tokens/s, final loss difference "
+            f"{summary['loss_difference']:.2e}", flush=True)
+    if args.summary_json and ctx.main:
         with open(args.summary_json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

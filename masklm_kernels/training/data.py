@@ -46,7 +46,9 @@ def read_corpus(text_file: str | None) -> list[str]:
 
 
 def tokenizer_for(texts: list[str], vocab_size: int):
-    """A WordPiece tokenizer (BERT's, lower-cased) trained on `texts`, cached by a hash of corpus and size."""
+    """A WordPiece tokenizer (BERT's, lower-cased) trained on `texts`, cached by a hash of corpus and size.
+    Training it is not deterministic across processes (ties broken in hash order): the cache is what makes
+    two runs on one corpus use the same vocabulary."""
     from tokenizers import BertWordPieceTokenizer, Tokenizer
 
     key = hashlib.sha256(("\n".join(texts) + f"|{vocab_size}").encode()).hexdigest()[:16]
@@ -56,7 +58,9 @@ def tokenizer_for(texts: list[str], vocab_size: int):
     tok = BertWordPieceTokenizer(lowercase=True)
     tok.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=list(SPECIAL), min_frequency=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: torchrun's ranks may train it at once
+    tok.save(str(tmp))
+    os.replace(tmp, path)
     return Tokenizer.from_file(str(path))
 
 

@@ -1,5 +1,5 @@
 """The training loop: model, AdamW with linear warm-up and decay, masking on the device every step,
-held-out evaluation, checkpoints that resume a run exactly, and a summary."""
+held-out evaluation, checkpoints that resume a run exactly, data parallelism under torchrun, and a summary."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,8 @@ import torch
 
 from ..masking import mask_tokens, mass_mask
 from ..models import BertMLM, MassModel, model_config
-from . import data
+from ..models.mlm import IGNORE_INDEX
+from . import data, distributed
 
 
 @dataclasses.dataclass
@@ -32,12 +33,14 @@ class Args:
     save: str | None = None
     resume: str | None = None
     stop_after: int | None = None  # stop (and save) after this many steps of a run planned for `steps`
+    dropout: float | None = None  # hidden and attention dropout (None: the config's 0.1)
 
 
-def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train") -> dict:
-    """The step's batch with its masks (keyed by seed, step and global sample ids), on the device."""
+def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train", rank: int = 0, world: int = 1) -> dict:
+    """This rank's part of the step's global batch with its masks (keyed by seed, step and global sample ids),
+    on the device."""
     n = len(ds.train if split == "train" else ds.eval)
-    sample_ids = data.sample_ids_for(step, args.batch_size, n, args.seed)
+    sample_ids = data.sample_ids_for(step, args.batch_size, n, args.seed, rank, world)
     ids, lengths = ds.batch(sample_ids, split)
     dev = torch.device(args.device)
     ids, lengths, sample_ids = ids.to(dev), lengths.to(dev), sample_ids.to(dev)
@@ -47,15 +50,18 @@ def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train") 
         masked, labels = mask_tokens(ids, mask_token_id=data.MASK_ID, vocab_size=ds.vocab_size, lengths=lengths,
                                      special_token_ids=specials, sample_ids=sample_ids, seed=seed, step=step,
                                      random_token_range=(len(data.SPECIAL), ds.vocab_size))
-        return dict(args=(masked, labels), kwargs=dict(lengths=lengths), tokens=int(lengths.sum()))
+        return dict(args=(masked, labels), kwargs=dict(lengths=lengths), labels=labels, tokens=int(lengths.sum()))
     enc, dec, labels, spans = mass_mask(ids, lengths=lengths, mask_token_id=data.MASK_ID, vocab_size=ds.vocab_size,
                                         special_token_ids=specials, sample_ids=sample_ids, seed=seed, step=step)
-    return dict(args=(enc, dec, labels, spans), kwargs=dict(lengths=lengths), tokens=int(lengths.sum()))
+    return dict(args=(enc, dec, labels, spans), kwargs=dict(lengths=lengths), labels=labels,
+                tokens=int(lengths.sum()))
 
 
 def build(args: Args, vocab_size: int):
     torch.manual_seed(args.seed)
-    cfg = model_config(args.model, vocab_size=vocab_size, max_position_embeddings=max(args.seq_len, 64))
+    drop = {} if args.dropout is None else dict(hidden_dropout_prob=args.dropout,
+                                                  attention_probs_dropout_prob=args.dropout)
+    cfg = model_config(args.model, vocab_size=vocab_size, max_position_embeddings=max(args.seq_len, 64), **drop)
     model = (BertMLM if args.task == "mlm" else MassModel)(cfg, backend=args.backend).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warm = max(1, int(args.warmup * args.steps))
@@ -74,9 +80,15 @@ def evaluate(args: Args, model, ds: data.Dataset, batches: int = 4) -> float:
 
 
 def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
-    """Runs args.steps steps (from a checkpoint with args.resume) and returns the summary."""
-    out = out or sys.stdout
-    ds = ds or data.build_dataset(args.text_file, args.seq_len, args.vocab_size)
+    """Runs args.steps steps (from a checkpoint with args.resume) and returns the summary. Under torchrun
+    (WORLD_SIZE > 1) every rank runs this with its slice of each global batch; rank 0 logs and saves."""
+    ctx = distributed.setup(args.device)
+    if args.batch_size % ctx.world:
+        raise ValueError(f"batch_size ({args.batch_size}) must be a multiple of the number of processes "
+                         f"({ctx.world})")
+    args = dataclasses.replace(args, device=ctx.device)
+    out = (out or sys.stdout) if ctx.main else None
+    ds = ds or distributed.main_first(ctx, lambda: data.build_dataset(args.text_file, args.seq_len, args.vocab_size))
     model, opt, sched = build(args, ds.vocab_size)
     start, first_loss = 0, None
     if args.resume:
@@ -86,30 +98,33 @@ def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
         sched.load_state_dict(ckpt["sched"])
         torch.set_rng_state(ckpt["rng"])
         start, first_loss = ckpt["step"], ckpt["first_loss"]
+    net = distributed.wrap(model, ctx)
     model.train()
     tokens, t0, loss_value = 0, time.perf_counter(), float("nan")
     end = min(args.steps, args.stop_after or args.steps)
     for step in range(start, end):
-        batch = masked_batch(args, ds, step)
-        loss = model(*batch["args"], **batch["kwargs"])["loss"]
+        batch = masked_batch(args, ds, step, rank=ctx.rank, world=ctx.world)
+        loss = net(*batch["args"], **batch["kwargs"])["loss"]
+        loss, logged = distributed.global_loss(loss, (batch["labels"] != IGNORE_INDEX).sum(), ctx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        loss_value = float(loss.detach())  # one host read per step, for the log
+        loss_value = float(logged)  # one host read per step, for the log
         first_loss = loss_value if first_loss is None else first_loss
         tokens += batch["tokens"]
-        if (step + 1) % args.log_every == 0 or step + 1 == end:
-            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+        if out and ((step + 1) % args.log_every == 0 or step + 1 == end):
+            rate = tokens * ctx.world / max(time.perf_counter() - t0, 1e-9)  # estimate: rank 0's share x ranks
             bar = "#" * int(20 * (step + 1) / args.steps)
             print(f"[{bar:<20}] step {step + 1}/{args.steps}  loss {loss_value:.4f}  {rate:,.0f} tokens/s",
                   file=out, flush=True)
     elapsed = time.perf_counter() - t0
-    if args.save:
+    tokens = distributed.all_sum(tokens, ctx)
+    if args.save and ctx.main:
         torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
                         rng=torch.get_rng_state(), step=end, first_loss=first_loss), args.save)
     return dict(first_loss=first_loss, final_loss=loss_value, eval_loss=evaluate(args, model, ds),
                 tokens_per_s=tokens / elapsed if elapsed > 0 and tokens else math.nan, steps=end,
                 device=args.device, backend=args.backend, task=args.task, model=args.model,
-                state=model.state_dict())
+                processes=ctx.world, state=model.state_dict())

@@ -44,13 +44,28 @@ def _loss_and_grads(model, ids, mask, labels):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts the calls of the library's padded and packed (varlen) attention by the patched model."""
+    import masklm_kernels.attention as attention
+
+    calls = {"padded": 0, "packed": 0}
+    for name, key in (("fused_attention", "padded"), ("fused_attention_varlen", "packed")):
+        def spy(*a, _f=getattr(attention, name), _k=key, **k):
+            calls[_k] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(attention, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
-def test_patched_equals_unpatched(kind):
+def test_patched_equals_unpatched(kind, attention_calls):
     model = _model(kind)
     ids, mask, labels = _batch(1, model.config.pad_token_id)
     ref, grads_ref = _loss_and_grads(model, ids, mask, labels)
     assert patch_bert(model) is model
     out, grads = _loss_and_grads(model, ids, mask, labels)
+    assert attention_calls == {"padded": 0, "packed": 2}  # the encoder ran unpadded, one call per layer
     assert out.logits is None  # labelled rows only: no (tokens, vocab) logits
     assert_close(out.loss, ref.loss, atol=0, rtol=1e-10, msg="loss")
     assert grads.keys() == grads_ref.keys()
@@ -59,6 +74,12 @@ def test_patched_equals_unpatched(kind):
     # without labels the head runs as usual, over the fused attention
     logits = model(input_ids=ids, attention_mask=mask).logits
     assert_close(logits[mask == 1], ref.logits[mask == 1], atol=1e-10, rtol=1e-9, msg="logits without labels")
+    # per-layer outputs asked for: the encoder runs padded (HF's shapes), over fused_attention(kv_lengths)
+    states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert attention_calls["padded"] == 2 and all(h.shape == (*ids.shape, 64) for h in states)
+    ref_states = unpatch(model)(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert_close(states[-1][mask == 1], ref_states[-1][mask == 1], atol=1e-10, rtol=1e-9, msg="hidden states")
+    patch_bert(model)
     assert unpatch(model) is model
     again, _ = _loss_and_grads(model, ids, mask, labels)
     assert again.logits is not None

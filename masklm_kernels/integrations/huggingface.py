@@ -2,9 +2,14 @@
 kernels, in place (in the manner of Liger-Kernel's `apply_liger_kernel_to_*`, per instance rather than per
 class, so other models in the process are untouched); `unpatch(model)` restores it.
 
-* Self-attention runs `fused_attention` with `kv_lengths` taken from the 2-D `attention_mask` passed to the
-  model (right padding, as Hugging Face tokenizers pad BERT by default), not from a dense mask. The
-  lengths are handed from the model's forward to its attention modules through a context variable.
+* The encoder is unpadded once for all layers: the embeddings' padded (B, S, H) output is packed to the
+  (1, tokens, H) of the real tokens, every layer (dense layers, LayerNorm, FFN) runs on real tokens only,
+  self-attention runs `fused_attention_varlen` on the packed sequences, and the output is scattered back
+  to (B, S, H) (zeros at padding). The lengths come from the 2-D `attention_mask` passed to the model
+  (right padding, as Hugging Face tokenizers pad BERT by default), never a dense mask, and are handed from
+  the model's forward to the encoder and attention modules through a context variable. When
+  `output_hidden_states` / `output_attentions` is asked for, the encoder is not unpadded (the per-layer
+  outputs keep their (B, S, H) shape) and attention runs `fused_attention(kv_lengths=...)`.
   Attention-probability dropout is not applied (the kernels have none): parity with the unpatched model
   holds with dropout off, as for any fused attention.
 * With `labels`, the MLM head and the loss run `fused_linear_cross_entropy` on the labelled rows only;
@@ -21,6 +26,10 @@ import torch
 import torch.nn.functional as F
 
 _LENGTHS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("masklm_hf_lengths", default=None)
+# False while the model's forward was asked for per-layer outputs (the encoder then runs padded).
+_UNPAD: contextvars.ContextVar[bool] = contextvars.ContextVar("masklm_hf_unpad", default=True)
+# (cu_seqlens, max_seqlen) while the encoder runs on packed tokens; None when it runs padded.
+_PACKED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("masklm_hf_packed", default=None)
 _PATCHED = "_masklm_kernels_patched"
 
 
@@ -37,14 +46,48 @@ def _base_and_head(model):
 
 
 def _attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-    from ..attention import fused_attention
+    from ..attention import fused_attention, fused_attention_varlen
 
-    lengths = _LENGTHS.get()
     B, S, _ = hidden_states.shape
+    packed = _PACKED.get()
+    if packed is not None:  # hidden_states is (1, tokens, H)
+        cu, max_len = packed
+        q, k, v = (lin(hidden_states[0]).view(S, -1, self.attention_head_size)
+                   for lin in (self.query, self.key, self.value))
+        return fused_attention_varlen(q, k, v, cu, cu, max_len, max_len).reshape(B, S, -1), None
     split = (B, S, -1, self.attention_head_size)
     q, k, v = (lin(hidden_states).view(split).transpose(1, 2) for lin in (self.query, self.key, self.value))
-    out = fused_attention(q, k, v, kv_lengths=lengths)
+    out = fused_attention(q, k, v, kv_lengths=_LENGTHS.get())
     return out.transpose(1, 2).reshape(B, S, -1), None
+
+
+def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    """Runs the layers on the real tokens only (see the module docstring)."""
+    lengths = _LENGTHS.get()
+    if lengths is None or not _UNPAD.get():
+        return self._masklm_original_forward(hidden_states, attention_mask, *args, **kwargs)
+    B, S, H = hidden_states.shape
+    lengths = lengths.to(hidden_states.device)
+    valid = torch.arange(S, device=hidden_states.device) < lengths[:, None]
+    idx = valid.flatten().nonzero().squeeze(1)  # host sync: the token count (once per forward, as unpadding)
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    token = _PACKED.set((cu, S))
+    try:
+        # The layers get no mask: packed attention needs none (the dense one HF built is (B, 1, S, S)).
+        out = self._masklm_original_forward(hidden_states.reshape(B * S, H).index_select(0, idx)[None], None,
+                                            *args, **kwargs)
+    finally:
+        _PACKED.reset(token)
+    packed = out[0][0]
+    padded = packed.new_zeros(B * S, packed.shape[-1]).index_copy(0, idx, packed).view(B, S, -1)
+    if isinstance(out, tuple):
+        return (padded, *out[1:])
+    out["last_hidden_state"] = padded
+    return out
+
+
+def _wants_per_layer_outputs(model, kwargs) -> bool:
+    return any(kwargs.get(k) or getattr(model.config, k, False) for k in ("output_hidden_states", "output_attentions"))
 
 
 def _lengths(attention_mask) -> torch.Tensor | None:
@@ -62,6 +105,7 @@ def _lengths(attention_mask) -> torch.Tensor | None:
 
 def _model_forward(self, input_ids=None, attention_mask=None, *args, labels=None, **kwargs):
     token = _LENGTHS.set(_lengths(attention_mask))
+    unpad = _UNPAD.set(not _wants_per_layer_outputs(self, kwargs))
     try:
         if labels is None:
             return self._masklm_original_forward(input_ids, attention_mask, *args, **kwargs)
@@ -80,6 +124,7 @@ def _model_forward(self, input_ids=None, attention_mask=None, *args, labels=None
         return MaskedLMOutput(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                               attentions=outputs.attentions)
     finally:
+        _UNPAD.reset(unpad)
         _LENGTHS.reset(token)
 
 
@@ -95,6 +140,8 @@ def patch_bert(model):
     for module in base.modules():
         if type(module).__name__.endswith("SelfAttention") and hasattr(module, "query"):
             module.forward = types.MethodType(_attention_forward, module)
+    base.encoder._masklm_original_forward = base.encoder.forward
+    base.encoder.forward = types.MethodType(_encoder_forward, base.encoder)
     setattr(model, _PATCHED, True)
     return model
 
@@ -109,5 +156,6 @@ def unpatch(model):
     for module in base.modules():
         if "forward" in module.__dict__:
             del module.forward
+    del base.encoder._masklm_original_forward
     setattr(model, _PATCHED, False)
     return model

@@ -1,8 +1,11 @@
 """Runner: `python -m benchmarks [suite ...] [--quick] [--device cpu|cuda|auto] [--out DIR] ...`.
 
-With no suite named, every registered suite runs. Each suite prints a table and appends its records
-to `<out>/<suite>-<device kind>.jsonl`. `--threads` sets torch's intra-op threads for the run only
-(the CPU figure of interest is 2 threads, a data-loader worker's share); by default the process's
+With no suite named, every registered suite runs (`--quick`: small shapes, under 5 minutes on a 2-core CPU).
+Progress goes to stderr, one line per case. Each suite prints its table and appends its records to
+`<out>/<suite>-<device kind>.jsonl`; at the end one summary table (speedup and memory ratio over each peer,
+% of the measured roofline) is printed, and `<out>/REPORT-<device kind>.md` and the plots under
+`<out>/plots` are rewritten from the results files. `--threads` sets torch's intra-op threads for the run
+only (the CPU figure of interest is 2 threads, a data-loader worker's share); by default the process's
 setting is left as it is and recorded.
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import harness
+from . import harness, report
 from .suites import load_suite, suite_names
 
 
@@ -32,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds of sampling per case before stopping early (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement call")
-    p.add_argument("-v", "--verbose", action="store_true", help="print each case as it starts")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-case progress lines")
+    p.add_argument("--no-report", action="store_true", help="do not rewrite the Markdown report and plots")
     args = p.parse_args(argv)
     unknown = [s for s in args.suites if s not in suite_names()]
     if unknown:
@@ -60,16 +64,26 @@ def main(argv: list[str] | None = None) -> int:
         measure_memory=not args.no_memory,
         out_dir=None if args.no_write else args.out,
     )
-    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
+    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    everything = []
     for name in args.suites or suite_names():
+        if progress:
+            progress(f"[{name}] building cases ({'quick' if args.quick else 'full'}, {device})")
         cases = load_suite(name).cases(device, args.quick)
         records = harness.run_suite(name, cases, options, device=device, progress=progress)
+        everything += records
         env = {k: records[0][k] for k in ("device_kind", "cpu", "gpu", "torch", "triton", "threads")} \
             if records else {}
         print(f"\n== suite {name} on {device} ({'quick' if args.quick else 'full'}) {env}")
         print(harness.format_table(records))
         if options.out_dir is not None and records:
             print(f"-> {harness.results_path(options.out_dir, name, records[0]['device_kind'])}")
+    rows = report.summary_rows(everything)
+    if rows:
+        print("\n== summary: ours against each peer (speedup > 1 and memory ratio < 1: ours wins)")
+        print(report.text_table(report.SUMMARY_HEADER, rows))
+    if options.out_dir is not None and everything and not args.no_report:
+        print(f"-> {report.write_report(everything[0]['device_kind'], options.out_dir)}")
     return 0
 
 

@@ -32,6 +32,11 @@ Bandwidth. A case may state `bytes_moved`, the compulsory traffic of the op (byt
 once). GB/s is that over the median time, and is also given as a percentage of the device's measured
 copy bandwidth (`dst.copy_(src)` on a large buffer, read + write bytes counted), which is what a
 memory-bound op can at best reach.
+
+Roofline. With `flops` and/or `bytes_moved`, `pct_of_roofline` = the time the measured roofline allows
+(max(flops / measured dense-matmul rate, bytes / measured copy bandwidth)) over the median time, in %.
+Both ceilings are measured on the run's device (bf16 matmul on CUDA, fp32 on CPU), never taken from a
+datasheet. `mem_ratio_vs_peer` is the own peak memory over each peer's (lower is better).
 """
 from __future__ import annotations
 
@@ -62,8 +67,8 @@ RECORD_KEYS = (
     "suite", "op", "backend", "case", "status", "reason", "notes",
     "time_ms", "time_ms_min", "time_ms_iqr", "repeats", "warmup",
     "tokens", "tokens_per_s", "bytes_moved", "gb_per_s", "copy_gb_per_s", "pct_of_copy_bw", "flops", "tflops",
-    "extra",
-    "peak_mem_bytes", "peak_mem_method", "peers", "speedup_over_peer",
+    "peak_tflops", "pct_of_roofline", "extra",
+    "peak_mem_bytes", "peak_mem_method", "peers", "speedup_over_peer", "mem_ratio_vs_peer",
     "device", "device_type", "device_kind", "cpu", "gpu",
     "torch", "triton", "python", "git_sha", "date", "threads", "load_avg_1m",
 )
@@ -185,6 +190,25 @@ def copy_bandwidth_gbps(device: str, nbytes: int | None = None) -> float:
     return 2 * n / (quantile(times, 0.5) / 1e3) / 1e9
 
 
+def matmul_tflops(device: str) -> float:
+    """Measured dense matmul rate of `device` in TFLOP/s (bf16 4096^3 on CUDA, fp32 1024^3 on CPU; median):
+    the compute ceiling of the roofline."""
+    cuda = device.startswith("cuda")
+    n, dtype = (4096, torch.bfloat16) if cuda else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    probe = Case(op="matmul", backend="torch", case={}, fn=lambda: a @ b, device=device)
+    return 2 * n**3 / (quantile(time_case(probe, repeats=10, warmup=3, budget_s=2.0), 0.5) / 1e3) / 1e12
+
+
+def missing_peer(module: str, pip_name: str, device: str, cuda_only: bool = True) -> str | None:
+    """Why an optional peer cannot run here (recorded as the skip reason), or None when it can."""
+    if cuda_only and device != "cuda":
+        return f"{module} runs on CUDA only"
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install {pip_name})"
+    return None
+
+
 # -------------------------------------------------------------------------------------------- memory
 @contextlib.contextmanager
 def _quiet_stderr_fd():
@@ -295,14 +319,14 @@ def case_key(op: str, backend: str, case: dict[str, Any]) -> str:
 def make_record(suite: str, case: Case, env: dict[str, Any], *, status: str = "ok",
                 reason: str | None = None, times_ms: Sequence[float] | None = None,
                 warmup: int | None = None, peak: tuple[int | None, str | None] = (None, None),
-                copy_gbps: float | None = None) -> dict[str, Any]:
+                copy_gbps: float | None = None, peak_tflops: float | None = None) -> dict[str, Any]:
     rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
     rec.update(env)
     rec.update(suite=suite, op=case.op, backend=case.backend, case=dict(case.case), status=status,
                reason=reason, notes=case.notes, tokens=case.tokens, bytes_moved=case.bytes_moved, flops=case.flops,
                extra=dict(case.extra),
                peers={k: {"op": o, "backend": b, "case": c} for k, (o, b, c) in case.peers.items()},
-               speedup_over_peer={}, device_type=case.device.split(":")[0],
+               speedup_over_peer={}, mem_ratio_vs_peer={}, device_type=case.device.split(":")[0],
                device=env["gpu"] if case.device.startswith("cuda") else env["cpu"])
     if times_ms:
         rec.update(summarize(times_ms), repeats=len(times_ms), warmup=warmup)
@@ -316,23 +340,34 @@ def make_record(suite: str, case: Case, env: dict[str, Any], *, status: str = "o
             if copy_gbps:
                 rec["copy_gb_per_s"] = copy_gbps
                 rec["pct_of_copy_bw"] = 100.0 * rec["gb_per_s"] / copy_gbps
+        rec["peak_tflops"] = peak_tflops if case.flops else None
+        floor_s = max((case.flops or 0) / (peak_tflops * 1e12) if case.flops and peak_tflops else 0.0,
+                      (case.bytes_moved or 0) / (copy_gbps * 1e9) if case.bytes_moved and copy_gbps else 0.0)
+        rec["pct_of_roofline"] = 100.0 * floor_s / sec if floor_s else None
         rec["peak_mem_bytes"], rec["peak_mem_method"] = peak
     return rec
 
 
 def add_speedups(records: list[dict[str, Any]]) -> None:
-    """Fill `speedup_over_peer` (peer median / own median) where both were timed."""
-    medians = {case_key(r["op"], r["backend"], r["case"]): r["time_ms"] for r in records}
+    """Fill `speedup_over_peer` (peer median / own median) and `mem_ratio_vs_peer` (own peak / peer peak)
+    where both were measured."""
+    by_key = {case_key(r["op"], r["backend"], r["case"]): r for r in records}
     for r in records:
         for label, p in (r["peers"] or {}).items():
-            peer_ms = medians.get(case_key(p["op"], p["backend"], p["case"]))
-            if peer_ms and r["time_ms"]:
-                r["speedup_over_peer"][label] = peer_ms / r["time_ms"]
+            peer = by_key.get(case_key(p["op"], p["backend"], p["case"]))
+            if peer is None:
+                continue
+            if peer["time_ms"] and r["time_ms"]:
+                r["speedup_over_peer"][label] = peer["time_ms"] / r["time_ms"]
+            if peer["peak_mem_bytes"] and r["peak_mem_bytes"] is not None:
+                r["mem_ratio_vs_peer"][label] = r["peak_mem_bytes"] / peer["peak_mem_bytes"]
 
 
 def run_case(suite: str, case: Case, options: RunOptions, env: dict[str, Any],
-             bandwidth: dict[str, float]) -> dict[str, Any]:
-    """Time one case into a record; a failure becomes an `error` record instead of ending the run."""
+             bandwidth: dict[str, float], compute: dict[str, float] | None = None) -> dict[str, Any]:
+    """Time one case into a record; a failure becomes an `error` record instead of ending the run.
+    `bandwidth` / `compute` cache the device's measured copy bandwidth / matmul rate across cases."""
+    compute = {} if compute is None else compute
     if case.skip:
         return make_record(suite, case, env, status="skipped", reason=case.skip)
     try:
@@ -340,10 +375,12 @@ def run_case(suite: str, case: Case, options: RunOptions, env: dict[str, Any],
         peak = peak_memory(case) if options.measure_memory else (None, None)
         if case.bytes_moved and case.device not in bandwidth:
             bandwidth[case.device] = copy_bandwidth_gbps(case.device)
+        if case.flops and case.device not in compute:
+            compute[case.device] = matmul_tflops(case.device)
     except Exception as exc:  # noqa: BLE001 - recorded, with its type and message
         return make_record(suite, case, env, status="error", reason=f"{type(exc).__name__}: {exc}")
     return make_record(suite, case, env, times_ms=times, warmup=options.warmup, peak=peak,
-                       copy_gbps=bandwidth.get(case.device))
+                       copy_gbps=bandwidth.get(case.device), peak_tflops=compute.get(case.device))
 
 
 def run_suite(suite: str, cases: Iterable[Case], options: RunOptions, *, device: str = "cpu",
@@ -351,11 +388,15 @@ def run_suite(suite: str, cases: Iterable[Case], options: RunOptions, *, device:
     """Run `cases`, add speedups, append them to the suite's JSONL file (if `out_dir`), return them."""
     env = environment(device)
     bandwidth: dict[str, float] = {}
+    compute: dict[str, float] = {}
     records = []
-    for case in cases:
+    cases = list(cases)
+    for i, case in enumerate(cases, 1):
+        rec = run_case(suite, case, options, env, bandwidth, compute)
+        records.append(rec)
         if progress:
-            progress(f"[{suite}] {case.label}")
-        records.append(run_case(suite, case, options, env, bandwidth))
+            done = f"{rec['time_ms']:.3f} ms" if rec["status"] == "ok" else f"{rec['status']}: {rec['reason']}"
+            progress(f"[{suite} {i}/{len(cases)}] {case.op} {case.backend} {case_str(case.case)}: {done}")
     add_speedups(records)
     if options.out_dir is not None:
         write_jsonl(records, results_path(options.out_dir, suite, env["device_kind"]))
@@ -364,6 +405,19 @@ def run_suite(suite: str, cases: Iterable[Case], options: RunOptions, *, device:
 
 def results_path(out_dir: Path | str, suite: str, kind: str) -> Path:
     return Path(out_dir) / f"{suite}-{kind}.jsonl"
+
+
+def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest (last written) record of each (op, backend, case), in first-seen order: a results file
+    accumulates runs, and what it says now is its last run of each case."""
+    newest: dict[str, dict[str, Any]] = {}
+    for r in records:
+        newest[case_key(r["op"], r["backend"], r["case"])] = r
+    return list(newest.values())
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> None:
@@ -382,6 +436,16 @@ def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def si(x: float | None) -> str:
+    """3 significant digits with a k / M / G suffix: token rates span 1e3 (a CPU training step) to 1e10."""
+    if x is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
 def _row(r: dict[str, Any]) -> list[str]:
     head = [r["op"], r["backend"], case_str(r["case"])]
     if r["status"] != "ok":
@@ -391,14 +455,14 @@ def _row(r: dict[str, Any]) -> list[str]:
     return head + [
         _num(r["time_ms"], ".3f"), _num(r["time_ms_min"], ".3f"), _num(r["time_ms_iqr"], ".3f"),
         str(r["repeats"]),
-        _num(r["tokens_per_s"] and r["tokens_per_s"] / 1e6, ".2f"),
+        si(r["tokens_per_s"]),
         _num(r["gb_per_s"], ".2f"), _num(r["pct_of_copy_bw"], ".1f"), _num(r["tflops"], ".3f"),
         _num(None if mem is None else mem / 2**20, ".2f"),
         speed or "-",
     ]
 
 
-TABLE_HEADER = ["op", "backend", "case", "median ms", "min ms", "IQR ms", "n", "Mtok/s", "GB/s",
+TABLE_HEADER = ["op", "backend", "case", "median ms", "min ms", "IQR ms", "n", "tok/s", "GB/s",
                 "%copy", "TFLOP/s", "peak MiB", "speedup over peer"]
 
 

@@ -3,47 +3,91 @@
 Reads `benchmarks/results/<suite>-<kind>.jsonl`, keeps the newest record of every (op, backend, case), and
 writes one PNG per value of the suite's grouping key, one line per backend (and head dim), only records with
 status "ok". attention: one PNG per mask kind, one panel per mode, median time against sequence length.
-losses: one PNG per vocabulary size (fused_linear_cross_entropy), median time and peak memory against the
-labelled fraction.
+losses: one PNG per labelled fraction (fused_linear_cross_entropy), median time and peak memory against the
+vocabulary size. e2e: training-step tokens/s and peak memory per backend (bars).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .harness import DEFAULT_OUT, case_key
+from .harness import DEFAULT_OUT, latest, read_jsonl
 
 # suite -> (op plotted (None: all), the case field that makes one figure, the field on the x axis, the case
 # field that makes panels (None: one panel per metric), metrics, log-2 x axis)
 LAYOUT = {
     "attention": (None, "mask", "S", "mode", ("time_ms",), True),
-    "losses": ("fused_linear_cross_entropy", "V", "labelled", None, ("time_ms", "peak_mem_bytes"), False),
+    "losses": ("fused_linear_cross_entropy", "labelled", "V", None, ("time_ms", "peak_mem_bytes"), False),
 }
-_AXIS = {"time_ms": ("median time (ms)", 1.0), "peak_mem_bytes": ("peak memory (MiB)", 2.0 ** -20)}
+BARS = {"e2e": ("e2e_train_step", ("tokens_per_s", "peak_mem_bytes"))}  # suite -> (op, metrics), one bar per backend
+_AXIS = {"time_ms": ("median time (ms)", 1.0), "peak_mem_bytes": ("peak memory (MiB)", 2.0 ** -20),
+         "tokens_per_s": ("tokens/s (median step)", 1.0)}
+SUITES = sorted({*LAYOUT, *BARS})
 
 
 def latest_records(path: Path) -> list[dict]:
-    """The newest (last written) ok record of each (op, backend, case) in a JSONL file."""
-    newest: dict[str, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        newest[case_key(r["op"], r["backend"], r["case"])] = r
-    return [r for r in newest.values() if r["status"] == "ok" and r["time_ms"]]
+    """The newest ok record of each (op, backend, case) in a JSONL file."""
+    return [r for r in latest(read_jsonl(path)) if r["status"] == "ok" and r["time_ms"]]
 
 
 def _label(r: dict) -> str:
     return r["backend"] + (f" D={r['case']['D']}" if "D" in r["case"] else "")
 
 
-def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _title(suite: str, what: str, r0: dict) -> str:
+    device = r0["gpu"] if r0["device_type"] == "cuda" else r0["cpu"]
+    return f"{suite}: {what} -- {device}, torch {r0['torch']}, {r0['threads']} threads, {r0['date'][:10]}"
+
+
+def plot_bars(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    op, metrics = BARS[suite]
+    written = []
+    by_case: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["op"] == op:
+            by_case[case_key_short(r["case"])].append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, (case, recs) in enumerate(sorted(by_case.items())):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            names = [r["backend"] for r in recs if r.get(metric) is not None]
+            values = [r[metric] * _AXIS[metric][1] for r in recs if r.get(metric) is not None]
+            ax.bar(names, values, color=[f"C{j % 10}" for j in range(len(names))])
+            for x, v in enumerate(values):
+                ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+            ax.set_ylabel(_AXIS[metric][0])
+            ax.tick_params(axis="x", labelsize=8)
+            ax.grid(True, axis="y", alpha=0.3)
+        fig.suptitle(_title(suite, case, recs[0]), fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{suite}-{recs[0]['device_kind']}{'' if i == 0 else f'-{i}'}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def case_key_short(case: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in case.items() if k != "mode")
+
+
+def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
+    """PNGs of one suite's ok records (see the module docstring); the paths written."""
+    if suite in BARS:
+        return plot_bars(suite, records, out_dir)
+    plt = _pyplot()
     op, fig_key, x_key, panel_key, metrics, xlog = LAYOUT[suite]
     by_fig: dict[str, list[dict]] = defaultdict(list)
     for r in records:
@@ -77,8 +121,7 @@ def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         r0 = recs[0]
-        device = r0["gpu"] if r0["device_type"] == "cuda" else r0["cpu"]
-        fig.suptitle(f"{suite}: {fig_key}={fig_value} -- {device}, torch {r0['torch']}, {r0['date'][:10]}", fontsize=9)
+        fig.suptitle(_title(suite, f"{fig_key}={fig_value}", r0), fontsize=9)
         fig.tight_layout()
         path = out_dir / f"{suite}-{r0['device_kind']}-{fig_value}.png"
         fig.savefig(path, dpi=90)
@@ -89,7 +132,7 @@ def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
-    p.add_argument("suite", nargs="?", default="attention", choices=sorted(LAYOUT))
+    p.add_argument("suite", nargs="?", default="attention", choices=SUITES)
     p.add_argument("--kind", default="cpu", help="device kind of the results file (cpu, or the GPU's slug)")
     p.add_argument("--results", type=Path, default=DEFAULT_OUT)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "plots")

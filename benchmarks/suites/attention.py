@@ -15,20 +15,20 @@ Peers, same tensors: `sdpa_dense` -- F.scaled_dot_product_attention with the den
 returns NaN there); `sdpa_causal` (is_causal=True: less masking than asked, a lower bound) for the causal
 kinds and plain SDPA for `none`; `flex` -- FlexAttention compiled, with the equivalent `mask_mod` (its
 `create_block_mask` timed separately as backend `flex_block_mask`; on CPU forward only: torch has no CPU
-backward for it, recorded as skipped); on CUDA `flash_attn` when installed (`none` and `causal`). TFLOP/s count visible pairs only (4 * D flops per visible pair forward, 2.5x that
-backward, FlashAttention's convention), so a kernel that skips invisible work is not credited for it. On
-CUDA, `extra` records the tiles each Triton kernel computed and the tiles holding a visible pair, and the
-measured dense bf16 matmul rate (`dense_matmul_tflops`) that TFLOP/s are a fraction of.
+backward for it, recorded as skipped); `flash_attn` (`none` and `causal`) on CUDA when installed, recorded as
+skipped with the reason otherwise. TFLOP/s count visible pairs only (4 * D flops per visible pair forward,
+2.5x that backward, FlashAttention's convention), so a kernel that skips invisible work is not credited for
+it; `pct_of_roofline` compares them with the measured dense-matmul rate. On CUDA, `extra` records the tiles
+each Triton kernel computed and the tiles holding a visible pair.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-from ..harness import Case
+from ..harness import Case, missing_peer
 
 OP = "fused_attention"
 MASKS = ("none", "causal", "causal_pad", "mass_decoder", "mass_cross", "prefix_lm")
@@ -116,24 +116,6 @@ def _tiles(ours, tensors, vis: torch.Tensor) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _matmul_tflops(device: str) -> float:
-    """The measured dense bf16 matmul rate (4096^3, median of 10 CUDA-event timings): the roofline that
-    attention TFLOP/s are compared with (recorded with every CUDA case of ours as `dense_matmul_tflops`)."""
-    n = 4096
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
-
-
 @functools.lru_cache(maxsize=1)
 def _flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -161,7 +143,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     from masklm_kernels import fused_attention
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    has_flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    no_flash = missing_peer("flash_attn", "flash-attn", device)
     out: list[Case] = []
     for B, H, S, D in _shapes(device, quick):
         g = torch.Generator().manual_seed(DATA_SEED + S + D)
@@ -184,14 +166,16 @@ def cases(device: str, quick: bool) -> list[Case]:
             block_mask = None if mod is None else create_block_mask(mod, B, None, S, S, device=device)
             # on CPU (forward only) flex refuses inputs that require grad, even under no_grad: detach them
             peers_fn["flex"] = functools.partial(_flex_call, block_mask=block_mask, detach=device == "cpu")
-            if device == "cuda":
-                if has_flash and kind in ("none", "causal"):
+            skipped = {}  # optional peers that cannot run here: recorded with the reason
+            if kind in ("none", "causal"):
+                if no_flash:
+                    skipped["flash_attn"] = no_flash
+                else:
                     from flash_attn import flash_attn_func
 
                     peers_fn["flash_attn"] = lambda q, k, v, c=kind == "causal": flash_attn_func(
                         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=c).transpose(1, 2)
-            extra = {**_tiles(ours, tensors, vis), "dense_matmul_tflops": _matmul_tflops(device)} \
-                if device == "cuda" else {}
+            extra = _tiles(ours, tensors, vis) if device == "cuda" else {}
             for mode in MODES:
                 case = {"B": B, "H": H, "S": S, "D": D, "mask": kind, "mode": mode}
                 flops = 4.0 * D * pairs * FLOPS_FACTOR[mode]
@@ -201,8 +185,9 @@ def cases(device: str, quick: bool) -> list[Case]:
                             "flex": "compiled flex_attention, block mask built untimed"}.get(name)
                     skip = FLEX_CPU_BACKWARD if name == "flex" and device == "cpu" and mode != "fwd" else None
                     out.append(_case(name, fn, tensors, mode, case, device, flops, notes=note, skip=skip))
+                out += [Case(OP, name, case, device=device, skip=why) for name, why in skipped.items()]
                 out.append(_case("ours", ours, tensors, mode, case, device, flops, extra=extra,
-                                 peers={n: (OP, n, case) for n in peers_fn},
+                                 peers={n: (OP, n, case) for n in (*peers_fn, *skipped)},
                                  notes="backend=auto: triton on CUDA, cpu (blockwise) on CPU"))
             if block_mask is not None:
                 out.append(Case(OP, "flex_block_mask", {"B": B, "H": H, "S": S, "D": D, "mask": kind, "mode": "mask"},

@@ -1,7 +1,7 @@
 """Suite `e2e`: one masked-LM training step (forward, backward, AdamW step) on the same batches.
 
 * `hf_patched` vs `hf_unpatched`: a Hugging Face BertForMaskedLM (its default attention, SDPA) patched in
-  place with `patch_bert` (fused attention from the padding lengths, fused LM head over labelled rows)
+  place with `patch_bert` (encoder unpadded once, varlen fused attention, fused LM head over labelled rows)
   against the same model unpatched;
 * `fused` vs `reference`: the library's BertMLM (unpadded once, varlen attention, fused head) against its
   plain-PyTorch backend (dense mask, full logits), the same weights.

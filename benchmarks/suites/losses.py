@@ -5,7 +5,8 @@
 * `gather_ce`: select the labelled rows first (a host sync), then F.linear + F.cross_entropy;
 * `torch_lce`: torch's F.linear_cross_entropy (reference path), and `torch_lce_chunked` with
   LinearCrossEntropyOptions() (its chunked path), where this torch has them;
-* `liger`: Liger-Kernel's fused linear cross-entropy, when installed (CUDA);
+* `liger`: Liger-Kernel's fused linear cross-entropy on CUDA when installed (else recorded as skipped);
+TFLOP/s count the useful work only (6 * labelled rows * H * V: logits, dh, dW of the labelled rows);
 (`ours_bounded` is ours with `max_labelled_rows`: no host synchronisation on CUDA), and
 `masked_cross_entropy` on given logits against F.cross_entropy (`logits_ce`).
 Shapes: CPU fp32, N = 4096 tokens, hidden 256, V = 30522 (full: also 50265), labelled fraction 15% / 50% /
@@ -16,12 +17,11 @@ time: the peers' (N, V) logits.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-from ..harness import Case
+from ..harness import Case, missing_peer
 
 DATA_SEED = 777
 FRACTIONS = (0.15, 0.5, 1.0)
@@ -47,19 +47,28 @@ def _gather_ce(h, w, y):
     return F.cross_entropy(F.linear(h.index_select(0, keep), w).float(), y.index_select(0, keep))
 
 
-def _peers(device: str) -> dict:
+def _peers(device: str) -> tuple[dict, dict]:
+    """(peer name -> fn(h, w, y), optional peer name -> why it cannot run here)."""
     peers = {"full_logits": _full_logits, "gather_ce": _gather_ce}
+    skipped = {}
     lce = getattr(F, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
     if lce is not None:
         peers["torch_lce"] = lambda h, w, y: lce(h, w, y)
-        options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
-        if options is not None:
-            peers["torch_lce_chunked"] = lambda h, w, y: lce(h, w, y, options=options())
-    if device == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+    else:
+        skipped["torch_lce"] = f"torch {torch.__version__} has no F.linear_cross_entropy"
+    if lce is not None and options is not None:
+        peers["torch_lce_chunked"] = lambda h, w, y: lce(h, w, y, options=options())
+    else:
+        skipped["torch_lce_chunked"] = f"torch {torch.__version__} has no LinearCrossEntropyOptions"
+    no_liger = missing_peer("liger_kernel", "liger-kernel", device)
+    if no_liger:
+        skipped["liger"] = no_liger
+    else:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         peers["liger"] = lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
-    return peers
+    return peers, skipped
 
 
 def cases(device: str, quick: bool) -> list[Case]:
@@ -76,16 +85,19 @@ def cases(device: str, quick: bool) -> list[Case]:
             y[torch.rand(N, generator=g) >= frac] = -100
             y = y.to(device)
             case = {"N": N, "H": H, "V": V, "labelled": frac, "mode": "fwd_bwd"}
-            peers = _peers(device)
-            for name, fn in peers.items():
-                out.append(Case("fused_linear_cross_entropy", name, case, device=device, tokens=N,
-                                fn=functools.partial(_fwd_bwd, functools.partial(fn, h, w, y), (h, w))))
+            peers, skipped = _peers(device)
             bound = int((y != -100).sum())  # what exact-count masking tells the caller, without a sync
+            flops = 6.0 * bound * H * V  # useful work: logits, dh and dW of the labelled rows only
+            for name, fn in peers.items():
+                out.append(Case("fused_linear_cross_entropy", name, case, device=device, tokens=N, flops=flops,
+                                fn=functools.partial(_fwd_bwd, functools.partial(fn, h, w, y), (h, w))))
+            out += [Case("fused_linear_cross_entropy", name, case, device=device, skip=why)
+                    for name, why in skipped.items()]
             for name, kw in (("ours", {}), ("ours_bounded", dict(max_labelled_rows=bound))):
                 ours = functools.partial(fused_linear_cross_entropy, h, w, y, **kw)
-                out.append(Case("fused_linear_cross_entropy", name, case, device=device, tokens=N,
+                out.append(Case("fused_linear_cross_entropy", name, case, device=device, tokens=N, flops=flops,
                                 fn=functools.partial(_fwd_bwd, ours, (h, w)),
-                                peers={n: ("fused_linear_cross_entropy", n, case) for n in peers},
+                                peers={n: ("fused_linear_cross_entropy", n, case) for n in (*peers, *skipped)},
                                 notes="backend=auto (cpu on CPU, triton on CUDA)"
                                       + (", max_labelled_rows = the exact count (no host sync)" if kw else "")))
             if frac == FRACTIONS[0]:  # the loss alone, on given logits

@@ -359,7 +359,7 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
                 continue
             if peer["time_ms"] and r["time_ms"]:
                 r["speedup_over_peer"][label] = peer["time_ms"] / r["time_ms"]
-            if peer["peak_mem_bytes"] and r["peak_mem_bytes"] is not None:
+            if peer["peak_mem_bytes"] and r["peak_mem_bytes"]:  # 0: nothing torch saw (NumPy code), no ratio
                 r["mem_ratio_vs_peer"][label] = r["peak_mem_bytes"] / peer["peak_mem_bytes"]
 
 

@@ -70,13 +70,17 @@ def plot_bars(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
             ax.set_ylabel(_AXIS[metric][0])
             ax.tick_params(axis="x", labelsize=8)
             ax.grid(True, axis="y", alpha=0.3)
-        fig.suptitle(_title(suite, case, recs[0]), fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{suite}-{recs[0]['device_kind']}{'' if i == 0 else f'-{i}'}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        name = f"{suite}-{recs[0]['device_kind']}{'' if i == 0 else f'-{i}'}.png"
+        written.append(_save(plt, fig, _title(suite, case, recs[0]), out_dir / name))
     return written
+
+
+def _save(plt, fig, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def case_key_short(case: dict) -> str:
@@ -121,12 +125,8 @@ def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         r0 = recs[0]
-        fig.suptitle(_title(suite, f"{fig_key}={fig_value}", r0), fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"{suite}-{r0['device_kind']}-{fig_value}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, _title(suite, f"{fig_key}={fig_value}", r0),
+                             out_dir / f"{suite}-{r0['device_kind']}-{fig_value}.png"))
     return written
 
 

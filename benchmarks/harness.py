@@ -341,8 +341,8 @@ def make_record(suite: str, case: Case, env: dict[str, Any], *, status: str = "o
                 rec["copy_gb_per_s"] = copy_gbps
                 rec["pct_of_copy_bw"] = 100.0 * rec["gb_per_s"] / copy_gbps
         rec["peak_tflops"] = peak_tflops if case.flops else None
-        floor_s = max((case.flops or 0) / (peak_tflops * 1e12) if case.flops and peak_tflops else 0.0,
-                      (case.bytes_moved or 0) / (copy_gbps * 1e9) if case.bytes_moved and copy_gbps else 0.0)
+        floor_s = max(case.flops / (peak_tflops * 1e12) if case.flops and peak_tflops else 0.0,
+                      case.bytes_moved / (copy_gbps * 1e9) if case.bytes_moved and copy_gbps else 0.0)
         rec["pct_of_roofline"] = 100.0 * floor_s / sec if floor_s else None
         rec["peak_mem_bytes"], rec["peak_mem_method"] = peak
     return rec
@@ -432,8 +432,9 @@ def case_str(case: dict[str, Any], sep: str = " ") -> str:
     return sep.join(f"{k}={v}" for k, v in case.items())
 
 
-def _num(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
+def fmt_num(x: float | None, fmt: str, suffix: str = "") -> str:
+    """`x` formatted (and suffixed), or "-" when it was not measured."""
+    return "-" if x is None else format(x, fmt) + suffix
 
 
 def si(x: float | None) -> str:
@@ -453,11 +454,11 @@ def _row(r: dict[str, Any]) -> list[str]:
     speed = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup_over_peer"].items())
     mem = r["peak_mem_bytes"]
     return head + [
-        _num(r["time_ms"], ".3f"), _num(r["time_ms_min"], ".3f"), _num(r["time_ms_iqr"], ".3f"),
+        fmt_num(r["time_ms"], ".3f"), fmt_num(r["time_ms_min"], ".3f"), fmt_num(r["time_ms_iqr"], ".3f"),
         str(r["repeats"]),
         si(r["tokens_per_s"]),
-        _num(r["gb_per_s"], ".2f"), _num(r["pct_of_copy_bw"], ".1f"), _num(r["tflops"], ".3f"),
-        _num(None if mem is None else mem / 2**20, ".2f"),
+        fmt_num(r["gb_per_s"], ".2f"), fmt_num(r["pct_of_copy_bw"], ".1f"), fmt_num(r["tflops"], ".3f"),
+        fmt_num(None if mem is None else mem / 2**20, ".2f"),
         speed or "-",
     ]
 

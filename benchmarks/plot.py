@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .harness import DEFAULT_OUT, latest, read_jsonl
+from .harness import DEFAULT_OUT, case_str, latest, read_jsonl
 
 # suite -> (op plotted (None: all), the case field that makes one figure, the field on the x axis, the case
 # field that makes panels (None: one panel per metric), metrics, log-2 x axis)
@@ -57,7 +57,7 @@ def plot_bars(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
     by_case: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         if r["op"] == op:
-            by_case[case_key_short(r["case"])].append(r)
+            by_case[case_str({k: v for k, v in r["case"].items() if k != "mode"})].append(r)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (case, recs) in enumerate(sorted(by_case.items())):
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
@@ -81,10 +81,6 @@ def _save(plt, fig, title: str, path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-def case_key_short(case: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in case.items() if k != "mode")
 
 
 def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:

@@ -14,14 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .harness import DEFAULT_OUT, case_key, case_str, latest, read_jsonl
+from .harness import DEFAULT_OUT, case_key, case_str, fmt_num, latest, read_jsonl
 
 SUMMARY_HEADER = ["suite", "op", "case", "ours", "peer", "ours ms", "peer ms", "speedup", "memory ratio",
                   "% roofline"]
-
-
-def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if x is None else f"{format(x, spec)}{suffix}"
 
 
 def summary_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -37,13 +33,13 @@ def summary_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
                 continue
             if peer is None or peer["status"] != "ok":
                 why = "not run" if peer is None else f"{peer['status']}: {peer['reason']}"
-                rows.append(head + [_fmt(r["time_ms"], ".3f"), "-", f"peer {why}", "-",
-                                    _fmt(r.get("pct_of_roofline"), ".1f")])
+                rows.append(head + [fmt_num(r["time_ms"], ".3f"), "-", f"peer {why}", "-",
+                                    fmt_num(r.get("pct_of_roofline"), ".1f")])
                 continue
             speed = (r.get("speedup_over_peer") or {}).get(label)
             mem = (r.get("mem_ratio_vs_peer") or {}).get(label)
-            rows.append(head + [_fmt(r["time_ms"], ".3f"), _fmt(peer["time_ms"], ".3f"), _fmt(speed, ".2f", "x"),
-                                _fmt(mem, ".2f", "x"), _fmt(r.get("pct_of_roofline"), ".1f")])
+            rows.append(head + [fmt_num(r["time_ms"], ".3f"), fmt_num(peer["time_ms"], ".3f"), fmt_num(speed, ".2f", "x"),
+                                fmt_num(mem, ".2f", "x"), fmt_num(r.get("pct_of_roofline"), ".1f")])
     return rows
 
 
@@ -77,10 +73,10 @@ def _full_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
         if r["status"] != "ok":
             continue
         mem = r.get("peak_mem_bytes")
-        rows.append([r["op"], r["backend"], case_str(r["case"]), _fmt(r["time_ms"], ".3f"),
-                     _fmt(r.get("time_ms_iqr"), ".3f"), str(r.get("repeats")),
-                     _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("tflops"), ".3f"),
-                     _fmt(None if mem is None else mem / 2**20, ".1f")])
+        rows.append([r["op"], r["backend"], case_str(r["case"]), fmt_num(r["time_ms"], ".3f"),
+                     fmt_num(r.get("time_ms_iqr"), ".3f"), str(r.get("repeats")),
+                     fmt_num(r.get("tokens_per_s"), ",.0f"), fmt_num(r.get("tflops"), ".3f"),
+                     fmt_num(None if mem is None else mem / 2**20, ".1f")])
     return rows
 
 

@@ -58,12 +58,14 @@ def wrap(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def global_loss(loss: torch.Tensor, labelled: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+def global_loss(loss: torch.Tensor, labels: torch.Tensor, ctx: Context,
+                ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """(the loss to back-propagate, the global mean loss to log) from this rank's mean `loss` over its
-    `labelled` (0-dim count) tokens. One all-reduce of two numbers per step: the global labelled count has
-    to be known before the backward."""
+    labelled tokens (`labels != ignore_index`). One all-reduce of two numbers per step: the global labelled
+    count has to be known before the backward."""
     if not ctx.enabled:
         return loss, loss.detach()
+    labelled = (labels != ignore_index).sum()
     stats = torch.stack([loss.detach() * labelled, labelled.to(loss.dtype)])
     dist.all_reduce(stats)
     total = stats[1].clamp_min(1)

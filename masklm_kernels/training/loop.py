@@ -105,7 +105,7 @@ def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
     for step in range(start, end):
         batch = masked_batch(args, ds, step, rank=ctx.rank, world=ctx.world)
         loss = net(*batch["args"], **batch["kwargs"])["loss"]
-        loss, logged = distributed.global_loss(loss, (batch["labels"] != IGNORE_INDEX).sum(), ctx)
+        loss, logged = distributed.global_loss(loss, batch["labels"], ctx, IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -8,6 +8,8 @@ import dataclasses
 
 import triton
 
+from ._triton_compat import interpreter_scalars
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
@@ -30,7 +32,8 @@ class Launch:
 
     def __call__(self) -> None:
         opts = {} if self.cfg is None else dict(num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
-        self.kernel[self.grid](*self.args, **self.kwargs, **opts)
+        with interpreter_scalars():
+            self.kernel[self.grid](*self.args, **self.kwargs, **opts)
 
     def bound(self) -> dict:
         """Every kernel parameter by name with the value this launch passes."""

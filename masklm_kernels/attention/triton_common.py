@@ -232,7 +232,8 @@ def _tile_scores(s, full, i2, j2, row_ok2, col_ok2, in2, off, prefix, mask_ptr, 
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b. UPCAST: operands to fp32 first (exact for fp16/bf16 products; Triton's interpreter
-    mis-computes bf16 dots, so the launchers set it there only)."""
+    mis-computes bf16 dots, so the launchers set it there only). out_dtype is the accumulator's: Triton 3.6
+    checks it against an fp64 accumulator (interpreter) instead of deriving it."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 
 import torch
@@ -29,33 +30,86 @@ def head_block(head_dim: int) -> int:
 
 _C = BlockConfig
 # (kernel, operand width, dense attn_mask) -> [(largest head-dim block, config), ...]. Each entry is the
-# first tile, in order of preference (larger block_m, block_n; fewer warps first for the forward), that
-# compiled without a register spill for sm_80 and sm_90 in every mask variant of its group, found by
-# compiling the candidates ahead of time with benchmarks/compile_triton.py (Triton 3.9; the table it prints
-# is benchmarks/results/compile_report-*.txt). The 16-bit forward starts from FlashAttention-2's Triton
-# tutorial (128 x 64, 4-8 warps); a dense mask tile costs registers, hence smaller tiles there; fp32 dots
-# run in IEEE fp32 on CUDA cores (FMA layouts hold more registers than MMA ones), hence its small tiles
-# (and no dK/dV tile above head dim 128 without spills: `unsupported` refuses fp32 there). The backward
-# keeps its accumulators (dK and dV, or dQ) in registers: the looped-over side is narrow.
+# first tile of `tile_candidates` (order of preference: larger tiles, then warps, then deeper pipelines)
+# that compiled without a register spill for sm_80 and sm_90 in every mask variant of its group under the
+# newest Triton (3.9), found by `python -m benchmarks.tile_search`; `_BEFORE_TRITON_3_9` replaces the
+# entries that spill under older Triton (3.6, the GPU image's, checked). Each version's check of the whole
+# table is benchmarks/results/compile_report-nvcc*-triton<version>.txt (CI runs it under both). The 16-bit
+# forward starts from FlashAttention-2's Triton tutorial (128 x 64, 4-8 warps); a dense mask tile costs
+# registers, hence smaller tiles there; fp32 dots run in IEEE fp32 on CUDA cores (FMA layouts hold more
+# registers than MMA ones), hence its small tiles (and no dK/dV tile above head dim 128 without spills:
+# `unsupported` refuses fp32 there). The backward keeps its accumulators (dK and dV, or dQ) in registers:
+# the looped-over side is narrow. None of this is timed on a GPU yet: the GPU check's tile sweep
+# (benchmarks.tile_sweep) is what retunes it.
 _CONFIGS = {
     ("fwd", 16, False): [(64, _C(128, 64, 4, 3)), (128, _C(128, 64, 8, 3)), (256, _C(64, 64, 8, 2))],
     ("fwd", 16, True): [(16, _C(128, 32, 8, 2)), (32, _C(128, 32, 4, 3)), (64, _C(64, 64, 8, 2)),
                         (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
     ("fwd", 32, False): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 2)), (64, _C(32, 32, 4, 2)),
                          (128, _C(32, 16, 8, 2))],
+    ("fwd", 32, True): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 2)), (64, _C(32, 32, 4, 2)),
+                        (128, _C(32, 16, 8, 2))],
     ("dkdv", 16, False): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)), (128, _C(32, 64, 8, 2)),
                           (256, _C(16, 32, 8, 1))],
     ("dkdv", 16, True): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)), (128, _C(16, 64, 8, 2)),
                          (256, _C(16, 32, 8, 1))],
     ("dkdv", 32, False): [(16, _C(16, 16, 8, 1)), (32, _C(16, 32, 8, 2)), (64, _C(16, 32, 8, 1)),
                           (128, _C(16, 64, 8, 2))],
+    ("dkdv", 32, True): [(16, _C(16, 16, 8, 1)), (32, _C(16, 32, 8, 2)), (64, _C(16, 32, 8, 1)),
+                         (128, _C(16, 64, 8, 2))],
     ("dq", 16, False): [(64, _C(128, 32, 8, 2)), (128, _C(64, 32, 4, 2)), (256, _C(16, 16, 4, 1))],
     ("dq", 16, True): [(64, _C(128, 32, 8, 2)), (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
     ("dq", 32, False): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)), (64, _C(32, 32, 4, 2)),
                         (128, _C(32, 16, 4, 2))],
+    ("dq", 32, True): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)), (64, _C(32, 32, 4, 2)),
+                       (128, _C(32, 16, 4, 2))],
 }
+# (kernel, width, dense, head-dim block) -> config, for Triton before 3.9: the first candidate from the
+# entry above down that `benchmarks.tile_search` found spill-free under Triton 3.6 (which spilled 8-1100 B
+# with those entries; the fp32 dense-mask tiles the most).
+_BEFORE_TRITON_3_9 = {
+    ("fwd", 16, True, 256): _C(32, 16, 8, 3),
+    ("fwd", 32, False, 128): _C(16, 32, 4, 2),
+    ("fwd", 32, True, 64): _C(32, 32, 8, 3),
+    ("fwd", 32, True, 128): _C(16, 32, 4, 3),
+    ("dkdv", 16, False, 128): _C(32, 64, 8, 1),
+    ("dkdv", 32, False, 64): _C(64, 16, 8, 2),
+    ("dkdv", 32, True, 128): _C(32, 16, 8, 3),
+    ("dq", 32, False, 16): _C(32, 64, 8, 3),
+    ("dq", 32, False, 64): _C(16, 64, 8, 3),
+    ("dq", 32, True, 64): _C(16, 64, 8, 3),
+    ("dq", 32, True, 128): _C(16, 32, 8, 3),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_before(major: int, minor: int) -> bool:
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) < (major, minor)
+
+
+def table_entry(kernel: str, width: int, dense: bool, max_bd: int) -> BlockConfig:
+    """The table's configuration for one entry under the installed Triton."""
+    if _triton_before(3, 9):
+        cfg = _BEFORE_TRITON_3_9.get((kernel, width, dense, max_bd))
+        if cfg is not None:
+            return cfg
+    return dict(_CONFIGS[(kernel, width, dense)])[max_bd]
 # fp64 (Triton's interpreter only) borrows the fp32 tiles, and head dims up to 256.
 _FP64_WIDE = {"fwd": _C(32, 16, 4, 2), "dkdv": _C(16, 32, 4, 1), "dq": _C(32, 16, 4, 2)}
+
+
+def tile_candidates(kernel: str) -> list[BlockConfig]:
+    """Every tile configuration worth trying for `kernel`, in the table's order of preference: larger tiles
+    first (the looped-over side wider for the forward and dQ, narrower for dK/dV, which keeps two
+    accumulators of the other side), then fewer warps for the forward (more warps for the backward), then
+    deeper pipelines. `benchmarks.tile_search` walks this list for the first spill-free entry of each group
+    under each Triton version, and the GPU check times the entries around it."""
+    sides = (128, 64, 32, 16)
+    out = [_C(m, n, w, s) for m in sides for n in sides for w in (4, 8) for s in (3, 2, 1)]
+    fewer_warps_first = kernel == "fwd"
+    return sorted(out, key=lambda c: (-c.block_m * c.block_n,
+                                      -(c.block_m if kernel != "dkdv" else c.block_n),
+                                      c.num_warps if fewer_warps_first else -c.num_warps, -c.num_stages))
 
 
 def unsupported(dtype: torch.dtype, head_dim: int) -> str | None:
@@ -70,17 +124,38 @@ def unsupported(dtype: torch.dtype, head_dim: int) -> str | None:
 
 def block_config(kernel: str, head_dim: int, dtype: torch.dtype, dense_mask: bool = False) -> BlockConfig:
     """Tile shape and launch options of `kernel` ("fwd", "dkdv", "dq") for a head dim, dtype and whether
-    a dense attn_mask is applied (fp32 uses one table for both)."""
+    a dense attn_mask is applied."""
     if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"unknown kernel {kernel!r}")
+    forced = _FORCED_TILES.get().get(kernel)
+    if forced is not None:
+        return forced
     width = 16 if dtype in (torch.float16, torch.bfloat16) else 32
     bd = head_block(head_dim)
-    for max_bd, cfg in _CONFIGS[(kernel, width, dense_mask and width == 16)]:
+    for max_bd, _ in _CONFIGS[(kernel, width, dense_mask)]:
         if bd <= max_bd:
-            return cfg
+            return table_entry(kernel, width, dense_mask, max_bd)
     if dtype == torch.float64 or (dtype == torch.float32 and triton_interpreting()):
         return _FP64_WIDE[kernel]  # the interpreter has no registers to spill
     raise ValueError(unsupported(dtype, head_dim) or f"head_dim {head_dim} is above 256")
+
+
+_FORCED_TILES: contextvars.ContextVar[dict] = contextvars.ContextVar("masklm_forced_tiles", default={})
+
+
+@contextlib.contextmanager
+def force_tiles(**configs: BlockConfig):
+    """Within this block, `block_config(kernel, ...)` returns `configs[kernel]` (kernel "fwd", "dkdv" or
+    "dq") whatever the inputs: for timing the table's candidates (benchmarks.tile_sweep). A configuration
+    that is not in the table may spill or not compile for some inputs; the table is what is checked."""
+    unknown = set(configs) - {"fwd", "dkdv", "dq"}
+    if unknown:
+        raise ValueError(f"force_tiles: unknown kernel(s) {sorted(unknown)}")
+    token = _FORCED_TILES.set({**_FORCED_TILES.get(), **configs})
+    try:
+        yield
+    finally:
+        _FORCED_TILES.reset(token)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 
 from . import harness, report
-from .suites import load_suite, suite_names
+from .suites import SIZES, load_suite, suite_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("suites", nargs="*", metavar="suite",
                    help=f"suites to run (default: all of {', '.join(suite_names())})")
-    p.add_argument("--quick", action="store_true", help="small shapes only, fewer repeats")
+    p.add_argument("--quick", action="store_true", help="the main shapes only, fewer repeats (--size quick)")
+    p.add_argument("--size", choices=SIZES, default=None,
+                   help="full (default), quick, or smoke: tiny shapes that only prove the suites run")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
                    help="auto: cuda when available, else cpu")
     p.add_argument("--out", type=Path, default=harness.DEFAULT_OUT, help="directory of the JSONL results")
@@ -41,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in args.suites if s not in suite_names()]
     if unknown:
         p.error(f"unknown suite(s) {', '.join(unknown)}; registered: {', '.join(suite_names())}")
+    if args.quick and args.size not in (None, "quick"):
+        p.error(f"--quick contradicts --size {args.size}")
+    args.size = args.size or ("quick" if args.quick else "full")
+    args.quick = args.size != "full"
     return args
 
 
@@ -68,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     everything = []
     for name in args.suites or suite_names():
         if progress:
-            progress(f"[{name}] building cases ({'quick' if args.quick else 'full'}, {device})")
-        cases = load_suite(name).cases(device, args.quick)
+            progress(f"[{name}] building cases ({args.size}, {device})")
+        cases = load_suite(name).cases(device, args.size)
         records = harness.run_suite(name, cases, options, device=device, progress=progress)
         everything += records
         env = {k: records[0][k] for k in ("device_kind", "cpu", "gpu", "torch", "triton", "threads")} \
             if records else {}
-        print(f"\n== suite {name} on {device} ({'quick' if args.quick else 'full'}) {env}")
+        print(f"\n== suite {name} on {device} ({args.size}) {env}")
         print(harness.format_table(records))
         if options.out_dir is not None and records:
             print(f"-> {harness.results_path(options.out_dir, name, records[0]['device_kind'])}")

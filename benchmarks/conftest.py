@@ -1,6 +1,6 @@
 """pytest options for the pytest-benchmark cases (`pytest benchmarks --benchmark-only`).
 
-The cases are the suites' own `cases(device, quick)`, so the runner and pytest time the same list.
+The cases are the suites' own `cases(device, size)`, so the runner and pytest time the same list.
 These options only exist when pytest loads this directory; the repository's default `testpaths`
 (`tests/`) never collects the benchmarks.
 """

@@ -22,8 +22,8 @@ ROUND_BUDGET_S = 1.0  # target seconds of timed rounds per case
 def pytest_generate_tests(metafunc):
     if "bench_case" in metafunc.fixturenames:
         device = resolve_device(metafunc.config.getoption("--bench-device"))
-        quick = not metafunc.config.getoption("--bench-full")
-        cases = [(name, c) for name in suite_names() for c in load_suite(name).cases(device, quick)]
+        size = "full" if metafunc.config.getoption("--bench-full") else "quick"
+        cases = [(name, c) for name in suite_names() for c in load_suite(name).cases(device, size)]
         metafunc.parametrize("bench_case", [c for _, c in cases], ids=[f"{n}-{c.label}" for n, c in cases])
 
 

@@ -8,7 +8,8 @@ Masks (O(B) metadata for ours; the equivalent dense mask or `mask_mod` for the p
 * `prefix_lm`: causal + prefix_lengths uniform in [0, S/2].
 Modes: `fwd` (no autograd), `bwd` (the backward of a forward done untimed in `setup`), `fwd_bwd`.
 Shapes: CUDA bf16, 16k tokens per batch (B = 16384 / S), H x D = 2048 (D 64 and 128), S 128 .. 8192
-(quick: S 1024 and 4096, D 128); CPU fp32, B=8, H=8, D=64, S 512 and 1024 (quick: 512).
+(quick: S 1024 and 4096, D 128); CPU fp32, B=8, H=8, D=64, S 512 and 1024 (quick: 512); smoke: B=2, H=2,
+S=64, D=16.
 
 Peers, same tensors: `sdpa_dense` -- F.scaled_dot_product_attention with the dense (B, 1, S, S) bool mask
 (built once, untimed, as a user would cache it; rows with no visible key get their diagonal, since SDPA
@@ -16,9 +17,11 @@ returns NaN there); `sdpa_causal` (is_causal=True: less masking than asked, a lo
 kinds and plain SDPA for `none`; `flex` -- FlexAttention compiled, with the equivalent `mask_mod` (its
 `create_block_mask` timed separately as backend `flex_block_mask`; on CPU forward only: torch has no CPU
 backward for it, recorded as skipped); `flash_attn` (`none` and `causal`) on CUDA when installed, recorded as
-skipped with the reason otherwise. TFLOP/s count visible pairs only (4 * D flops per visible pair forward,
-2.5x that backward, FlashAttention's convention), so a kernel that skips invisible work is not credited for
-it; `pct_of_roofline` compares them with the measured dense-matmul rate. On CUDA, `extra` records the tiles
+skipped with the reason otherwise. On CUDA also `sdpa_flash` (`none`, `causal`) and `sdpa_efficient`: SDPA
+pinned to one backend with `sdpa_kernel`; and for `causal_pad` the packed layout, `ours_varlen`
+(`fused_attention_varlen`) against torch's `varlen_attn` on the same packed tensors (fwd_bwd). TFLOP/s
+count visible pairs only (4 * D flops per visible pair forward, 2.5x that backward, FlashAttention's
+convention), so a kernel that skips invisible work is not credited for it; `pct_of_roofline` compares them with the measured dense-matmul rate. On CUDA, `extra` records the tiles
 each Triton kernel computed and the tiles holding a visible pair.
 """
 from __future__ import annotations
@@ -102,6 +105,60 @@ def _case(backend: str, attn, tensors, mode: str, case: dict, device: str, flops
                 device=device, tokens=q.shape[0] * q.shape[2], flops=flops, **kw)
 
 
+def _sdpa_backends(kind: str, dense: torch.Tensor) -> dict:
+    """SDPA pinned to one CUDA backend each (`sdpa_kernel`): `sdpa_flash` (no mask argument: `none` and
+    `causal` only) and `sdpa_efficient` (memory-efficient, takes the dense mask)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def pinned(backend, **kw):
+        def attn(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, **kw)
+        return attn
+
+    mask_kw = {} if kind == "none" else dict(is_causal=True) if kind == "causal" else dict(attn_mask=dense)
+    out = {"sdpa_efficient": pinned(SDPBackend.EFFICIENT_ATTENTION, **mask_kw)}
+    if kind in ("none", "causal"):
+        out["sdpa_flash"] = pinned(SDPBackend.FLASH_ATTENTION, **mask_kw)
+    return out
+
+
+def _varlen_cases(tensors, lengths: torch.Tensor, case_base: dict, flops: float, device: str) -> list[Case]:
+    """Packed layout (padding removed, untimed): `fused_attention_varlen` against torch's
+    `torch.nn.attention.varlen.varlen_attn` (FlashAttention's varlen kernel; CUDA only), causal, on the
+    same packed tensors, fwd+bwd."""
+    from masklm_kernels import fused_attention_varlen
+
+    case = {**case_base, "layout": "varlen", "mode": "fwd_bwd"}
+    valid = torch.arange(tensors[0].shape[2], device=lengths.device)[None] < lengths[:, None]
+    packed = [t.detach().transpose(1, 2)[valid].contiguous().requires_grad_(i < 3) for i, t in enumerate(tensors)]
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    S = int(lengths.max())
+    tokens = packed[0].shape[0]
+    reason = missing_peer("torch.nn.attention.varlen", "torch>=2.10", device)
+
+    def run(attn):
+        q, k, v, grad = packed
+        return torch.autograd.grad(attn(q, k, v), (q, k, v), grad)
+
+    out = []
+    if reason:
+        out.append(Case(OP, "varlen_attn", case, device=device, skip=reason))
+    else:
+        from torch.nn.attention.varlen import varlen_attn
+
+        out.append(Case(OP, "varlen_attn", case, device=device, tokens=tokens, flops=flops * FLOPS_FACTOR["fwd_bwd"],
+                        fn=functools.partial(run, lambda q, k, v: varlen_attn(q, k, v, cu, cu, S, S,
+                                                                               window_size=(-1, 0))),
+                        notes="torch.nn.attention.varlen.varlen_attn, window (-1, 0) = causal"))
+    out.append(Case(OP, "ours_varlen", case, device=device, tokens=tokens, flops=flops * FLOPS_FACTOR["fwd_bwd"],
+                    fn=functools.partial(run, lambda q, k, v: fused_attention_varlen(q, k, v, cu, cu, S, S,
+                                                                                      causal=True)),
+                    peers={"varlen_attn": (OP, "varlen_attn", case)},
+                    notes="fused_attention_varlen, backend=auto"))
+    return out
+
+
 def _tiles(ours, tensors, vis: torch.Tensor) -> dict:
     """Tiles each Triton kernel computed vs tiles holding a visible pair (one forward + backward)."""
     from masklm_kernels.attention import reference
@@ -132,20 +189,23 @@ def _flex_call(q, k, v, *, block_mask, detach: bool):
     return _flex()(q, k, v, block_mask=block_mask)
 
 
-def _shapes(device: str, quick: bool):
+def _shapes(device: str, size: str):
+    quick = size == "quick"
+    if size == "smoke":
+        return [(2, 2, 64, 16)]
     if device == "cuda":
         seqs, dims = ((1024, 4096), (128,)) if quick else ((128, 512, 1024, 2048, 4096, 8192), (64, 128))
         return [(16384 // S, 2048 // D, S, D) for D in dims for S in seqs]
     return [(8, 8, S, 64) for S in ((512,) if quick else (512, 1024))]
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def cases(device: str, size: str) -> list[Case]:
     from masklm_kernels import fused_attention
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     no_flash = missing_peer("flash_attn", "flash-attn", device)
     out: list[Case] = []
-    for B, H, S, D in _shapes(device, quick):
+    for B, H, S, D in _shapes(device, size):
         g = torch.Generator().manual_seed(DATA_SEED + S + D)
         tensors = tuple(torch.randn(B, H, S, D, generator=g).to(device, dtype).requires_grad_(i < 3) for i in range(4))
         for kind in MASKS:
@@ -175,6 +235,8 @@ def cases(device: str, quick: bool) -> list[Case]:
 
                     peers_fn["flash_attn"] = lambda q, k, v, c=kind == "causal": flash_attn_func(
                         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=c).transpose(1, 2)
+            if device == "cuda":
+                peers_fn.update(_sdpa_backends(kind, dense))
             extra = _tiles(ours, tensors, vis) if device == "cuda" else {}
             for mode in MODES:
                 case = {"B": B, "H": H, "S": S, "D": D, "mask": kind, "mode": mode}
@@ -189,6 +251,10 @@ def cases(device: str, quick: bool) -> list[Case]:
                 out.append(_case("ours", ours, tensors, mode, case, device, flops, extra=extra,
                                  peers={n: (OP, n, case) for n in (*peers_fn, *skipped)},
                                  notes="backend=auto: triton on CUDA, cpu (blockwise) on CPU"))
+            if kind == "causal_pad":
+                out += _varlen_cases(tensors, meta["kv_lengths"], case_base={"B": B, "H": H, "S": S, "D": D,
+                                                                             "mask": kind}, flops=4.0 * D * pairs,
+                                     device=device)
             if block_mask is not None:
                 out.append(Case(OP, "flex_block_mask", {"B": B, "H": H, "S": S, "D": D, "mask": kind, "mode": "mask"},
                                 fn=functools.partial(create_block_mask, _mask_mod(meta), B, None, S, S, device=device),

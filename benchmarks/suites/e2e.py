@@ -7,7 +7,7 @@
   plain-PyTorch backend (dense mask, full logits), the same weights.
 Batches: right padding with lengths uniform in [S/2, S] (25% padding on average), 15% of the real tokens
 masked with `mask_tokens`. CPU: L4 / H256 / V30522, B16, S128, fp32 (issue 5's CPU figure). CUDA:
-BERT-base (L12 / H768), B8, S512, bf16 weights. Dropout off (the fused attention has no attention dropout).
+BERT-base (L12 / H768), B8, S512, bf16 weights. Smoke: L1 / H32 / V1000, B2, S32, fp32. Dropout off (the fused attention has no attention dropout).
 """
 from __future__ import annotations
 
@@ -41,14 +41,16 @@ def _step(model, opt, call):
     return loss.detach()
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def cases(device: str, size: str) -> list[Case]:
     from masklm_kernels.models import BertMLM, from_hf
 
-    if device == "cuda":
+    V = 30522
+    if size == "smoke":
+        L, H, heads, inter, B, S, dtype, V = 1, 32, 2, 64, 2, 32, torch.float32, 1000
+    elif device == "cuda":
         L, H, heads, inter, B, S, dtype = 12, 768, 12, 3072, 8, 512, torch.bfloat16
     else:
         L, H, heads, inter, B, S, dtype = 4, 256, 4, 1024, 16, 128, torch.float32
-    V = 30522
     case = {"model": f"L{L}-H{H}", "B": B, "S": S, "V": V, "padding": 0.25, "masked": 0.15, "mode": "train_step"}
     ids, labels, mask, lengths = _batch(B, S, V, device)
     tokens = int(mask.sum())

@@ -10,7 +10,7 @@ TFLOP/s count the useful work only (6 * labelled rows * H * V: logits, dh, dW of
 (`ours_bounded` is ours with `max_labelled_rows`: no host synchronisation on CUDA), and
 `masked_cross_entropy` on given logits against F.cross_entropy (`logits_ce`).
 Shapes: CPU fp32, N = 4096 tokens, hidden 256, V = 30522 (full: also 50265), labelled fraction 15% / 50% /
-100%; CUDA bf16, N = 16384, hidden 1024, V = 30522, 50265, 128256 (issue 4's GPU figure: V = 50265). Mode
+100% (quick and smoke: 15%; smoke: N = 64, hidden 32, V = 1000); CUDA bf16, N = 16384, hidden 1024, V = 30522, 50265, 128256 (issue 4's GPU figure: V = 50265). Mode
 fwd_bwd (loss, then gradients of every input that has one). Peak memory is the number to read next to
 time: the peers' (N, V) logits.
 """
@@ -27,7 +27,10 @@ DATA_SEED = 777
 FRACTIONS = (0.15, 0.5, 1.0)
 
 
-def _shapes(device: str, quick: bool):
+def _shapes(device: str, size: str):
+    quick = size == "quick"
+    if size == "smoke":
+        return [(64, 32, 1000)]
     if device == "cuda":
         return [(16384, 1024, V) for V in ((50265,) if quick else (30522, 50265, 128256))]
     return [(4096, 256, V) for V in ((30522,) if quick else (30522, 50265))]
@@ -71,16 +74,16 @@ def _peers(device: str) -> tuple[dict, dict]:
     return peers, skipped
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def cases(device: str, size: str) -> list[Case]:
     from masklm_kernels import fused_linear_cross_entropy, masked_cross_entropy
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     out: list[Case] = []
-    for N, H, V in _shapes(device, quick):
+    for N, H, V in _shapes(device, size):
         g = torch.Generator().manual_seed(DATA_SEED + V)
         h = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
         w = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, dtype).requires_grad_()
-        for frac in FRACTIONS if not quick else (0.15,):
+        for frac in FRACTIONS if size == "full" else (0.15,):
             y = torch.randint(0, V, (N,), generator=g)
             y[torch.rand(N, generator=g) >= frac] = -100
             y = y.to(device)

@@ -17,7 +17,7 @@ GPU kernel replaces. Every mode's `speedup_over_peer["hf_tensor"]` is against HF
 `torch_mask_tokens` of the same shape (exact and span masking have no HF equivalent); token mode is
 also compared with the collator, whole-word mode with HF whole-word masking.
 
-Inputs: B x S in {8x128, 32x512, 64x512, 64x2048} (quick: the first two); ids uniform in [5, 30522),
+Inputs: B x S in {8x128, 32x512, 64x512, 64x2048} (quick: the first two; smoke: 2x32); ids uniform in [5, 30522),
 [CLS] at 0, [SEP] at length - 1, lengths uniform in [S/2, S] (about 25% padding), word ids from word
 lengths uniform in {1, 2, 3}. tokens/s counts all B*S positions. `bytes_moved` is the compulsory
 traffic (ids read, masked ids and labels written, lengths / word ids / special ids read), so GB/s
@@ -37,6 +37,7 @@ from ..harness import Case
 OP = "mask_tokens"
 SHAPES = ((8, 128), (32, 512), (64, 512), (64, 2048))
 QUICK_SHAPES = SHAPES[:2]
+SMOKE_SHAPES = ((2, 32),)
 MODES = ("token", "exact", "whole_word", "span")
 VOCAB_SIZE = hf_peers.BERT_VOCAB_SIZE
 SPECIAL_IDS = (hf_peers.CLS_ID, hf_peers.SEP_ID)
@@ -160,9 +161,9 @@ def _our_case(mask_tokens, backend: str, tensor_device: str, reason: str | None,
                 peers=peers, notes=NO_HF_EQUIVALENT if mode in ("exact", "span") else None)
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def cases(device: str, size: str) -> list[Case]:
     """The suite's cases for a run on `device` ("cpu" or "cuda"); see the module docstring."""
-    shapes = QUICK_SHAPES if quick else SHAPES
+    shapes = {"smoke": SMOKE_SHAPES, "quick": QUICK_SHAPES}.get(size, SHAPES)
     mask_tokens, api_reason = _load_api()
     backends = [(name, tdev, api_reason or _backend_reason(mask_tokens, name, tdev))
                 for name, tdev in _our_backends(device)]

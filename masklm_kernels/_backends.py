@@ -49,6 +49,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result  # evaluated once when traced: torch 2.11's dynamo cannot trace find_spec
 def triton_installed() -> str | None:
     """None when triton can be imported, else the reason (without importing it)."""
     return None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"

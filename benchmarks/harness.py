@@ -421,8 +421,13 @@ def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
+    """Appends the records: the file is rewritten whole, atomically (a run killed mid-write leaves the
+    previous results intact, never a torn last line)."""
+    from masklm_kernels._io import atomic_open
+
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    with atomic_open(path) as f:
+        f.write(old if not old or old.endswith("\n") else old + "\n")
         for r in records:
             f.write(json.dumps(r, sort_keys=False) + "\n")
 

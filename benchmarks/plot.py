@@ -78,7 +78,10 @@ def plot_bars(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
 def _save(plt, fig, title: str, path: Path) -> Path:
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    from masklm_kernels._io import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=90, format="png")
     plt.close(fig)
     return path
 

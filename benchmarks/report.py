@@ -120,7 +120,10 @@ def write_report(kind: str, results: Path = DEFAULT_OUT, plots: bool = True) -> 
     if plots:
         images = make_plots(by_suite, results / "plots")
     path = results / f"REPORT-{kind}.md"
-    path.write_text(render(kind, by_suite, images, results), encoding="utf-8")
+    from masklm_kernels._io import atomic_open
+
+    with atomic_open(path) as f:
+        f.write(render(kind, by_suite, images, results))
     return path
 
 

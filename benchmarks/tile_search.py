@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import sys
@@ -137,9 +136,9 @@ def main(argv=None) -> int:
             print(f"triton {triton.__version__}  {key:22s} now {dataclasses.astuple(current(e))}"
                   f"  first spill-free {found[key]}", flush=True)
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"triton": triton.__version__, "found": found}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        from masklm_kernels._io import write_json
+
+        write_json(args.json, {"triton": triton.__version__, "found": found})
     return 0 if all(v is not None for v in found.values()) else 1
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import os
 import sys
 
 import torch
 
+from ._io import write_json
 from .training import data, distributed
+from .training.checkpoint import RUN_SETTINGS, CheckpointError
 from .training.loop import Args, train
 
 
@@ -37,8 +39,13 @@ def parse(argv=None) -> Args:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--dropout", type=float, default=None, help="hidden and attention dropout (default 0.1)")
     p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--save", default=None, help="checkpoint path written at the end")
+    p.add_argument("--save", default=None, help="checkpoint path written at the end (atomically)")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="with --save: also save every N steps (the last good checkpoint always stays intact)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (up to --steps)")
+    p.add_argument("--allow-changed", default="", metavar="SETTINGS",
+                   help="comma-separated run settings that may differ from the checkpoint's on --resume: "
+                        + ", ".join(RUN_SETTINGS))
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps of the --steps run (with --save: an interruption to resume)")
     p.add_argument("--summary-json", default=None)
@@ -48,13 +55,23 @@ def parse(argv=None) -> Args:
         p.error("--steps and --batch-size must be >= 1, --seq-len >= 8")
     if a.dropout is not None and not 0.0 <= a.dropout < 1.0:
         p.error("--dropout must be in [0, 1)")
+    if a.save_every is not None and (a.save_every < 1 or not a.save):
+        p.error("--save-every needs --save and must be >= 1")
+    allow = tuple(s.strip().replace("-", "_") for s in a.allow_changed.split(",") if s.strip())
+    if set(allow) - set(RUN_SETTINGS):
+        p.error(f"--allow-changed: unknown setting(s) {sorted(set(allow) - set(RUN_SETTINGS))}; "
+                f"choose from {', '.join(RUN_SETTINGS)}")
+    for name in ("text_file", "resume"):
+        path = getattr(a, name)
+        if path is not None and not os.path.isfile(path):
+            p.error(f"--{name.replace('_', '-')} {path!r}: no such file")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args = Args(task=a.task, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, model=a.model,
                 backend=a.backend, device=device, seed=a.seed, text_file=a.text_file, vocab_size=a.vocab_size,
-                lr=a.lr, log_every=a.log_every, save=a.save, resume=a.resume, stop_after=a.stop_after,
-                dropout=a.dropout)
+                lr=a.lr, log_every=a.log_every, save=a.save, save_every=a.save_every, resume=a.resume,
+                allow_changed=allow, stop_after=a.stop_after, dropout=a.dropout)
     args.summary_json, args.compare = a.summary_json, a.compare
     return args
 
@@ -64,6 +81,9 @@ def main(argv=None) -> int:
     ctx = distributed.setup(args.device)
     try:
         run_all(args, ctx)
+    except CheckpointError as e:
+        print(f"masklm_kernels.train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.teardown(ctx)
     return 0
@@ -92,8 +112,7 @@ def run_all(args: Args, ctx: distributed.Context) -> None:
         say(f"fused vs reference: {summary['speedup']:.2f}x tokens/s, final loss difference "
             f"{summary['loss_difference']:.2e}", flush=True)
     if args.summary_json and ctx.main:
-        with open(args.summary_json, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        write_json(args.summary_json, summary)  # strict JSON: a NaN loss (no step run) is null
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from ..masking import mask_tokens, mass_mask
 from ..models import BertMLM, MassModel, model_config
 from ..models.mlm import IGNORE_INDEX
-from . import data, distributed
+from . import checkpoint, data, distributed
 
 
 @dataclasses.dataclass
@@ -31,7 +31,9 @@ class Args:
     warmup: float = 0.1
     log_every: int = 10
     save: str | None = None
+    save_every: int | None = None  # also save every this many steps (atomically: the last good one stays)
     resume: str | None = None
+    allow_changed: tuple[str, ...] = ()  # run settings that may differ from the checkpoint's on resume
     stop_after: int | None = None  # stop (and save) after this many steps of a run planned for `steps`
     dropout: float | None = None  # hidden and attention dropout (None: the config's 0.1)
 
@@ -92,7 +94,7 @@ def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
     model, opt, sched = build(args, ds.vocab_size)
     start, first_loss = 0, None
     if args.resume:
-        ckpt = torch.load(args.resume, map_location=args.device, weights_only=False)
+        ckpt = checkpoint.load(args.resume, args, args.allow_changed)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
@@ -114,6 +116,8 @@ def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
         loss_value = float(logged)  # one host read per step, for the log
         first_loss = loss_value if first_loss is None else first_loss
         tokens += batch["tokens"]
+        if args.save and ctx.main and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
+            checkpoint.save(args.save, args, step=step + 1, first_loss=first_loss, model=model, opt=opt, sched=sched)
         if out and ((step + 1) % args.log_every == 0 or step + 1 == end):
             rate = tokens * ctx.world / max(time.perf_counter() - t0, 1e-9)  # estimate: rank 0's share x ranks
             bar = "#" * int(20 * (step + 1) / args.steps)
@@ -122,8 +126,7 @@ def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
     elapsed = time.perf_counter() - t0
     tokens = distributed.all_sum(tokens, ctx)
     if args.save and ctx.main:
-        torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                        rng=torch.get_rng_state(), step=end, first_loss=first_loss), args.save)
+        checkpoint.save(args.save, args, step=end, first_loss=first_loss, model=model, opt=opt, sched=sched)
     return dict(first_loss=first_loss, final_loss=loss_value, eval_loss=evaluate(args, model, ds),
                 tokens_per_s=tokens / elapsed if elapsed > 0 and tokens else math.nan, steps=end,
                 device=args.device, backend=args.backend, task=args.task, model=args.model,

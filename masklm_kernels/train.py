@@ -49,12 +49,16 @@ def parse(argv=None) -> Args:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps of the --steps run (with --save: an interruption to resume)")
     p.add_argument("--summary-json", default=None)
+    p.add_argument("--ddp-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for a stalled rank before failing, naming it")
     p.add_argument("--compare", action="store_true", help="run both backends, print speedup and loss difference")
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1 or a.seq_len < 8:
         p.error("--steps and --batch-size must be >= 1, --seq-len >= 8")
     if a.dropout is not None and not 0.0 <= a.dropout < 1.0:
         p.error("--dropout must be in [0, 1)")
+    if not a.ddp_timeout > 0:
+        p.error("--ddp-timeout must be > 0 seconds")
     if a.save_every is not None and (a.save_every < 1 or not a.save):
         p.error("--save-every needs --save and must be >= 1")
     allow = tuple(s.strip().replace("-", "_") for s in a.allow_changed.split(",") if s.strip())
@@ -71,19 +75,23 @@ def parse(argv=None) -> Args:
     args = Args(task=a.task, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, model=a.model,
                 backend=a.backend, device=device, seed=a.seed, text_file=a.text_file, vocab_size=a.vocab_size,
                 lr=a.lr, log_every=a.log_every, save=a.save, save_every=a.save_every, resume=a.resume,
-                allow_changed=allow, stop_after=a.stop_after, dropout=a.dropout)
+                allow_changed=allow, stop_after=a.stop_after, dropout=a.dropout,
+                ddp_timeout=a.ddp_timeout)
     args.summary_json, args.compare = a.summary_json, a.compare
     return args
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    ctx = distributed.setup(args.device)
+    ctx = distributed.setup(args.device, args.ddp_timeout)
     try:
         run_all(args, ctx)
     except CheckpointError as e:
         print(f"masklm_kernels.train: error: {e}", file=sys.stderr)
         return 2
+    except distributed.StalledRankError as e:
+        print(f"masklm_kernels.train: error: {e}", file=sys.stderr)
+        return 3
     finally:
         distributed.teardown(ctx)
     return 0

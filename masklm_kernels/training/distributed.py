@@ -5,14 +5,29 @@ keyed by global sample ids, so N processes see the same samples and masks as one
 back-propagates is scaled so that DDP's gradient average equals the gradient of the *global* mean over
 labelled tokens (ranks hold different numbers of them), and the logged loss is that global mean: step 1's
 loss equals the one-process run's.
+
+A rank that stalls (a hung data step, a dead node) must not block the others for torch's default half hour:
+the process group's timeout is `timeout_s` (`--ddp-timeout`, default 5 minutes), and a collective that runs
+out of it raises `StalledRankError`, naming the ranks that did not answer where it can tell: every rank that
+hit the timeout joins a `monitored_barrier` on a separate gloo group, and rank 0 learns from it which ranks
+never arrived. (With NCCL on CUDA, NCCL's own watchdog may end the processes first, with its own report.)
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
+
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class StalledRankError(RuntimeError):
+    """A collective got no answer from every rank within the process group's timeout."""
 
 
 @dataclasses.dataclass
@@ -20,6 +35,8 @@ class Context:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    monitor: object = None  # a gloo group for monitored_barrier (names the stalled ranks)
 
     @property
     def enabled(self) -> bool:
@@ -35,18 +52,47 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(device: str) -> Context:
+def setup(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Context:
     """Joins the process group that torchrun describes in the environment (no-op for a single process)."""
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
     if not launched():
-        return Context(device=device)
+        return Context(device=device, timeout_s=timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Context(rank, world, device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
+    return Context(rank, world, device, timeout_s, dist.new_group(backend="gloo", timeout=timeout))
+
+
+def collective(ctx: Context, what: str, fn):
+    """fn() (a collective); on a timeout, `StalledRankError` saying which ranks did not answer."""
+    try:
+        return fn()
+    except RuntimeError as e:  # gloo: "Timed out waiting ..."; DistBackendError is a RuntimeError too
+        if isinstance(e, StalledRankError):
+            raise
+        stalled = _stalled_ranks(ctx)
+        who = f"; ranks that did not answer: {stalled}" if stalled else ""
+        raise StalledRankError(f"rank {ctx.rank}: {what} got no answer from every rank within "
+                               f"{ctx.timeout_s:g} s (--ddp-timeout){who}. Original error: {str(e)[:300]}") from e
+
+
+def _stalled_ranks(ctx: Context) -> str | None:
+    """The ranks that do not reach a monitored barrier within a short wait (rank 0 learns them)."""
+    if ctx.monitor is None:
+        return None
+    try:
+        dist.monitored_barrier(group=ctx.monitor, timeout=datetime.timedelta(seconds=min(30.0, ctx.timeout_s)),
+                               wait_all_ranks=True)
+    except RuntimeError as e:
+        m = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
+        return m.group(1).strip() if m else None
+    return None
 
 
 def wrap(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
@@ -67,7 +113,7 @@ def global_loss(loss: torch.Tensor, labels: torch.Tensor, ctx: Context,
         return loss, loss.detach()
     labelled = (labels != ignore_index).sum()
     stats = torch.stack([loss.detach() * labelled, labelled.to(loss.dtype)])
-    dist.all_reduce(stats)
+    collective(ctx, "the loss all-reduce", lambda: dist.all_reduce(stats))
     total = stats[1].clamp_min(1)
     # DDP averages gradients over `world` ranks: sum_r(loss_r * n_r) / N is what each rank's scaled loss sums to.
     return loss * (labelled * ctx.world / total), stats[0] / total
@@ -78,10 +124,10 @@ def main_first(ctx: Context, build):
     deterministic across processes (HF tokenizers breaks ties in hash order), so rank 0 trains and caches it
     and the others load that cache (one node, or a cache directory shared by all)."""
     if ctx.enabled and not ctx.main:
-        dist.barrier()
+        collective(ctx, "waiting for rank 0's dataset", dist.barrier)
     result = build()
     if ctx.enabled and ctx.main:
-        dist.barrier()
+        collective(ctx, "waiting for the ranks after the dataset", dist.barrier)
     return result
 
 
@@ -89,7 +135,7 @@ def all_sum(value: float, ctx: Context) -> float:
     if not ctx.enabled:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t)
+    collective(ctx, "the token count all-reduce", lambda: dist.all_reduce(t))
     return float(t)
 
 

@@ -36,6 +36,7 @@ class Args:
     allow_changed: tuple[str, ...] = ()  # run settings that may differ from the checkpoint's on resume
     stop_after: int | None = None  # stop (and save) after this many steps of a run planned for `steps`
     dropout: float | None = None  # hidden and attention dropout (None: the config's 0.1)
+    ddp_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds a collective waits for a stalled rank
 
 
 def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train", rank: int = 0, world: int = 1) -> dict:
@@ -84,7 +85,7 @@ def evaluate(args: Args, model, ds: data.Dataset, batches: int = 4) -> float:
 def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
     """Runs args.steps steps (from a checkpoint with args.resume) and returns the summary. Under torchrun
     (WORLD_SIZE > 1) every rank runs this with its slice of each global batch; rank 0 logs and saves."""
-    ctx = distributed.setup(args.device)
+    ctx = distributed.setup(args.device, args.ddp_timeout)
     if args.batch_size % ctx.world:
         raise ValueError(f"batch_size ({args.batch_size}) must be a multiple of the number of processes "
                          f"({ctx.world})")

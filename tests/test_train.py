@@ -106,6 +106,6 @@ def test_torchrun_two_processes_match_one(task, corpus, tmp_path):
 def test_batch_must_split_across_processes(corpus, monkeypatch):
     from masklm_kernels.training import distributed
 
-    monkeypatch.setattr(distributed, "setup", lambda device: distributed.Context(0, 3, device))
+    monkeypatch.setattr(distributed, "setup", lambda device, *_: distributed.Context(0, 3, device))
     with pytest.raises(ValueError, match="batch_size"):
         train(_args(corpus, batch_size=8))

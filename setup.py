@@ -19,7 +19,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _flag(name):
-    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+    """The package's switch syntax (masklm_kernels/_env.py, not importable before the build)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"environment variable {name}={os.environ[name]!r}: expected 1/true/yes/on or 0/false/no/off")
 
 
 def _openmp_flags():

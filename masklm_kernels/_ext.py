@@ -5,7 +5,7 @@ it (pure-Python backends only); `load_error()` says why it could not be used.
 """
 from __future__ import annotations
 
-import os
+from . import _env
 
 _LOAD_ERROR: str | None = None
 _LOADED = False
@@ -16,9 +16,10 @@ def _load() -> None:
     global _LOAD_ERROR, _LOADED, _HAS_CUDA_KERNELS
     if _LOADED or _LOAD_ERROR is not None:
         return
-    if os.environ.get("MASKLM_NO_EXTENSION", "0") not in ("", "0"):
+    if _env.flag("MASKLM_NO_EXTENSION"):  # a value that is not a documented one raises, naming it
         _LOAD_ERROR = "MASKLM_NO_EXTENSION is set: the extension is disabled"
         return
+    _env.cpu_isa()  # read by the C++ code on first use: a typo must not silently select scalar code
     try:
         from masklm_kernels import _C  # noqa: F401  (registers the ops)
     except ImportError as e:  # not built, or built against another torch

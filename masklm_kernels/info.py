@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from . import __version__, _ext
+from . import __version__, _env, _ext
 from ._backends import Backend
 
 
@@ -47,8 +47,11 @@ def collect() -> dict:
     cuda = torch.cuda.is_available()
     devices = [f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
                for i in range(torch.cuda.device_count())] if cuda else []
-    ext = {"loaded": _ext.available(), "error": _ext.load_error()}
-    if _ext.available():
+    try:
+        ext = {"loaded": _ext.available(), "error": _ext.load_error()}
+    except ValueError as e:  # an invalid environment switch: shown, not a crash of the report
+        ext = {"loaded": False, "error": str(e)}
+    if ext["loaded"]:
         from . import _C
 
         ext["cuda_kernels"] = _ext.has_cuda_kernels()
@@ -56,15 +59,23 @@ def collect() -> dict:
     ops = {}
     for op, backends in _ops().items():
         ops[op] = [{"backend": b.name, "tensors": list(b.device_types), "description": b.description,
-                    "reasons": b.not_supported_reasons()} for b in backends]
+                    "reasons": _reasons(b)} for b in backends]
     return {
         "versions": {"masklm_kernels": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      "torch_cuda": torch.version.cuda, "triton": _version("triton"), "numpy": _version("numpy")},
         "device": {"cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(),
                    "cuda_available": cuda, "gpus": devices},
         "extension": ext,
+        "environment": {name: {"value": value, "meaning": meaning} for name, value, meaning in _env.describe()},
         "ops": ops,
     }
+
+
+def _reasons(backend) -> list[str]:
+    try:
+        return backend.not_supported_reasons()
+    except ValueError as e:
+        return [str(e)]
 
 
 def format_report(info: dict) -> str:
@@ -80,6 +91,8 @@ def format_report(info: dict) -> str:
                   f"  {'cpu simd':<16} {ext['cpu_simd']}"]
     else:
         lines += [f"  {'loaded':<16} no: {ext['error']}"]
+    lines += ["", "environment:"]
+    lines += [f"  {name:<20} {v['value']}  -- {v['meaning']}" for name, v in info["environment"].items()]
     lines += ["", "ops (backends in the order backend=\"auto\" tries them):"]
     for op, backends in info["ops"].items():
         lines.append(f"  {op}")

@@ -1,6 +1,7 @@
 """Public loss API: `masked_cross_entropy` and `fused_linear_cross_entropy` (BRIEF.md, "Cross-entropy semantics")."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -76,13 +77,16 @@ def _num_items(num_items, device):
     if num_items is None:
         return None
     if isinstance(num_items, torch.Tensor):
-        if num_items.dim() != 0 or num_items.dtype.is_complex:
-            raise TypeError(f"num_items must be a number or a 0-dim tensor, got shape {tuple(num_items.shape)}")
+        if num_items.dim() != 0 or num_items.dtype.is_complex or num_items.dtype == torch.bool:
+            raise TypeError(f"num_items must be a number or a 0-dim tensor of a real dtype, got {num_items.dtype} "
+                            f"of shape {tuple(num_items.shape)}")
+        if values_checkable(num_items) and not 0 < float(num_items) < math.inf:  # CUDA: would synchronise
+            raise ValueError(f"num_items must be > 0 and finite (a count), got {float(num_items)}")
         return num_items.to(device)
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
         raise TypeError(f"num_items must be a positive number or a 0-dim tensor, got {type(num_items).__name__}")
-    if not num_items > 0:
-        raise ValueError(f"num_items must be > 0, got {num_items}")
+    if not 0 < num_items < math.inf:
+        raise ValueError(f"num_items must be > 0 and finite (a count), got {num_items}")
     return num_items
 
 
@@ -90,7 +94,7 @@ def _check_options(ignore_index, label_smoothing, z_loss, reduction, num_items, 
     """The options both losses share, normalised; labels range-checked against the V classes."""
     ignore_index = check_int("ignore_index", ignore_index, lo=-(2**63), hi=2**63)
     label_smoothing = _check_float("label_smoothing", label_smoothing, 0.0, 1.0)
-    z_loss = _check_float("z_loss", z_loss, 0.0, float("inf"))
+    z_loss = _check_float("z_loss", z_loss, 0.0, 1e4)  # a coefficient (PaLM: 1e-4); inf would make every loss inf
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     num_items = _num_items(num_items, labels.device)

@@ -74,11 +74,20 @@ def _special_ids(special_token_ids, ids, vocab_size) -> torch.Tensor:
         check_tensor("special_token_ids", special_token_ids, device=ids.device, integer=True)
         if special_token_ids.dim() != 1:
             raise ValueError(f"special_token_ids must be 1-D, got shape {tuple(special_token_ids.shape)}")
-        return special_token_ids.to(torch.int64).contiguous()
+        t = special_token_ids.to(torch.int64).contiguous()
+        check_range("special_token_ids", t, 0, vocab_size - 1)
+        if values_checkable(t) and t.numel() >= vocab_size and t.unique().numel() >= vocab_size:
+            raise ValueError(f"special_token_ids covers every id of the vocabulary (vocab_size={vocab_size}): "
+                             "no token could ever be masked")
+        return t
     if not isinstance(special_token_ids, (list, tuple, set, frozenset)):
         raise TypeError(f"special_token_ids must be a list of ints or a 1-D tensor, got "
                         f"{type(special_token_ids).__name__}")
-    vals = tuple(sorted(check_int("special_token_ids[i]", v, lo=0, hi=vocab_size) for v in special_token_ids))
+    vals = tuple(sorted(check_int(f"special_token_ids[{i}]", v, lo=0, hi=vocab_size)
+                        for i, v in enumerate(special_token_ids)))
+    if len(set(vals)) >= vocab_size:
+        raise ValueError(f"special_token_ids covers every id of the vocabulary (vocab_size={vocab_size}): "
+                         "no token could ever be masked")
     if torch.compiler.is_compiling():  # traced: a constant of the graph, no cache needed
         return torch.tensor(vals, dtype=torch.int64, device=ids.device)
     return _id_list_tensor(vals, ids.device)
@@ -107,8 +116,10 @@ def _rates(mlm_probability, ids) -> torch.Tensor:
     return torch.scalar_tensor(check_prob("mlm_probability", mlm_probability), dtype=torch.float32)
 
 
-def _replacement(mask_prob: float, random_prob: float, mask_token_id, vocab_size, random_token_range):
-    vocab_size = check_int("vocab_size", vocab_size, lo=1)
+def _replacement(mask_prob: float, random_prob: float, mask_token_id, vocab_size, random_token_range,
+                 ids: torch.Tensor):
+    # ids are written into input_ids' dtype: an id that does not fit would be silently truncated
+    vocab_size = check_int("vocab_size", vocab_size, lo=1, hi=torch.iinfo(ids.dtype).max + 2)
     mask_token_id = check_int("mask_token_id", mask_token_id, lo=0, hi=vocab_size)
     if mask_prob + random_prob > 1.0 + 1e-9:
         raise ValueError(f"mask_replace_prob + random_replace_prob must be at most 1, got {mask_prob} + {random_prob}")
@@ -122,6 +133,19 @@ def _replacement(mask_prob: float, random_prob: float, mask_token_id, vocab_size
     t_mask = min(int(mask_prob * 2**32), 2**32)
     t_rand = min(int(min(mask_prob + random_prob, 1.0) * 2**32), 2**32)
     return mask_token_id, t_mask, max(t_mask, t_rand), lo, hi
+
+
+def _ignore_index(ignore_index, ids: torch.Tensor) -> int:
+    """Labels have input_ids' dtype: ignore_index must fit in it (a larger one would be truncated)."""
+    info = torch.iinfo(ids.dtype)
+    return check_int(f"ignore_index (labels are {ids.dtype})", ignore_index, lo=info.min, hi=info.max + 1)
+
+
+def _check_id_values(ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids in [0, vocab_size), checked where that costs no device synchronisation (CPU tensors).
+    On a GPU out-of-range ids are not detected; they are copied through (into labels too) and never
+    used as an index, so they cannot make a kernel touch memory outside its tensors."""
+    check_range("input_ids", ids, 0, vocab_size - 1)
 
 
 def _span_cdf(span_lengths) -> list[int] | None:
@@ -147,7 +171,8 @@ def prepare_mask_tokens_args(input_ids, *, mask_token_id, vocab_size, mlm_probab
     mask_prob = check_prob("mask_replace_prob", mask_replace_prob)
     rand_prob = check_prob("random_replace_prob", random_replace_prob)
     mask_token_id, t_mask, t_rand, lo, hi = _replacement(mask_prob, rand_prob, mask_token_id, vocab_size,
-                                                         random_token_range)
+                                                         random_token_range, ids)
+    _check_id_values(ids, vocab_size)
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be a bool, got {type(exact).__name__}")
     words = None
@@ -160,7 +185,7 @@ def prepare_mask_tokens_args(input_ids, *, mask_token_id, vocab_size, mlm_probab
             _per_token_flags("special_tokens_mask", special_tokens_mask, ids),
             _special_ids(special_token_ids, ids, vocab_size), words, _rates(mlm_probability, ids),
             _per_row("sample_ids", sample_ids, ids), scalar_tensor("seed", seed, dev), scalar_tensor("step", step, dev),
-            mode, cdf or [], mask_token_id, t_mask, t_rand, lo, hi, check_int("ignore_index", ignore_index))
+            mode, cdf or [], mask_token_id, t_mask, t_rand, lo, hi, _ignore_index(ignore_index, ids))
 
 
 def mask_tokens(input_ids, *, mask_token_id, vocab_size, mlm_probability=0.15, mask_replace_prob=0.8,
@@ -239,12 +264,13 @@ def prepare_mass_mask_args(input_ids, *, lengths, mask_token_id, vocab_size, fra
     shares = [check_prob(f"pred_probs[{i}]", p) for i, p in enumerate(pred_probs)]
     if abs(sum(shares) - 1.0) > 1e-6:
         raise ValueError(f"pred_probs must sum to 1, got {pred_probs!r} (sum {sum(shares)})")
-    mask_token_id, t_mask, t_rand, lo, hi = _replacement(shares[0], shares[1], mask_token_id, vocab_size, None)
+    mask_token_id, t_mask, t_rand, lo, hi = _replacement(shares[0], shares[1], mask_token_id, vocab_size, None, ids)
+    _check_id_values(ids, vocab_size)
     ratio_fx = max(1, math.floor(ratio * 2**24 + 0.5))  # docs/MASKING.md: ratio in 2^-24 units (plain Python: traceable)
     return (ids, _lengths(lengths, ids), _special_ids(special_token_ids, ids, vocab_size),
             _per_row("sample_ids", sample_ids, ids), scalar_tensor("seed", seed, ids.device),
             scalar_tensor("step", step, ids.device), ratio_fx, mask_token_id, t_mask, t_rand, lo, hi,
-            check_int("pad_token_id", pad_token_id, lo=0, hi=vocab_size), check_int("ignore_index", ignore_index))
+            check_int("pad_token_id", pad_token_id, lo=0, hi=vocab_size), _ignore_index(ignore_index, ids))
 
 
 def mass_mask(input_ids, *, lengths, mask_token_id, vocab_size, fragment_ratio=0.5, pred_probs=(0.8, 0.1, 0.1),

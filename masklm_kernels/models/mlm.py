@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_range
 from .config import ModelConfig
 from .layers import Embeddings, Layer, LMHead, dense_attend, init_weights, varlen_fused_attend
 
@@ -35,7 +36,14 @@ def lengths_from(input_ids: torch.Tensor, lengths, attention_mask) -> torch.Tens
         return torch.full(input_ids.shape[:1], input_ids.shape[1], dtype=torch.int64, device=input_ids.device)
     if lengths is None:
         return attention_mask.to(torch.int64).sum(1)
-    return lengths.to(device=input_ids.device, dtype=torch.int64)
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != input_ids.shape[:1] or lengths.is_floating_point():
+        raise ValueError(f"lengths must be a ({input_ids.shape[0]},) integer tensor, got "
+                         f"{getattr(lengths, 'dtype', type(lengths).__name__)} of shape {tuple(getattr(lengths, 'shape', ()))}")
+    lengths = lengths.to(device=input_ids.device, dtype=torch.int64)
+    check_range("lengths", lengths, 0, input_ids.shape[1])  # CPU tensors: a clear error naming `lengths`
+    # on a GPU (no check without a synchronisation) lengths are clamped, so that the packed layout never
+    # addresses tokens outside input_ids
+    return lengths.clamp(0, input_ids.shape[1])
 
 
 def cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:

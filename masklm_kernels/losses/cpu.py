@@ -37,7 +37,11 @@ def _chunk_loss(x: torch.Tensor, y: torch.Tensor, label_smoothing: float, z_loss
     """(loss, lse) of a chunk of labelled rows: logits x (c, V) in the accumulation dtype, labels y (c,)."""
     lse = torch.logsumexp(x, dim=1)
     target = x.gather(1, y[:, None]).squeeze(1)
-    loss = (1.0 - label_smoothing) * (lse - target) + label_smoothing * (lse - x.mean(dim=1)) + z_loss * lse * lse
+    loss = (1.0 - label_smoothing) * (lse - target)
+    if label_smoothing:  # left out when 0, not multiplied: 0 * inf (a -inf logit) would be NaN
+        loss = loss + label_smoothing * (lse - x.mean(dim=1))
+    if z_loss:
+        loss = loss + z_loss * lse * lse
     return loss, lse
 
 
@@ -93,7 +97,9 @@ def rows_inplace(x: torch.Tensor, y: torch.Tensor, ignore_index: int, label_smoo
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     s = x.sub_(m).exp_().sum(dim=1, keepdim=True)
     lse = (m + s.log()).squeeze(1)
-    loss = (1.0 - label_smoothing) * (lse - target) + z_loss * lse * lse
+    loss = (1.0 - label_smoothing) * (lse - target)
+    if z_loss:
+        loss = loss + z_loss * lse * lse
     if label_smoothing:
         loss = loss + label_smoothing * (lse - mean)
     loss, lse = torch.where(keep, loss, 0.0), torch.where(keep, lse, 0.0)

@@ -23,7 +23,13 @@ def row_losses(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int 
     keep = labels != ignore_index
     lse = torch.logsumexp(x, dim=-1)
     target = x.gather(1, torch.where(keep, labels, 0)[:, None]).squeeze(1)
-    loss = (1.0 - label_smoothing) * (lse - target) + label_smoothing * (lse - x.mean(dim=-1)) + z_loss * lse * lse
+    loss = (1.0 - label_smoothing) * (lse - target)
+    # terms whose weight is 0 are left out, not multiplied by 0: a -inf logit makes them infinite, and 0 * inf
+    # would turn F.cross_entropy's finite loss into NaN
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - x.mean(dim=-1))
+    if z_loss:
+        loss = loss + z_loss * lse * lse
     return torch.where(keep, loss, torch.zeros_like(loss))
 
 

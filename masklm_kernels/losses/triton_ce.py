@@ -62,7 +62,7 @@ def _ce_rows(X, x_stride, Y, G, g_stride, W, w_stride, LOSS, LSE, V, ignore_inde
     x_y = tl.load(x_row + tl.where(use, y, 0), mask=use, other=0.0).to(ACC)
     # the smoothing term only when eps > 0: a logit of -inf makes the row sum -inf, and 0 * inf is NaN
     smooth = tl.where(eps > 0, eps * (lse - sx / V), 0.0)
-    loss = (1.0 - eps) * (lse - x_y) + smooth + z * lse * lse
+    loss = (1.0 - eps) * (lse - x_y) + smooth + tl.where(z > 0, z * lse * lse, 0.0)  # likewise z = 0, lse = inf
     nan = float("nan")
     loss = tl.where(use, loss, tl.where(labelled, nan, 0.0))
     tl.store(LOSS + row, loss)

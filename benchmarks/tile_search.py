@@ -1,7 +1,7 @@
 """Search of the attention tile table: for each (kernel, operand width, dense mask, head-dim block) entry,
 the first configuration of `triton_launch.tile_candidates` (in order of preference), starting from the one
 the table holds now, that compiles ahead of time without a register spill for sm_80 and sm_90 in every
-mask variant the entry serves, under the Triton installed here.
+mask variant and head-dim block the entry serves, under the Triton installed here.
 
     python -m benchmarks.tile_search                  # every entry of the table
     python -m benchmarks.tile_search --failing        # only the entries that spill now
@@ -32,6 +32,16 @@ def variants(dense: bool) -> tuple[str, ...]:
     return ("dense",) if dense else ("plain", "metadata", "varlen")
 
 
+def head_blocks(entry) -> list[int]:
+    """The head-dim blocks the entry serves: those above the previous entry's, up to its own."""
+    from masklm_kernels.attention import triton_launch
+
+    kernel, width, dense, bd = entry
+    bounds = [b for b, _ in triton_launch._CONFIGS[(kernel, width, dense)]]
+    lo = max([b for b in bounds if b < bd], default=0)
+    return [h for h in compile_triton.HEAD_DIMS if lo < h <= bd]
+
+
 def entries() -> list[tuple[str, int, bool, int]]:
     """(kernel, width, dense, head-dim block) of every entry of the table (fp64 borrows none)."""
     from masklm_kernels.attention import triton_launch
@@ -48,7 +58,7 @@ def current(entry) -> "BlockConfig":  # noqa: F821
 
 def _spills(task) -> tuple[int, int]:
     """(spilled bytes, registers) of one candidate for one variant and arch (in a worker process)."""
-    kernel, width, bd, variant, cfg, arch = task
+    kernel, width, bd, variant, cfg, arch = task  # bd: one head-dim block the entry serves
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -84,12 +94,13 @@ def search(entry, pool, start_at_current: bool = True):
         i = cands.index(cur) if cur in cands else 0
         cands = [cur, *cands[i + 1:], *cands[:i]]
     cands = [c for c in cands if c.block_m * c.block_n * bd <= 128 * 64 * 256]  # register file bound
-    batch = max(1, (pool._max_workers // (len(ARCHS) * len(variants(dense)))))
+    blocks = head_blocks(entry)
+    per = len(blocks) * len(variants(dense)) * len(ARCHS)
+    batch = max(1, pool._max_workers // per)
     for i in range(0, len(cands), batch):
         chunk = cands[i:i + batch]
-        tasks = [(kernel, width, bd, v, c, a) for c in chunk for v in variants(dense) for a in ARCHS]
+        tasks = [(kernel, width, h, v, c, a) for c in chunk for h in blocks for v in variants(dense) for a in ARCHS]
         results = list(pool.map(_spills, tasks))
-        per = len(variants(dense)) * len(ARCHS)
         for j, c in enumerate(chunk):
             if all(sp == 0 for sp, _ in results[j * per:(j + 1) * per]):
                 return c
@@ -99,11 +110,12 @@ def search(entry, pool, start_at_current: bool = True):
 def failing(pool) -> list:
     """The entries whose current configuration spills under this Triton."""
     es = entries()
-    tasks = [(k, w, bd, v, current((k, w, d, bd)), a) for (k, w, d, bd) in es for v in variants(d) for a in ARCHS]
+    tasks = [(k, w, h, v, current((k, w, d, bd)), a) for (k, w, d, bd) in es for h in head_blocks((k, w, d, bd))
+             for v in variants(d) for a in ARCHS]
     results = iter(pool.map(_spills, tasks))
     out = []
     for e in es:
-        spills = [next(results)[0] for _ in range(len(variants(e[2])) * len(ARCHS))]
+        spills = [next(results)[0] for _ in range(len(head_blocks(e)) * len(variants(e[2])) * len(ARCHS))]
         if any(spills):
             out.append(e)
     return out

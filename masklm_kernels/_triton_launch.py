@@ -31,6 +31,8 @@ class Launch:
     label: str = ""  # what the static report calls this configuration (attention derives its own)
 
     def __call__(self) -> None:
+        if 0 in self.grid:
+            return  # empty input: nothing to compute (and an empty CUDA grid is a launch error)
         opts = {} if self.cfg is None else dict(num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
         with interpreter_scalars():
             self.kernel[self.grid](*self.args, **self.kwargs, **opts)

@@ -22,8 +22,15 @@ def _no_mask_grad(x: dict) -> list[str]:
         if x.get("mask_grad") else []
 
 
+# CUDA grids allow 65535 blocks on axes 1 and 2, where the kernels put the batch rows and the heads
+GRID_YZ_LIMIT = 65535
+
+
 def _triton_inputs(x: dict) -> list[str]:
     out = _no_mask_grad(x) + triton_cpu_reason(x["device"])
+    for name in ("batch", "heads"):
+        if x.get(name, 0) > GRID_YZ_LIMIT:
+            out.append(f"{name} {x[name]} is above the CUDA grid limit of {GRID_YZ_LIMIT} (grid axes 1 and 2)")
     if x["device"].type != "cpu" and triton_installed() is None:
         from .triton_launch import unsupported  # the kernels' own limits (triton is installed: requirement)
 
@@ -63,6 +70,8 @@ def _check_qkv(q, k, v, layout: str = "bhsd"):
             raise ValueError(f"{name} must have q's {what}, got shape {tuple(t.shape)} for q {tuple(q.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"q and k/v need at least one head, got {q.shape[1]} and {k.shape[1]} (dim 1)")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of k/v's heads ({k.shape[1]}) (GQA/MQA)")
     if q.shape[-1] not in HEAD_DIMS:
@@ -137,6 +146,12 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
     On CUDA tensors the values of lengths and spans are not range-checked (that would synchronise the
     host); the kernels clip lengths to [0, S] and treat a span with start >= end as empty.
 
+    Non-finite values, the same on every backend: keys, values and query rows that the lengths and spans
+    exclude (padding, outside the spans) are never read into a result, so whatever they hold (NaN, inf)
+    reaches no output and no gradient; spans of shape (B, 0, 2) mean "no key visible" ("inside") or "no
+    key excluded" ("outside"). A NaN in a key, value or query that some query sees makes those queries'
+    outputs NaN (others of the same batch row and head may be NaN too: kernels work a tile at a time).
+
     Equivalent PyTorch (dense, for rows with a visible key)::
 
         vis = masks.visibility(B, Sq, Sk, causal=..., kv_lengths=..., ...) & bool_attn_mask
@@ -159,7 +174,8 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
     prefix_lengths = _lengths("prefix_lengths", prefix_lengths, B, Sk, dev)
     spans = _spans(spans, B, Sk, dev)
     attn_mask = _attn_mask(attn_mask, (B, Hq, Sq, Sk), dev)
-    facts = dict(device=dev, dtype=q.dtype, head_dim=D, mask_grad=attn_mask is not None and attn_mask.requires_grad)
+    facts = dict(device=dev, dtype=q.dtype, head_dim=D, mask_grad=attn_mask is not None and attn_mask.requires_grad,
+                 batch=B, heads=Hq)
     chosen = select_backend("fused_attention", BACKENDS, backend, dev, facts)
     if chosen.name != "reference":
         out, _ = ops.FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), kv_lengths, q_lengths,
@@ -202,6 +218,11 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     Returns (total_q, Hq, D) in q's dtype; a query with no visible key (e.g. an empty key sequence) gives 0.
 
+    cu_seqlens are checked on CPU tensors only (on a GPU it would synchronise the host). On CUDA, values
+    that break the rules above give undefined results but never a read or write outside q, k, v, the output
+    and the gradients: the kernels clamp each bound to [previous bound, total tokens] and each length to
+    max_seqlen, and tokens outside every sequence get 0 (output and gradients).
+
     Equivalent PyTorch::
 
         out = torch.cat([fused_attention(q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None],
@@ -211,8 +232,9 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_qkv(q, k, v, layout="thd")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, lo=0)
-    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, lo=0)
+    # a sequence cannot be longer than all tokens together: larger values only inflate the grid
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, lo=0, hi=q.shape[0] + 1)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, lo=0, hi=k.shape[0] + 1)
     dev = q.device
     cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, dev, q.shape[0], max_seqlen_q)
     cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, dev, k.shape[0], max_seqlen_k)
@@ -221,7 +243,8 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          f"{cu_q.shape[0]} and {cu_k.shape[0]}")
     scale = _scale(scale, q.shape[-1])
     chosen = select_backend("fused_attention_varlen", BACKENDS, backend, dev,
-                            dict(device=dev, dtype=q.dtype, head_dim=q.shape[-1]))
+                            dict(device=dev, dtype=q.dtype, head_dim=q.shape[-1], batch=cu_q.shape[0] - 1,
+                                 heads=q.shape[1]))
     if chosen.name != "reference":
         out, _ = ops.VARLEN_FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k,
                                                  max_seqlen_q, max_seqlen_k, causal, scale)

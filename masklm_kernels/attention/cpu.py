@@ -95,8 +95,8 @@ def _extent(any_: torch.Tensor) -> tuple[list[int], list[int]]:
 def _whole_batch(q, k, meta: dict, attn_mask):
     """ATen's kernel over the whole batch in one call when the mask is none or plain causal with Sq == Sk
     (its own causal mask is top-left aligned; it skips the causal blocks itself): is_causal, else None."""
-    if attn_mask is not None or k.shape[2] == 0:
-        return None
+    if attn_mask is not None or q.numel() == 0 or k.numel() == 0:
+        return None  # ATen's kernel divides by the sizes: an empty input would kill the process (SIGFPE)
     if any(meta.get(n) is not None for n in ("kv_lengths", "q_lengths", "prefix_lengths", "spans")):
         return None
     if meta.get("causal"):

@@ -33,9 +33,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if Hkv != Hq:
         kc = kc.repeat_interleave(Hq // Hkv, dim=1)
         vc = vc.repeat_interleave(Hq // Hkv, dim=1)
-    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     vis = visibility(B, Sq, Sk, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
                      prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode, device=q.device)
+    # Keys and query rows that the lengths and spans exclude (padding, outside the spans: the causal and
+    # prefix rules aside) are inert: whatever they hold (NaN, inf) reaches no output and no gradient. A NaN
+    # in a key or value that some query sees makes those queries' outputs NaN; other rows of the same batch
+    # row may then be NaN too in the kernels, which work a tile or a block of rows at a time.
+    valid = visibility(B, Sq, Sk, kv_lengths=kv_lengths, q_lengths=q_lengths, spans=spans, span_mode=span_mode,
+                       device=q.device)
+    kc = kc.masked_fill(~valid.any(dim=-2)[..., None], 0.0)
+    vc = vc.masked_fill(~valid.any(dim=-2)[..., None], 0.0)
+    qc = qc.masked_fill(~valid.any(dim=-1)[..., None], 0.0)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             vis = vis & attn_mask
@@ -48,7 +57,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     # finite, and the mask product then zeroes them: output 0 and zero gradients, never NaN.
     scores = scores.masked_fill(~vis, float("-inf")).masked_fill(~row_visible, 0.0)
     probs = torch.softmax(scores, dim=-1) * vis
-    return torch.matmul(probs, vc).to(q.dtype)
+    # masked_fill, not a product: its backward gives those rows a zero gradient whatever d_out holds there
+    return torch.matmul(probs, vc).masked_fill(~row_visible, 0.0).to(q.dtype)
 
 
 def visible_pairs(vis: torch.Tensor) -> int:

@@ -19,13 +19,13 @@ from .triton_common import (_col_stats, _cols_ok, _dot, _key_range, _query_range
 from .triton_launch import Launch, Problem, block_config, padded_problem, tile_counter, varlen_problem
 
 
-@triton.jit(do_not_specialize=["SQ", "SK"])
-def _bwd_preprocess(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, sls, CU_Q, CU_K, SQ, SK, HQ, D,
+@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
+def _bwd_preprocess(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, sls, CU_Q, CU_K, SQ, SK, TQ, TK, HQ, D,
                     BM: tl.constexpr, BD: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
+    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, TQ, TK, VARLEN)
     rows = pid_m * BM + tl.arange(0, BM)
     dcol = tl.arange(0, BD)
     inb = (rows[:, None] < sq) & (dcol[None, :] < D)
@@ -38,11 +38,11 @@ def _bwd_preprocess(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, sls, C
     tl.store(DELTA + b64 * slb + h.to(tl.int64) * slh + (q0 + rows).to(tl.int64) * sls, delta, mask=rows < sq)
 
 
-@triton.jit(do_not_specialize=["SQ", "SK"])
+@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
 def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sls,
               CU_Q, CU_K, QLEN, KVLEN, PREFIX, SPANS, MASK, smb, smh, smi, smj,
-              SQ, SK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
+              SQ, SK, TQ, TK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
               NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, CONTIGUOUS: tl.constexpr,
@@ -53,7 +53,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
-    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
+    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, TQ, TK, VARLEN)
     n0 = pid_n * BN
     if n0 >= sk:
         return
@@ -69,11 +69,12 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
     d_in = dcol < D
     b64 = b.to(tl.int64)
     kv_off = (k0 + cols[:, None]).to(tl.int64)
-    k = tl.load(K + b64 * skb + hk.to(tl.int64) * skh + kv_off * sks + dcol[None, :],
-                mask=col_in[:, None] & d_in[None, :], other=0.0)
-    v = tl.load(V + b64 * svb + hk.to(tl.int64) * svh + kv_off * svs + dcol[None, :],
-                mask=col_in[:, None] & d_in[None, :], other=0.0)
+    # keys and query rows no pair uses (padding, outside the spans) are never loaded (see the forward)
     col_ok = _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)
+    k = tl.load(K + b64 * skb + hk.to(tl.int64) * skh + kv_off * sks + dcol[None, :],
+                mask=col_ok[:, None] & d_in[None, :], other=0.0)
+    v = tl.load(V + b64 * svb + hk.to(tl.int64) * svh + kv_off * svs + dcol[None, :],
+                mask=col_ok[:, None] & d_in[None, :], other=0.0)
     j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
     m_start, m_end = _query_range(j_min, q_len, off, prefix, st, en, BM, CAUSAL, NSPANS, INSIDE)
 
@@ -93,16 +94,17 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
                                         MASK_KIND != 0, CONTIGUOUS)
             if visible:
                 rows = m0 + tl.arange(0, BM)
+                rows64 = rows.to(tl.int64)
                 row_in = rows < sq
-                q = tl.load(q_ptr + rows[:, None] * sqs + dcol[None, :], mask=row_in[:, None] & d_in[None, :],
+                row_ok = _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)  # implies row_in
+                q = tl.load(q_ptr + rows64[:, None] * sqs + dcol[None, :], mask=row_ok[:, None] & d_in[None, :],
                             other=0.0)
-                do = tl.load(do_ptr + rows[:, None] * sds + dcol[None, :], mask=row_in[:, None] & d_in[None, :],
+                do = tl.load(do_ptr + rows64[:, None] * sds + dcol[None, :], mask=row_ok[:, None] & d_in[None, :],
                              other=0.0)
-                lse2 = tl.load(LSE + l_ptr + rows * sls, mask=row_in, other=float("inf")).to(ACC)
-                delta = tl.load(DELTA + l_ptr + rows * sls, mask=row_in, other=0.0).to(ACC)
+                lse2 = tl.load(LSE + l_ptr + rows64 * sls, mask=row_ok, other=float("inf")).to(ACC)
+                delta = tl.load(DELTA + l_ptr + rows64 * sls, mask=row_ok, other=0.0).to(ACC)
                 s = _dot(k, tl.trans(q), tl.zeros([BN, BM], ACC), UPCAST, PRECISION) * scale_log2  # S^T
-                s = _tile_scores(s, full, rows[None, :], cols[:, None],
-                                 _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)[None, :], col_ok[:, None],
+                s = _tile_scores(s, full, rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None],
                                  col_in[:, None] & row_in[None, :], off, prefix, mask_ptr, smi, smj, log2e, CAUSAL,
                                  MASK_KIND, ACC)
                 p = tl.math.exp2(s - lse2[None, :])
@@ -122,11 +124,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
         tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) + slot, masked)
 
 
-@triton.jit(do_not_specialize=["SQ", "SK"])
+@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
 def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
             sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sls,
             CU_Q, CU_K, QLEN, KVLEN, PREFIX, SPANS, MASK, smb, smh, smi, smj,
-            SQ, SK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
+            SQ, SK, TQ, TK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
             HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
             NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, CONTIGUOUS: tl.constexpr,
@@ -138,7 +140,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
     b = tl.program_id(1)
     h = tl.program_id(2)
     hk = h // GROUP
-    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
+    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, TQ, TK, VARLEN)
     m0 = pid_m * BM
     if m0 >= sq:
         return
@@ -154,18 +156,19 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
     d_in = dcol < D
     b64 = b.to(tl.int64)
     q_off = (q0 + rows[:, None]).to(tl.int64)
+    # query rows no pair uses are never loaded: their dQ is 0 whatever q, dO and delta hold there
+    row_ok = _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)
     q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + q_off * sqs + dcol[None, :],
-                mask=row_in[:, None] & d_in[None, :], other=0.0)
+                mask=row_ok[:, None] & d_in[None, :], other=0.0)
     do = tl.load(DO + b64 * sdb + h.to(tl.int64) * sdh + q_off * sds + dcol[None, :],
-                 mask=row_in[:, None] & d_in[None, :], other=0.0)
+                 mask=row_ok[:, None] & d_in[None, :], other=0.0)
     l_off = b64 * slb + h.to(tl.int64) * slh + (q0 + rows).to(tl.int64) * sls
-    lse2 = tl.load(LSE + l_off, mask=row_in, other=float("inf")).to(ACC)
-    delta = tl.load(DELTA + l_off, mask=row_in, other=0.0).to(ACC)
+    lse2 = tl.load(LSE + l_off, mask=row_ok, other=float("inf")).to(ACC)
+    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0).to(ACC)
     k_ptr = K + b64 * skb + hk.to(tl.int64) * skh + k0.to(tl.int64) * sks
     v_ptr = V + b64 * svb + hk.to(tl.int64) * svh + k0.to(tl.int64) * svs
     mask_ptr = MASK + b64 * smb + h.to(tl.int64) * smh
 
-    row_ok = _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)
     i_max, rows_full = _row_stats(m0, q_len, st, en, BM, NSPANS, INSIDE)
     n_lo, n_end = _key_range(i_max, m0, kv_len, off, prefix, st, en, BN, CAUSAL, NSPANS, INSIDE)
     dq = tl.zeros([BM, BD], ACC)
@@ -177,13 +180,15 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
                                     MASK_KIND != 0, CONTIGUOUS)
         if visible:
             cols = n0 + tl.arange(0, BN)
+            cols64 = cols.to(tl.int64)
             col_in = cols < sk
-            kt = tl.load(k_ptr + cols[None, :] * sks + dcol[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
-            vt = tl.load(v_ptr + cols[None, :] * svs + dcol[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
+            col_ok = _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)
+            kt = tl.load(k_ptr + cols64[None, :] * sks + dcol[:, None], mask=d_in[:, None] & col_ok[None, :], other=0.0)
+            vt = tl.load(v_ptr + cols64[None, :] * svs + dcol[:, None], mask=d_in[:, None] & col_ok[None, :], other=0.0)
             s = _dot(q, kt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION) * scale_log2
-            s = _tile_scores(s, full, rows[:, None], cols[None, :], row_ok[:, None],
-                             _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], row_in[:, None] & col_in[None, :],
-                             off, prefix, mask_ptr, smi, smj, log2e, CAUSAL, MASK_KIND, ACC)
+            s = _tile_scores(s, full, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+                             row_in[:, None] & col_in[None, :], off, prefix, mask_ptr, smi, smj, log2e, CAUSAL,
+                             MASK_KIND, ACC)
             p = tl.math.exp2(s - lse2[:, None])
             dp = _dot(do, vt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION)
             ds = p * (dp - delta[:, None])
@@ -209,7 +214,7 @@ def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv)
     seq = prob.strides
     pre = Launch(_bwd_preprocess, (triton.cdiv(prob.SQ, PRE_BLOCK_M), prob.B, prob.HQ),
                  (out, dout, delta, *seq(out), *seq(dout), *prob.lse_strides(), a["CU_Q"], a["CU_K"], prob.SQ, prob.SK,
-                  prob.HQ, prob.D), dict(BM=PRE_BLOCK_M, BD=a["BD"], VARLEN=prob.varlen, ACC=a["ACC"]))
+                  a["TQ"], a["TK"], prob.HQ, prob.D), dict(BM=PRE_BLOCK_M, BD=a["BD"], VARLEN=prob.varlen, ACC=a["ACC"]))
     launches = [pre]
     strides = (*seq(q), *seq(k), *seq(v), *seq(dout), *prob.lse_strides())
     for name, kernel, grads, rows, heads in (("dkdv", _bwd_dkdv, (dk, dv), prob.SK, prob.HKV),
@@ -225,7 +230,9 @@ def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv)
 
 def launch_backward(prob: Problem, dout, q, k, v, out, lse):
     """dq, dk, dv (in the inputs' dtypes and layouts) from the forward's out and lse."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # packed: tokens outside every sequence of cu_seqlens (bad metadata) get 0, not garbage
+    new = torch.zeros_like if prob.varlen else torch.empty_like
+    dq, dk, dv = new(q), new(k), new(v)
     for launch in backward_launches(prob, dout, q, k, v, out, lse, torch.empty_like(lse), dq, dk, dv):
         launch()
     return dq, dk, dv

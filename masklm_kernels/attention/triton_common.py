@@ -25,13 +25,16 @@ NO_COL = tl.constexpr(1 << 30)
 
 
 @triton.jit
-def _seq_info(cu_q, cu_k, b, SQ, SK, VARLEN: tl.constexpr):
-    """(first token, length) of batch row b's queries and keys: packed rows from cu_seqlens, else padded."""
+def _seq_info(cu_q, cu_k, b, SQ, SK, TQ, TK, VARLEN: tl.constexpr):
+    """(first token, length) of batch row b's queries and keys: packed rows from cu_seqlens, else padded.
+    cu_seqlens on a GPU are not checked on the host (a synchronisation): each bound is clamped to
+    [previous bound, TQ / TK tokens] and each length to max_seqlen (SQ / SK, what the grid covers), so that
+    no value of cu_seqlens makes a kernel touch memory outside q, k, v and their gradients."""
     if VARLEN:
-        q0 = tl.load(cu_q + b).to(tl.int32)
-        k0 = tl.load(cu_k + b).to(tl.int32)
-        sq = tl.load(cu_q + b + 1).to(tl.int32) - q0
-        sk = tl.load(cu_k + b + 1).to(tl.int32) - k0
+        q0 = tl.minimum(tl.maximum(tl.load(cu_q + b).to(tl.int32), 0), TQ)
+        k0 = tl.minimum(tl.maximum(tl.load(cu_k + b).to(tl.int32), 0), TK)
+        sq = tl.minimum(tl.minimum(tl.maximum(tl.load(cu_q + b + 1).to(tl.int32), q0), TQ) - q0, SQ)
+        sk = tl.minimum(tl.minimum(tl.maximum(tl.load(cu_k + b + 1).to(tl.int32), k0), TK) - k0, SK)
     else:
         q0 = 0
         k0 = 0
@@ -195,7 +198,7 @@ def _query_range(j_min, q_len, off, prefix, st, en, BM: tl.constexpr, CAUSAL: tl
 def _dense_mask(mask_ptr, i2, j2, in2, mstride_i, mstride_j, MASK_KIND: tl.constexpr, ACC: tl.constexpr):
     """(visible, bias) of a dense attn_mask tile (bool: 1 = visible; float: the bias to add to the scores,
     -inf hides the pair). `mask_ptr` already points at the (b, h) plane; out-of-range entries are hidden."""
-    raw = tl.load(mask_ptr + i2 * mstride_i + j2 * mstride_j, mask=in2, other=0)
+    raw = tl.load(mask_ptr + i2.to(tl.int64) * mstride_i + j2.to(tl.int64) * mstride_j, mask=in2, other=0)
     bias = raw.to(ACC)  # used by the caller for float masks only
     if MASK_KIND == 1:
         vis = raw != 0

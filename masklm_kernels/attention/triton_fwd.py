@@ -19,11 +19,11 @@ from .triton_common import (_col_stats, _cols_ok, _dot, _key_range, _query_range
 from .triton_launch import Launch, Problem, block_config, padded_problem, tile_counter, varlen_problem
 
 
-@triton.jit(do_not_specialize=["SQ", "SK"])
+@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
 def _attn_fwd(Q, K, V, O, LSE, COUNTS,
               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh, sls,
               CU_Q, CU_K, QLEN, KVLEN, PREFIX, SPANS, MASK, smb, smh, smi, smj,
-              SQ, SK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
+              SQ, SK, TQ, TK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
               NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, CONTIGUOUS: tl.constexpr,
@@ -34,7 +34,7 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     b = tl.program_id(1)
     h = tl.program_id(2)
     hk = h // GROUP
-    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, VARLEN)
+    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, TQ, TK, VARLEN)
     m0 = pid_m * BM
     if m0 >= sq:  # packed layout: the grid covers max_seqlen_q
         return
@@ -53,7 +53,8 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     k_ptr = K + b64 * skb + hk.to(tl.int64) * skh + k0.to(tl.int64) * sks
     v_ptr = V + b64 * svb + hk.to(tl.int64) * svh + k0.to(tl.int64) * svs
     mask_ptr = MASK + b64 * smb + h.to(tl.int64) * smh
-    q = tl.load(q_ptr + rows[:, None] * sqs + dcol[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+    rows64 = rows.to(tl.int64)  # offsets in 64 bits: max_seqlen x heads x head_dim may pass 2^31 (varlen)
+    q = tl.load(q_ptr + rows64[:, None] * sqs + dcol[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
 
     row_ok = _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)
     i_max, rows_full = _row_stats(m0, q_len, st, en, BM, NSPANS, INSIDE)
@@ -70,18 +71,22 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
                                     MASK_KIND != 0, CONTIGUOUS)
         if visible:
             cols = n0 + tl.arange(0, BN)
+            cols64 = cols.to(tl.int64)
             col_in = cols < sk
-            kt = tl.load(k_ptr + cols[None, :] * sks + dcol[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
+            kt = tl.load(k_ptr + cols64[None, :] * sks + dcol[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
             s = _dot(q, kt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION) * scale_log2
-            s = _tile_scores(s, full, rows[:, None], cols[None, :], row_ok[:, None],
-                             _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)[None, :], row_in[:, None] & col_in[None, :],
-                             off, prefix, mask_ptr, smi, smj, log2e, CAUSAL, MASK_KIND, ACC)
+            # values no query may see (padding, outside the spans) are never loaded: whatever they hold (NaN,
+            # inf) cannot reach an output (their scores are -inf whatever the keys hold); col_ok implies col_in
+            col_ok = _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)
+            s = _tile_scores(s, full, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+                             row_in[:, None] & col_in[None, :], off, prefix, mask_ptr, smi, smj, log2e, CAUSAL,
+                             MASK_KIND, ACC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
             p = tl.math.exp2(s - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + cols[:, None] * svs + dcol[None, :], mask=col_in[:, None] & d_in[None, :], other=0.0)
+            v = tl.load(v_ptr + cols64[:, None] * svs + dcol[None, :], mask=col_ok[:, None] & d_in[None, :], other=0.0)
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
             m_i = m_new
             count += 1
@@ -92,10 +97,10 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     out = acc / l_safe[:, None]
     lse = tl.where(alive, m_i + tl.math.log2(l_safe), float("inf"))  # base 2: what the backward recomputes P with
     o_ptr = O + b64 * sob + h.to(tl.int64) * soh + q0.to(tl.int64) * sos
-    tl.store(o_ptr + rows[:, None] * sos + dcol[None, :], out.to(O.dtype.element_ty),
+    tl.store(o_ptr + rows64[:, None] * sos + dcol[None, :], out.to(O.dtype.element_ty),
              mask=row_in[:, None] & d_in[None, :])
     lse_ptr = LSE + b64 * slb + h.to(tl.int64) * slh + q0.to(tl.int64) * sls
-    tl.store(lse_ptr + rows * sls, lse.to(LSE.dtype.element_ty), mask=row_in)
+    tl.store(lse_ptr + rows64 * sls, lse.to(LSE.dtype.element_ty), mask=row_in)
     if COUNT:
         slot = (b * tl.num_programs(2) + h) * tl.num_programs(0) + pid_m
         tl.store(COUNTS + slot, count)
@@ -129,7 +134,7 @@ def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor,
 def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
     """Packed layout: (out (total_q, Hq, D), lse (Hq, total_q))."""
     prob = varlen_problem(q, k, cu_q, cu_k, max_q, max_k, causal, scale)
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # tokens outside every sequence of cu_seqlens (bad metadata) read 0, not garbage
     lse = torch.empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q), device=q.device)
     forward_launch(prob, q, k, v, out, lse)()
     return out, lse

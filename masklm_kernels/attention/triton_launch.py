@@ -45,40 +45,40 @@ _CONFIGS = {
     ("fwd", 16, False): [(64, _C(128, 64, 4, 3)), (128, _C(128, 64, 8, 3)), (256, _C(64, 64, 8, 2))],
     ("fwd", 16, True): [(16, _C(128, 32, 8, 2)), (32, _C(128, 32, 4, 3)), (64, _C(64, 64, 8, 2)),
                         (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
-    ("fwd", 32, False): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 2)), (64, _C(32, 32, 4, 2)),
-                         (128, _C(32, 16, 8, 2))],
-    ("fwd", 32, True): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 2)), (64, _C(32, 32, 4, 2)),
-                        (128, _C(32, 16, 8, 2))],
-    ("dkdv", 16, False): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)), (128, _C(32, 64, 8, 2)),
-                          (256, _C(16, 32, 8, 1))],
-    ("dkdv", 16, True): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)), (128, _C(16, 64, 8, 2)),
-                         (256, _C(16, 32, 8, 1))],
-    ("dkdv", 32, False): [(16, _C(16, 16, 8, 1)), (32, _C(16, 32, 8, 2)), (64, _C(16, 32, 8, 1)),
-                          (128, _C(16, 64, 8, 2))],
-    ("dkdv", 32, True): [(16, _C(16, 16, 8, 1)), (32, _C(16, 32, 8, 2)), (64, _C(16, 32, 8, 1)),
-                         (128, _C(16, 64, 8, 2))],
-    ("dq", 16, False): [(64, _C(128, 32, 8, 2)), (128, _C(64, 32, 4, 2)), (256, _C(16, 16, 4, 1))],
+    ("fwd", 32, False): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 1)),
+                         (64, _C(32, 32, 8, 3)), (128, _C(32, 16, 8, 2))],
+    ("fwd", 32, True): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 2)),
+                        (64, _C(32, 32, 8, 3)), (128, _C(32, 16, 8, 2))],
+    ("dkdv", 16, False): [(32, _C(32, 128, 4, 3)), (64, _C(16, 128, 8, 2)),
+                          (128, _C(32, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
+    ("dkdv", 16, True): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)),
+                         (128, _C(16, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
+    ("dkdv", 32, False): [(16, _C(16, 16, 8, 1)), (32, _C(16, 32, 8, 1)),
+                          (64, _C(16, 32, 4, 1)), (128, _C(16, 64, 8, 2))],
+    ("dkdv", 32, True): [(16, _C(16, 16, 4, 3)), (32, _C(16, 32, 8, 2)),
+                         (64, _C(16, 32, 8, 1)), (128, _C(16, 64, 8, 2))],
+    ("dq", 16, False): [(64, _C(128, 32, 8, 2)), (128, _C(32, 64, 8, 3)), (256, _C(16, 16, 4, 1))],
     ("dq", 16, True): [(64, _C(128, 32, 8, 2)), (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
-    ("dq", 32, False): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)), (64, _C(32, 32, 4, 2)),
-                        (128, _C(32, 16, 4, 2))],
-    ("dq", 32, True): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)), (64, _C(32, 32, 4, 2)),
-                       (128, _C(32, 16, 4, 2))],
+    ("dq", 32, False): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)),
+                        (64, _C(16, 64, 8, 3)), (128, _C(16, 16, 8, 3))],
+    ("dq", 32, True): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)),
+                       (64, _C(16, 64, 8, 3)), (128, _C(16, 16, 8, 3))],
 }
 # (kernel, width, dense, head-dim block) -> config, for Triton before 3.9: the first candidate from the
 # entry above down that `benchmarks.tile_search` found spill-free under Triton 3.6 (which spilled 8-1100 B
 # with those entries; the fp32 dense-mask tiles the most).
 _BEFORE_TRITON_3_9 = {
-    ("fwd", 16, True, 256): _C(32, 16, 8, 3),
-    ("fwd", 32, False, 128): _C(16, 32, 4, 2),
-    ("fwd", 32, True, 64): _C(32, 32, 8, 3),
-    ("fwd", 32, True, 128): _C(16, 32, 4, 3),
+    ("dkdv", 16, False, 32): _C(32, 128, 8, 1),
     ("dkdv", 16, False, 128): _C(32, 64, 8, 1),
-    ("dkdv", 32, False, 64): _C(64, 16, 8, 2),
-    ("dkdv", 32, True, 128): _C(32, 16, 8, 3),
+    ("dkdv", 32, False, 32): _C(16, 32, 4, 3),
+    ("dkdv", 32, False, 64): _C(64, 16, 8, 1),
+    ("dkdv", 32, True, 128): _C(16, 16, 8, 3),
     ("dq", 32, False, 16): _C(32, 64, 8, 3),
-    ("dq", 32, False, 64): _C(16, 64, 8, 3),
-    ("dq", 32, True, 64): _C(16, 64, 8, 3),
-    ("dq", 32, True, 128): _C(16, 32, 8, 3),
+    ("fwd", 16, False, 64): _C(64, 128, 8, 2),
+    ("fwd", 16, True, 256): _C(32, 16, 8, 3),
+    ("fwd", 32, False, 32): _C(32, 64, 8, 3),
+    ("fwd", 32, False, 128): _C(16, 32, 8, 3),
+    ("fwd", 32, True, 128): _C(16, 32, 8, 3),
 }
 
 
@@ -255,14 +255,16 @@ def padded_problem(q, k, meta: dict, attn_mask, scale: float) -> Problem:
     spans = meta.get("spans")
     if spans is not None and spans.dim() == 2:
         spans = spans[:, None]
+    inside = meta.get("span_mode", "inside") == "inside"
+    if spans is not None and spans.shape[1] == 0 and inside:
+        spans = spans.new_zeros(B, 1, 2)  # no span at all, "inside": no key is visible (one empty span says so)
     nspans = 0 if spans is None else spans.shape[1]
     args = _common_args(q, HQ, HKV, D, bool(meta.get("causal")), scale)
-    args.update(CU_Q=dummy, CU_K=dummy, SQ=SQ, SK=SK, VARLEN=False)
+    args.update(CU_Q=dummy, CU_K=dummy, SQ=SQ, SK=SK, TQ=0, TK=0, VARLEN=False)
     for name, key in (("QLEN", "q_lengths"), ("KVLEN", "kv_lengths"), ("PREFIX", "prefix_lengths")):
         t = meta.get(key)
         args[name] = dummy if t is None else t
         args["HAS_" + name] = t is not None
-    inside = meta.get("span_mode", "inside") == "inside"
     args.update(SPANS=dummy if spans is None else spans.contiguous(), NSPANS=nspans, INSIDE=inside,
                 NSP=max(2, triton.next_power_of_2(max(nspans, 1))), CONTIGUOUS=nspans == 0 or (inside and nspans == 1))
     if attn_mask is None:
@@ -279,7 +281,7 @@ def varlen_problem(q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale
     HKV = k.shape[1]
     dummy = q.new_empty(0, dtype=torch.int32)
     args = _common_args(q, HQ, HKV, D, causal, scale)
-    args.update(CU_Q=cu_q, CU_K=cu_k, SQ=max_q, SK=max_k, VARLEN=True,
+    args.update(CU_Q=cu_q, CU_K=cu_k, SQ=max_q, SK=max_k, TQ=total_q, TK=k.shape[0], VARLEN=True,
                 QLEN=dummy, KVLEN=dummy, PREFIX=dummy, HAS_QLEN=False, HAS_KVLEN=False, HAS_PREFIX=False,
                 SPANS=dummy, NSPANS=0, NSP=2, INSIDE=True, CONTIGUOUS=True, MASK=dummy, smb=0, smh=0, smi=0, smj=0, MASK_KIND=0)
     return Problem(cu_q.shape[0] - 1, HQ, HKV, max_q, max_k, D, True, args, total_q)

@@ -200,3 +200,37 @@ def test_fused_head_with_minus_infinity_bias_is_finite_as_in_torch(backend):
     out = fused_linear_cross_entropy(h, w, y, bias=b, backend=backend)
     assert torch.isfinite(out)
     torch.testing.assert_close(out, ref)
+
+
+# ------------------------------------------------------------------------------------------------ switches, grid
+
+_MASK = ("import torch; from masklm_kernels import mask_tokens; "
+         "mask_tokens(torch.full((2, 8), 7), mask_token_id=3, vocab_size=10, backend='cpu'); print('ran')")
+
+
+@pytest.mark.parametrize("name, value", [("MASKLM_NO_EXTENSION", "maybe"), ("MASKLM_CPU_ISA", "avx5")])
+def test_an_invalid_environment_switch_is_an_error_naming_it(name, value):
+    env = {**os.environ, name: value}
+    r = subprocess.run([sys.executable, "-c", _MASK], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and f"{name}={value!r}" in r.stderr, r.stderr[-2000:]
+    info = subprocess.run([sys.executable, "-m", "masklm_kernels.info"], capture_output=True, text=True, env=env)
+    assert info.returncode == 0 and "INVALID" in info.stdout and name in info.stdout
+
+
+@pytest.mark.parametrize("value, loaded", [("false", "yes"), ("off", "yes"), ("0", "yes"), ("1", "no"), ("yes", "no")])
+def test_switch_values_mean_what_they_say(value, loaded):
+    env = {**os.environ, "MASKLM_NO_EXTENSION": value}
+    info = subprocess.run([sys.executable, "-m", "masklm_kernels.info"], capture_output=True, text=True, env=env)
+    line = next(x for x in info.stdout.splitlines() if x.strip().startswith("loaded"))
+    assert line.split()[1].startswith(loaded), line
+
+
+def test_grid_limits_are_a_reason_not_a_launch_failure():
+    """65,536 batch rows: more than CUDA's grid axis 1 takes. The triton backend refuses by name; auto runs
+    the cpu backend on CPU tensors."""
+    from masklm_kernels import BackendUnavailableError
+
+    _backend_ok("triton")
+    q = torch.randn(65536, 1, 1, 16)
+    with pytest.raises(BackendUnavailableError, match="batch 65536 is above the CUDA grid limit"):
+        fused_attention(q, q, q, backend="triton")

@@ -6,7 +6,7 @@ TypeError naming the argument in `names`) or "ok" (returns without error: empty 
 The runner executes every case in one child process, printing a JSON line before and after each, so that a
 case that kills the process (a signal, a segfault) is named by the last "start" without its "end":
 
-    python tests/reliability_cases.py          # one JSON line per event; TRITON_INTERPRET=1 set here
+    python tests/reliability_cases.py [START]  # one JSON line per event, from case START; TRITON_INTERPRET=1
 """
 from __future__ import annotations
 
@@ -236,7 +236,10 @@ def run_case(c: Case) -> dict:
 
 
 def main() -> int:
+    start = int(sys.argv[1]) if len(sys.argv) > 1 else 0  # resume after a case that killed the process
     for i, c in enumerate(all_cases()):
+        if i < start:
+            continue
         print(json.dumps(dict(event="start", index=i, op=c.op, backend=c.backend, case=c.name)), flush=True)
         print(json.dumps(dict(event="end", index=i, **run_case(c))), flush=True)
     return 0

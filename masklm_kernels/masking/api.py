@@ -145,7 +145,13 @@ def _check_id_values(ids: torch.Tensor, vocab_size: int) -> None:
     """Token ids in [0, vocab_size), checked where that costs no device synchronisation (CPU tensors).
     On a GPU out-of-range ids are not detected; they are copied through (into labels too) and never
     used as an index, so they cannot make a kernel touch memory outside its tensors."""
-    check_range("input_ids", ids, 0, vocab_size - 1)
+    if not ids.numel() or not values_checkable(ids):
+        return
+    # one pass: as unsigned, a negative id is above every vocabulary size. NumPy's max takes ~2.5 us at
+    # 32 x 512 where torch.aminmax takes 9 (measured, 2 threads): this runs on every call
+    a = ids.numpy()
+    if int(a.view(f"uint{8 * a.itemsize}").max()) >= vocab_size:
+        check_range("input_ids", ids, 0, vocab_size - 1)  # names the first bad value
 
 
 def _span_cdf(span_lengths) -> list[int] | None:

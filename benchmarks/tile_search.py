@@ -50,7 +50,8 @@ def entries() -> list[tuple[str, int, bool, int]]:
             for bd, _ in rows]
 
 
-def current(entry) -> "BlockConfig":  # noqa: F821
+def current(entry):
+    """The table's configuration for the entry under the installed Triton."""
     from masklm_kernels.attention import triton_launch
 
     return triton_launch.table_entry(*entry)

@@ -9,31 +9,17 @@ import dataclasses
 import json
 import os
 import pickle
-import random
 
 import pytest
 import torch
 
 from masklm_kernels import _io
 from masklm_kernels import train as cli
-from masklm_kernels.training import checkpoint, data
+from masklm_kernels.training import checkpoint
 from masklm_kernels.training.checkpoint import CheckpointError
 from masklm_kernels.training.loop import Args, train
 
-WORDS = "mask token attention kernel fused loss label tensor batch padding span decoder encoder step".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))) for _ in range(200)))
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+pytestmark = pytest.mark.usefixtures("tokenizer_cache")
 
 
 def _args(corpus, **kw):

@@ -4,31 +4,14 @@ corpus and tokenizer fast (the default corpus is the standard library's docstrin
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
 from masklm_kernels import train as cli
-from masklm_kernels.training import data
 from masklm_kernels.training.loop import Args, train
 
-WORDS = ("mask token attention kernel fused loss label vocabulary tensor batch padding span decoder encoder "
-         "gradient softmax layer model train step sequence python module function class return value").split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30)))
-                              for _ in range(400)))
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+pytestmark = pytest.mark.usefixtures("tokenizer_cache")
 
 
 def _args(corpus, **kw):

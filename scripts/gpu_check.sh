@@ -48,7 +48,7 @@ summary() {  # rewrite SUMMARY.md from the rows so far (atomically)
   {
     echo "# GPU check: $MODE"
     echo
-    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '? (no .git)')$(git diff --quiet 2>/dev/null; [[ $? == 1 ]] && echo ' (dirty)')"
     echo "- elapsed: $(( $(date +%s) - START )) s"
     echo
     echo "| phase | status | seconds | detail |"
@@ -61,7 +61,7 @@ summary() {  # rewrite SUMMARY.md from the rows so far (atomically)
 # so pytest still writes its junit, then SIGKILL), appending to LOGFILE; records status and a detail line.
 phase() {
   local name="$1" limit="$2" log="$3" detail="$4"; shift 5
-  limit=$(awk -v l="$limit" -v s="$SCALE" 'BEGIN { printf "%d", l * s }')
+  limit=$(awk -v l="$limit" -v s="$SCALE" 'BEGIN { v = int(l * s); print (v < 1 ? 1 : v) }')  # timeout 0 = none
   local t0 rc status
   t0=$(date +%s)
   echo "== $name (limit ${limit} s): $*" >> "$log"

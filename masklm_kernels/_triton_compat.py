@@ -23,7 +23,7 @@ _LOCK = threading.Lock()
 
 
 def _squeezing_index(self) -> int:
-    return int(self.handle.data.reshape(-1)[0]) if self.handle.data.size == 1 else int(self.handle.data)
+    return int(self.handle.data.item())  # as Triton 3.9's: size-1 arrays of any shape; larger ones raise
 
 
 @functools.lru_cache(maxsize=None)

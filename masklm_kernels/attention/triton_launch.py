@@ -31,9 +31,9 @@ def head_block(head_dim: int) -> int:
 _C = BlockConfig
 # (kernel, operand width, dense attn_mask) -> [(largest head-dim block, config), ...]. Each entry is the
 # first tile of `tile_candidates` (order of preference: larger tiles, then warps, then deeper pipelines)
-# that compiled without a register spill for sm_80 and sm_90 in every mask variant of its group under the
-# newest Triton (3.9), found by `python -m benchmarks.tile_search`; `_BEFORE_TRITON_3_9` replaces the
-# entries that spill under older Triton (3.6, the GPU image's, checked). Each version's check of the whole
+# that compiled without a register spill for sm_80 and sm_90, in every mask variant and head-dim block it
+# serves, under the newest Triton (3.9), found by `python -m benchmarks.tile_search`; `_BEFORE_TRITON_3_9`
+# replaces the entries that spill under older Triton (3.6, the GPU image's, checked). Each version's check of the whole
 # table is benchmarks/results/compile_report-nvcc*-triton<version>.txt (CI runs it under both). The 16-bit
 # forward starts from FlashAttention-2's Triton tutorial (128 x 64, 4-8 warps); a dense mask tile costs
 # registers, hence smaller tiles there; fp32 dots run in IEEE fp32 on CUDA cores (FMA layouts hold more
@@ -82,11 +82,11 @@ _BEFORE_TRITON_3_9 = {
 }
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_before(major: int, minor: int) -> bool:
     return tuple(int(x) for x in triton.__version__.split(".")[:2]) < (major, minor)
 
 
+@functools.lru_cache(maxsize=None)  # on every launch: the version test and the row lookup once per entry
 def table_entry(kernel: str, width: int, dense: bool, max_bd: int) -> BlockConfig:
     """The table's configuration for one entry under the installed Triton."""
     if _triton_before(3, 9):
@@ -100,9 +100,8 @@ _FP64_WIDE = {"fwd": _C(32, 16, 4, 2), "dkdv": _C(16, 32, 4, 1), "dq": _C(32, 16
 
 def tile_candidates(kernel: str) -> list[BlockConfig]:
     """Every tile configuration worth trying for `kernel`, in the table's order of preference: larger tiles
-    first (the looped-over side wider for the forward and dQ, narrower for dK/dV, which keeps two
-    accumulators of the other side), then fewer warps for the forward (more warps for the backward), then
-    deeper pipelines. `benchmarks.tile_search` walks this list for the first spill-free entry of each group
+    first, then a wider side that each program keeps (its query rows for the forward and dQ, its keys for
+    dK/dV), then fewer warps for the forward (more for the backward), then deeper pipelines. `benchmarks.tile_search` walks this list for the first spill-free entry of each group
     under each Triton version, and the GPU check times the entries around it."""
     sides = (128, 64, 32, 16)
     out = [_C(m, n, w, s) for m in sides for n in sides for w in (4, 8) for s in (3, 2, 1)]

@@ -30,6 +30,9 @@ def _model(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_len
 
     out = np.zeros((B, Hq, Sq, D))
     for b in range(B):
+        # the diagonal: bottom-right on the row's real lengths when both are given, else on the sizes
+        both = q_lengths is not None and kv_lengths is not None
+        off = int(kv_lengths[b]) - int(q_lengths[b]) if both else Sk - Sq
         for h in range(Hq):
             g = h // (Hq // Hkv)
             for i in range(Sq):
@@ -41,7 +44,7 @@ def _model(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_len
                 for j in range(Sk):
                     ok = True
                     if causal:
-                        ok = j <= i + (Sk - Sq) or (prefix_lengths is not None and j < int(prefix_lengths[b]))
+                        ok = j <= i + off or (prefix_lengths is not None and j < int(prefix_lengths[b]))
                     if kv_lengths is not None and j >= int(kv_lengths[b]):
                         ok = False
                     if sp is not None and (in_span(b, j) != (span_mode == "inside")):

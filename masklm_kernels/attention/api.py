@@ -6,6 +6,7 @@ import numbers
 
 import torch
 
+from .._autocast import cast_inputs, no_autocast
 from .._backends import Backend, select_backend, triton_cpu_reason, triton_installed, triton_requirement
 from .._validation import check_int, check_range, check_tensor, values_checkable
 from . import ops, reference
@@ -13,8 +14,6 @@ from .masks import SPAN_MODES
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = tuple(range(16, 257, 8))  # every multiple of 8 from 16 to 256 (40, 80, 96 included)
-
-
 
 
 def _no_mask_grad(x: dict) -> list[str]:
@@ -129,7 +128,9 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
     Args:
         q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), Hq % Hkv == 0 (GQA / MQA); fp16, bf16, fp32 (fp64 too);
             D a multiple of 8 in [16, 256].
-        causal: key j visible to query i only when j <= i + (Sk - Sq) (bottom-right aligned).
+        causal: key j visible to query i only when j <= i + off_b, bottom-right aligned: off_b =
+            kv_lengths[b] - q_lengths[b] when both are given (each row's real lengths: the padded layout
+            then means what the packed one does), else Sk - Sq.
         kv_lengths: (B,) int, keys j >= kv_lengths[b] are padding.
         q_lengths: (B,) int, rows i >= q_lengths[b] are padding: output 0, no gradient.
         prefix_lengths: (B,) int, with causal=True: keys j < prefix_lengths[b] are also visible (prefix-LM).
@@ -158,6 +159,7 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
         F.scaled_dot_product_attention(q, k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1),
                                        attn_mask=vis, scale=scale)
     """
+    q, k, v = cast_inputs(q, k, v)  # under autocast: its dtype, as SDPA (the policy: _autocast.py)
     _check_qkv(q, k, v)
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
@@ -182,9 +184,10 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
                                           prefix_lengths, spans, attn_mask, causal, span_mode, scale)
         return out
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    return reference.attention(q, k, v, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
-                               prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode, attn_mask=attn_mask,
-                               scale=scale, compute_dtype=compute)
+    with no_autocast(dev):  # the specification computes in `compute` whatever autocast says
+        return reference.attention(q, k, v, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
+                                   prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode,
+                                   attn_mask=attn_mask, scale=scale, compute_dtype=compute)
 
 
 def _cu_seqlens(name: str, t, device, total: int, max_seqlen: int) -> torch.Tensor:
@@ -229,6 +232,7 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                          v[c:d].transpose(0, 1)[None], causal=causal)[0].transpose(0, 1)
                          for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])])
     """
+    q, k, v = cast_inputs(q, k, v)  # under autocast: its dtype, as SDPA (the policy: _autocast.py)
     _check_qkv(q, k, v, layout="thd")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -250,4 +254,5 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                                  max_seqlen_q, max_seqlen_k, causal, scale)
         return out
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale, compute_dtype=compute)
+    with no_autocast(dev):
+        return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale, compute_dtype=compute)

@@ -4,7 +4,18 @@ Shared by the reference (whole (Sq, Sk) plane) and the CPU backend (one block of
 so that it never holds more than (B, block, Sk)). Key j is visible to query i when every given
 condition holds:
 
-* causal: `j <= i + (Sk - Sq)` (bottom-right aligned), or, with `prefix_lengths`, also `j < prefix[b]`;
+* causal: `j <= i + off_b`, bottom-right aligned: `off_b = kv_lengths[b] - q_lengths[b]` when both
+  lengths are given (the diagonal ends at each row's last real query and key, as in the packed layout
+  and FlashAttention's varlen), else `Sk - Sq` (padded sizes: self-attention with `kv_lengths` alone
+  keeps the top-left diagonal); with `prefix_lengths`, also `j < prefix[b]`;
+
+        q_lengths = [5], kv_lengths = [8], Sq = Sk = 8: off = 3      (x visible, . not)
+            j: 0 1 2 3 4 5 6 7
+        i=0    x x x x . . . .
+        i=1    x x x x x . . .
+          ...
+        i=4    x x x x x x x x
+        i=5-7  . . . . . . . .   (padding rows)
 * kv_lengths: `j < kv_lengths[b]`;  q_lengths: row `i < q_lengths[b]` (padding rows see nothing);
 * spans `[start, end)` (B, 2) or (B, K, 2): `"inside"` -- j in a span, and row i in a span (the MASS
   decoder: rows outside every span are not computed); `"outside"` -- j in no span.
@@ -40,7 +51,10 @@ def visibility(batch: int, seq_q: int, seq_k: int, *, causal: bool = False, kv_l
     j = torch.arange(seq_k, device=device).view(1, 1, seq_k)
     vis = torch.ones(batch, i1 - i0, seq_k, dtype=torch.bool, device=device)
     if causal:
-        allowed = j <= i + (seq_k - seq_q)
+        off = seq_k - seq_q
+        if kv_lengths is not None and q_lengths is not None:  # clipped to the sizes, as the kernels do
+            off = (kv_lengths.clamp(0, seq_k) - q_lengths.clamp(0, seq_q)).view(batch, 1, 1)
+        allowed = j <= i + off
         if prefix_lengths is not None:
             allowed = allowed | (j < prefix_lengths.view(batch, 1, 1))
         vis &= allowed

@@ -1,7 +1,8 @@
 """torch.library registration of the attention backends: for each of `cpu` and `triton`, forward and
 backward custom ops with fake implementations, joined by `register_autograd`, so that torch.compile
 traces through them -- for the padded layout (`attention_<backend>_fwd/_bwd`) and the packed varlen
-layout (`attention_varlen_<backend>_fwd/_bwd`).
+layout (`attention_varlen_<backend>_fwd/_bwd`). Under autocast the forward ops take q, k, v in the
+autocast dtype (_autocast.py).
 
 The backend modules are imported when an op first runs: triton is an optional dependency, and the
 package imports without it. The triton ops accept any device: on CPU tensors they run under Triton's
@@ -13,6 +14,8 @@ import importlib
 from typing import Optional
 
 import torch
+
+from .. import _autocast
 
 # backend -> (module of the forward, module of the backward), under masklm_kernels.attention
 _MODULES = {"cpu": ("cpu", "cpu"), "triton": ("triton_fwd", "triton_bwd")}
@@ -76,6 +79,7 @@ def _register_padded(backend: str):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
+    _autocast.register(f"masklm_kernels::attention_{backend}_fwd", positions=(0, 1, 2))  # q, k, v
     return fwd, bwd
 
 
@@ -118,6 +122,7 @@ def _register_varlen(backend: str):
         return dq, dk, dv, None, None, None, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
+    _autocast.register(f"masklm_kernels::attention_varlen_{backend}_fwd", positions=(0, 1, 2))  # q, k, v
     return fwd, bwd
 
 

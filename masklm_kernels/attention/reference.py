@@ -17,32 +17,26 @@ import torch
 from .masks import visibility
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, kv_lengths=None,
-              q_lengths=None, prefix_lengths=None, spans=None, span_mode: str = "inside", attn_mask=None,
-              scale: float | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Masked attention, (B, Hq, Sq, D) in q's dtype; computed in `compute_dtype` (default q's dtype).
-
-    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA / MQA: each group of Hq / Hkv
-    query heads shares one key/value head).
-    """
+def attention_probs(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, kv_lengths=None, q_lengths=None,
+                    prefix_lengths=None, spans=None, span_mode: str = "inside", attn_mask=None,
+                    scale: float | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Attention probabilities (B, Hq, Sq, Sk) in `compute_dtype` (default q's dtype): softmax over each
+    row's visible keys, 0 on invisible pairs and on rows with no visible key. Arguments as `attention`."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dt = compute_dtype or q.dtype
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qc, kc, vc = q.to(dt), k.to(dt), v.to(dt)
+    qc, kc = q.to(dt), k.to(dt)
     if Hkv != Hq:
         kc = kc.repeat_interleave(Hq // Hkv, dim=1)
-        vc = vc.repeat_interleave(Hq // Hkv, dim=1)
     vis = visibility(B, Sq, Sk, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
                      prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode, device=q.device)
     # Keys and query rows that the lengths and spans exclude (padding, outside the spans: the causal and
     # prefix rules aside) are inert: whatever they hold (NaN, inf) reaches no output and no gradient. A NaN
     # in a key or value that some query sees makes those queries' outputs NaN; other rows of the same batch
     # row may then be NaN too in the kernels, which work a tile or a block of rows at a time.
-    valid = visibility(B, Sq, Sk, kv_lengths=kv_lengths, q_lengths=q_lengths, spans=spans, span_mode=span_mode,
-                       device=q.device)
+    valid = _valid(B, Sq, Sk, kv_lengths, q_lengths, spans, span_mode, q.device)
     kc = kc.masked_fill(~valid.any(dim=-2)[..., None], 0.0)
-    vc = vc.masked_fill(~valid.any(dim=-2)[..., None], 0.0)
     qc = qc.masked_fill(~valid.any(dim=-1)[..., None], 0.0)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     if attn_mask is not None:
@@ -54,9 +48,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     vis = vis.expand(B, Hq, Sq, Sk)
     row_visible = vis.any(dim=-1, keepdim=True)
     # Invisible scores -> -inf; rows with nothing visible get finite scores so that softmax stays
-    # finite, and the mask product then zeroes them: output 0 and zero gradients, never NaN.
+    # finite, and the mask product then zeroes them: probabilities 0 and zero gradients, never NaN.
     scores = scores.masked_fill(~vis, float("-inf")).masked_fill(~row_visible, 0.0)
-    probs = torch.softmax(scores, dim=-1) * vis
+    return torch.softmax(scores, dim=-1) * vis
+
+
+def _valid(B, Sq, Sk, kv_lengths, q_lengths, spans, span_mode, device) -> torch.Tensor:
+    """(B, 1, Sq, Sk): pairs whose row and key the lengths and spans keep (the causal rules aside)."""
+    return visibility(B, Sq, Sk, kv_lengths=kv_lengths, q_lengths=q_lengths, spans=spans, span_mode=span_mode,
+                      device=device)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, kv_lengths=None,
+              q_lengths=None, prefix_lengths=None, spans=None, span_mode: str = "inside", attn_mask=None,
+              scale: float | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Masked attention, (B, Hq, Sq, D) in q's dtype; computed in `compute_dtype` (default q's dtype).
+
+    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA / MQA: each group of Hq / Hkv
+    query heads shares one key/value head).
+    """
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dt = compute_dtype or q.dtype
+    probs = attention_probs(q, k, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
+                            prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode, attn_mask=attn_mask,
+                            scale=scale, compute_dtype=dt)
+    vc = v.to(dt)
+    if Hkv != Hq:
+        vc = vc.repeat_interleave(Hq // Hkv, dim=1)
+    vc = vc.masked_fill(~_valid(B, Sq, Sk, kv_lengths, q_lengths, spans, span_mode, q.device).any(dim=-2)[..., None],
+                        0.0)
+    row_visible = (probs != 0).any(dim=-1, keepdim=True)
     # masked_fill, not a product: its backward gives those rows a zero gradient whatever d_out holds there
     return torch.matmul(probs, vc).masked_fill(~row_visible, 0.0).to(q.dtype)
 

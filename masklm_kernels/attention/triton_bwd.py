@@ -57,9 +57,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
     n0 = pid_n * BN
     if n0 >= sk:
         return
-    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
+    q_len, kv_len, off, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
                                               HAS_PREFIX, NSPANS, NSP)
-    off = sk - sq
     scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
     scale_log2 = scale * log2e
 
@@ -144,9 +143,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
     m0 = pid_m * BM
     if m0 >= sq:
         return
-    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
+    q_len, kv_len, off, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
                                               HAS_PREFIX, NSPANS, NSP)
-    off = sk - sq
     scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
     scale_log2 = scale * log2e
 

@@ -3,7 +3,10 @@
 Visibility from O(B) metadata, two levels (BRIEF.md, "Attention semantics"). A pair (i, j) of batch row
 b is visible when
 
-    row_ok(i) & col_ok(j) & (not causal | j <= i + off | j < prefix)       off = Sk_b - Sq_b
+    row_ok(i) & col_ok(j) & (not causal | j <= i + off | j < prefix)
+
+with off = kv_len - q_len when both lengths are given (and in the packed layout, whose per-sequence
+lengths are both), else Sk - Sq (masks.py: the diagonal is bottom-right aligned on the real lengths)
 
 with row_ok(i) = i < q_len [& i in a span, "inside"], col_ok(j) = j < kv_len [& j in a span, "inside" |
 & j in no span, "outside"] (q_len, kv_len clipped to the row's lengths). The causal term is monotone
@@ -47,7 +50,8 @@ def _seq_info(cu_q, cu_k, b, SQ, SK, TQ, TK, VARLEN: tl.constexpr):
 def _row_meta(b, sq, sk, qlen_ptr, kvlen_ptr, prefix_ptr, spans_ptr,
               HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
               NSPANS: tl.constexpr, NSP: tl.constexpr):
-    """Row b's clipped query / key lengths, prefix length and its spans as two NSP-vectors (empty pads)."""
+    """Row b's clipped query / key lengths, causal diagonal offset, prefix length and its spans as two
+    NSP-vectors (empty pads)."""
     q_len = sq
     kv_len = sk
     prefix = 0
@@ -57,6 +61,9 @@ def _row_meta(b, sq, sk, qlen_ptr, kvlen_ptr, prefix_ptr, spans_ptr,
         kv_len = tl.minimum(sk, tl.load(kvlen_ptr + b).to(tl.int32))
     if HAS_PREFIX:
         prefix = tl.load(prefix_ptr + b).to(tl.int32)
+    off = sk - sq
+    if HAS_QLEN and HAS_KVLEN:
+        off = kv_len - q_len
     s = tl.arange(0, NSP)
     if NSPANS > 0:
         st = tl.load(spans_ptr + b * (2 * NSPANS) + 2 * s, mask=s < NSPANS, other=0).to(tl.int32)
@@ -64,7 +71,7 @@ def _row_meta(b, sq, sk, qlen_ptr, kvlen_ptr, prefix_ptr, spans_ptr,
     else:
         st = s * 0
         en = s * 0
-    return q_len, kv_len, prefix, st, en
+    return q_len, kv_len, off, prefix, st, en
 
 
 @triton.jit

@@ -38,9 +38,8 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     m0 = pid_m * BM
     if m0 >= sq:  # packed layout: the grid covers max_seqlen_q
         return
-    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
+    q_len, kv_len, off, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
                                               HAS_PREFIX, NSPANS, NSP)
-    off = sk - sq
     scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
     scale_log2 = scale * log2e
 

@@ -224,8 +224,8 @@ def model_mask_tokens(input_ids, *, mask_token_id, vocab_size, mlm_probability=0
                 order.sort()
                 count = 0
                 for _, f, ln in order:
-                    if count >= k:
-                        break
+                    if count + ln > k:
+                        continue  # HF's whole-word rule: skip what does not fit, try the next
                     chosen.append((f, ln))
                     count += ln
             else:

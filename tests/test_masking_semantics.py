@@ -372,8 +372,11 @@ def test_exact_count(rate_kind, backend):
 @pytest.mark.parametrize("backend", backends_to_test())
 @pytest.mark.parametrize("rate_kind", ["float", "row"])
 def test_exact_words_count(rate_kind, backend):
-    """Word units: taken while fewer than k tokens are selected, so k <= count < k + length of the
-    last word taken (which is at most the longest selected word)."""
+    """Word units follow the budget rule of Hugging Face's whole-word collator (v4
+    `DataCollatorForWholeWordMask`: words in random order, one that would exceed the budget skipped):
+    never more than k tokens, and no unselected word would still fit (each is longer than what is left
+    of the budget) -- the sets that rule can return, whatever its order. On average the rows get close
+    to the rate from below."""
     require_backend(backend)
     B, S = (10, 100) if backend == "reference" else (48, 300)
     rng = rng_for("exact words", rate_kind)
@@ -391,15 +394,16 @@ def test_exact_words_count(rate_kind, backend):
     sel = check_invariants(bt.input_ids, kw, out, labels)
     elig = eligible_of(bt.input_ids, kw)
     units = units_of(bt.input_ids, kw)
+    total_k = total_count = 0
     for b in range(B):
         k = expected_budget(rates[b], elig[b])
         count = int(sel[b].sum())
-        chosen = [ln for f, ln in units[b] if sel[b, f]]
-        assert count >= k, f"row {b}: {count} < k = {k}"
-        if k == 0:
-            assert count == 0
-        else:
-            assert count - max(chosen) < k, f"row {b}: count {count} overshoots k = {k} by a whole word ({chosen})"
+        assert count <= k, f"row {b}: {count} tokens selected, over the budget k = {k}"
+        left_out = [ln for f, ln in units[b] if not sel[b, f]]
+        assert all(ln > k - count for ln in left_out), \
+            f"row {b}: {count} of k = {k} selected, yet an unselected word of length {min(left_out)} fits"
+        total_k, total_count = total_k + k, total_count + count
+    assert total_count >= 0.9 * total_k, f"{total_count} tokens selected for a budget of {total_k}"
 
 
 # ----------------------------------------------------------------------------------------------

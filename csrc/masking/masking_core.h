@@ -309,7 +309,9 @@ MLK_HD void sift_down(int64_t* h, int64_t n, int64_t i) {
   }
 }
 
-// exact=True: takes units in increasing key order until the budget is spent; `sel` must be cleared.
+// exact=True: takes units in increasing key order while the budget lasts; a word longer than what is
+// left of the budget is passed over (the next ones may fit), so the selection never exceeds the budget
+// (the rule of Hugging Face's whole-word collator). `sel` must be cleared.
 template <typename id_t>
 MLK_HD void exact_take(const Row<id_t>& row, uint8_t* sel, int64_t* heap, int64_t n, int64_t remaining) {
   for (int64_t i = n / 2 - 1; i >= 0; --i) sift_down(heap, n, i);
@@ -317,7 +319,7 @@ MLK_HD void exact_take(const Row<id_t>& row, uint8_t* sel, int64_t* heap, int64_
     const int64_t f = static_cast<int64_t>(static_cast<uint64_t>(heap[0]) & 0xFFFFFFFFull);
     heap[0] = heap[--n];
     sift_down(heap, n, 0);
-    row.mark(sel, f, &remaining);
+    if (row.unit_end(f) - f <= remaining) row.mark(sel, f, &remaining);
   }
 }
 

@@ -221,7 +221,9 @@ def mask_tokens(input_ids, *, mask_token_id, vocab_size, mlm_probability=0.15, m
         span_lengths: True (SpanBERT: geometric p=0.2 truncated at 10) or (p, max_len): span masking
             up to the row's budget `round(mean rate × eligible)`; spans count words when `word_ids` is given.
         exact: select exactly `round(mean rate × eligible)` tokens per row (at least 1 when the rate is
-            positive); with a (B, S) rate, without replacement proportionally to the rates.
+            positive); with a (B, S) rate, without replacement proportionally to the rates. With
+            `word_ids`, never more: a word longer than the rest of the budget is passed over (Hugging
+            Face's whole-word rule), so a row may fall short by less than its longest word.
         random_token_range: (low, high) range of random replacement ids; default (0, vocab_size).
         sample_ids: (B,) int sample keys (default: the row index); the same key gives the same mask on
             any rank or batch slot.

@@ -161,6 +161,8 @@ def _select_row(mode, rnd, elig, rate, weighted, words, span_cdf):
         for j in np.argsort(np.where(keep, key64, np.uint64(2**64 - 1)), kind="stable"):
             if remaining <= 0 or not keep[j]:
                 break
+            if ends[j] - starts[j] > remaining:
+                continue  # a word longer than the rest of the budget is passed over: never overshoot
             sel[starts[j]:ends[j]] = True
             remaining -= ends[j] - starts[j]
         return sel

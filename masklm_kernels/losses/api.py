@@ -6,6 +6,7 @@ import numbers
 
 import torch
 
+from .._autocast import cast_inputs, loss_dtype, no_autocast
 from .._backends import Backend, select_backend, triton_cpu_reason, triton_requirement
 from .._validation import INT_DTYPES, check_int, values_checkable
 from . import ops, reference
@@ -135,7 +136,8 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
             call, and anything else that saved them for its backward raises when that backward runs.
         backend: "auto" (cpu on CPU tensors, triton on CUDA), "cpu", "triton" or "reference".
 
-    Returns the loss in the logits' dtype. With no labelled row the mean is 0 and gradients are 0 (not NaN).
+    Returns the loss in the logits' dtype (fp32 under autocast, whose rule for losses that is; the
+    logits are not cast: the accumulation is fp32 anyway). With no labelled row the mean is 0 and gradients are 0 (not NaN).
     On the triton backend "mean"/"sum" compute the gradient in the forward's launch (the backward only
     scales it); "none" recomputes it in the backward.
 
@@ -159,6 +161,7 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
                             dict(device=logits.device, inplace_grad=inplace_grad))
     flat_logits = logits.reshape(-1, V)
     flat_labels = labels.reshape(-1).to(torch.int64)
+    out_dtype = loss_dtype(logits)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     options = (ignore_index, label_smoothing, z_loss)
     if chosen.name == "cpu":
@@ -172,12 +175,13 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
                 total = ops.InplaceGradCrossEntropy.apply(x, y, scale, *options)
             else:
                 total, _ = ops.cross_entropy_triton_reduced(x, y, scale, *options)
-            return total.to(logits.dtype)
+            return total.to(out_dtype)
         rows = ops.cross_entropy_triton_fwd(x, y, *options)
     else:
-        rows = reference.row_losses(flat_logits, flat_labels, ignore_index=ignore_index,
-                                    label_smoothing=label_smoothing, z_loss=z_loss, compute_dtype=acc)
-    return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(logits.dtype)
+        with no_autocast(logits.device):  # the specification computes in `acc` whatever autocast says
+            rows = reference.row_losses(flat_logits, flat_labels, ignore_index=ignore_index,
+                                        label_smoothing=label_smoothing, z_loss=z_loss, compute_dtype=acc)
+    return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(out_dtype)
 
 
 def _check_linear(hidden, weight, bias, labels):
@@ -223,6 +227,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
             and if more rows are labelled the loss and the gradients are NaN (never silently partial).
         backend: "auto" (cpu on CPU tensors, triton on CUDA), "cpu", "triton" or "reference".
 
+    Under autocast, hidden, weight and bias are first cast to its dtype (as F.linear is: fp32 master
+    weights are fine and get fp32 gradients) and the loss is fp32.
+
     Returns the loss in hidden's dtype; gradients for hidden, weight and bias. Work and memory: per chunk of
     labelled rows, one c x V logits buffer (the loss and its gradient are computed in it, in place), then
     d hidden, d weight and d bias; d weight and d bias accumulate in fp32 (fp64 for fp64 inputs). Peak
@@ -235,6 +242,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
 
         masked_cross_entropy(F.linear(hidden, weight, bias), labels, ...)   # materialises (N, V) logits
     """
+    out_dtype = loss_dtype(hidden) if isinstance(hidden, torch.Tensor) else None
+    hidden, weight, bias = cast_inputs(hidden, weight, bias)
     _check_linear(hidden, weight, bias, labels)
     ignore_index, label_smoothing, z_loss, num_items = _check_options(
         ignore_index, label_smoothing, z_loss, reduction, num_items, labels, weight.shape[0])
@@ -252,12 +261,14 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
                 flat_labels.contiguous())
         if reduction != "none" and _wants_grad(hidden, weight, bias):
             scale = _scale(reduction, flat_labels, ignore_index, num_items, acc)
-            return reduced(*args, scale, *options)[0].to(hidden.dtype)
+            return reduced(*args, scale, *options)[0].to(out_dtype)
         rows = fwd(*args, *options)
     else:
-        logits = torch.nn.functional.linear(flat_hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
-        rows = reference.row_losses(logits, flat_labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                    z_loss=z_loss)
+        with no_autocast(hidden.device):  # the specification computes in `acc` whatever autocast says
+            logits = torch.nn.functional.linear(flat_hidden.to(acc), weight.to(acc),
+                                                None if bias is None else bias.to(acc))
+            rows = reference.row_losses(logits, flat_labels, ignore_index=ignore_index,
+                                        label_smoothing=label_smoothing, z_loss=z_loss)
         if max_rows >= 0:  # the bound's contract: NaN when exceeded
             rows = torch.where((flat_labels != ignore_index).sum() > max_rows, float("nan"), rows)
-    return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(hidden.dtype)
+    return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(out_dtype)

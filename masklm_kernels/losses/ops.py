@@ -12,6 +12,9 @@ Two shapes of op per loss:
   in place on the saved gradient (whose version counter then makes a second backward through it raise
   instead of returning twice-scaled gradients).
 
+Under autocast the fused head's forward ops take hidden, weight and bias in the autocast dtype, as
+F.linear does; the cross-entropy ops take the logits as they are (_autocast.py).
+
 The backend modules are imported when an op first runs: triton is an optional dependency.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from .. import _autocast
 from . import cpu, linear
 
 _acc_dtype = linear.acc_dtype
@@ -268,6 +272,8 @@ def _register_linear(backend: str):
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
     reduced.register_autograd(reduced_backward, setup_context=reduced_setup)
+    for op in ("fwd", "reduced"):  # hidden, weight, bias in the autocast dtype, as F.linear (_autocast.py)
+        _autocast.register(f"{name}_{op}", positions=(0, 1, 2))
     return fwd, bwd, reduced
 
 

@@ -30,4 +30,4 @@ echo "[compat] triton 3.6.0: interpreter tests and the static compile check"
 # The GPU image's transformers: the Hugging Face integration and the models loaded from it.
 VPY=$(bash scripts/compat_env.sh transformers 5.17.0)
 echo "[compat] transformers 5.17.0: Hugging Face integration"
-"$VPY" -m pytest -q -p no:cacheprovider tests/test_integrations_hf.py tests/test_models.py
+"$VPY" -m pytest -q -p no:cacheprovider tests/test_integrations_hf.py tests/test_integrations_trainer.py tests/test_models.py

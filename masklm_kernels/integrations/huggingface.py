@@ -300,9 +300,21 @@ def patch_model(model, *, logits: str = "eval"):
     encoder._masklm_original_forward = encoder.forward
     encoder.forward = types.MethodType(_encoder_forward, encoder)
     model._masklm_original_forward = model.forward
-    model.forward = types.MethodType(_model_forward, model)
+    model.forward = types.MethodType(_with_signature(_model_forward, signature), model)
     setattr(model, _PATCHED, state)
     return model
+
+
+def _with_signature(fn, signature: inspect.Signature):
+    """`fn(self, *args, **kwargs)` presenting `self` + `signature`: what Trainer reads to keep the dataset's
+    columns the forward accepts (and what `help(model.forward)` shows)."""
+    def forward(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    forward.__signature__ = signature.replace(
+        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *signature.parameters.values()])
+    forward.__doc__ = fn.__doc__
+    return forward
 
 
 patch_bert = patch_model  # the first name of patch_model, when it covered BERT and RoBERTa

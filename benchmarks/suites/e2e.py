@@ -1,13 +1,14 @@
 """Suite `e2e`: one masked-LM training step (forward, backward, AdamW step) on the same batches.
 
 * `hf_patched` vs `hf_unpatched`: a Hugging Face BertForMaskedLM (its default attention, SDPA) patched in
-  place with `patch_bert` (encoder unpadded once, varlen fused attention, fused LM head over labelled rows)
+  place with `patch_model` (encoder unpadded once, varlen fused attention, fused LM head over labelled rows)
   against the same model unpatched;
 * `fused` vs `reference`: the library's BertMLM (unpadded once, varlen attention, fused head) against its
   plain-PyTorch backend (dense mask, full logits), the same weights.
 Batches: right padding with lengths uniform in [S/2, S] (25% padding on average), 15% of the real tokens
-masked with `mask_tokens`. CPU: L4 / H256 / V30522, B16, S128, fp32 (issue 5's CPU figure). CUDA:
-BERT-base (L12 / H768), B8, S512, bf16 weights. Smoke: L1 / H32 / V1000, B2, S32, fp32. Dropout off (the fused attention has no attention dropout).
+masked with `mask_tokens`. CPU: L4 / H256 / V30522, B16, S128, fp32 (a BERT-mini-sized step that a
+2-core machine times in seconds). CUDA: BERT-base (L12 / H768), B8, S512, bf16 weights. Smoke: L1 / H32 /
+V1000, B2, S32, fp32. Dropout off (the fused attention has no attention dropout).
 """
 from __future__ import annotations
 
@@ -69,11 +70,11 @@ def cases(device: str, size: str) -> list[Case]:
     for name in ("hf_unpatched", "hf_patched"):
         fn = None
         if hf_model is not None:
-            from masklm_kernels.integrations.huggingface import patch_bert
+            from masklm_kernels.integrations.huggingface import patch_model
 
             m = copy.deepcopy(hf_model)
             if name == "hf_patched":
-                patch_bert(m)
+                patch_model(m)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
             fn = functools.partial(_step, m, opt, lambda mod: mod(input_ids=ids, attention_mask=mask,
                                                                    labels=labels).loss)

@@ -110,3 +110,27 @@ def test_from_hf_equals_hugging_face_bert():
         target = hf_name_to_ours(name)
         if target is not None and p.grad is not None:
             assert_close(mine[target].grad, p.grad, **F64, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("kind", ["mlm", "mass"])
+def test_training_with_attention_dropout_warns_once(kind):
+    """The fused attention applies no attention-probability dropout: a model whose config asks for it
+    says so once when it trains (never in eval mode)."""
+    import warnings
+
+    from masklm_kernels.models import BertMLM, MassModel, model_config
+
+    def make():
+        return (BertMLM if kind == "mlm" else MassModel)(model_config("tiny", vocab_size=50,
+                                                                      attention_probs_dropout_prob=0.1))
+
+    ids = torch.randint(5, 50, (2, 8))
+    spans = torch.tensor([[1, 4], [2, 6]])
+    call = (lambda m: m(ids, ids)) if kind == "mlm" else (lambda m: m(ids, ids, ids, spans, lengths=torch.tensor([8, 8])))
+    model = make()
+    with pytest.warns(UserWarning, match="without attention-probability dropout"):
+        call(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(model)  # once per model
+        call(make().eval())  # never in eval mode

@@ -4,11 +4,13 @@ mask is applied (the library's fused kernels from O(B) metadata, or a dense mask
 layers stay the same for both backends.
 
 Attention-probability dropout is not applied (the fused kernels have none; the reference skips it too, so
-that both backends compute the same function); hidden dropout is.
+that both backends compute the same function); hidden dropout is. A model that trains with
+`attention_probs_dropout_prob > 0` in its config says so once (`warn_unapplied_attention_dropout`).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -18,6 +20,19 @@ from torch import nn
 from .config import ModelConfig
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def warn_unapplied_attention_dropout(model: nn.Module) -> None:
+    """Once per model: a warning when it trains with a positive attention-probability dropout in its
+    config, which the fused attention does not apply (silent while torch.compile traces)."""
+    p = model.config.attention_probs_dropout_prob
+    if not model.training or p <= 0 or getattr(model, "_warned_attention_dropout", False) or \
+            torch.compiler.is_compiling():
+        return
+    model._warned_attention_dropout = True
+    warnings.warn(f"{type(model).__name__} trains without attention-probability dropout "
+                  f"(attention_probs_dropout_prob={p} in its config): the fused attention does not apply it",
+                  stacklevel=3)
 
 
 class Embeddings(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Layer, LMHead, dense_attend, init_weights, padded_fused_attend
+from .layers import Layer, LMHead, dense_attend, init_weights, padded_fused_attend, warn_unapplied_attention_dropout
 from .mlm import Encoder, check_backend, lm_loss
 
 
@@ -34,6 +34,7 @@ class MassModel(nn.Module):
         self.apply(init_weights)
 
     def forward(self, encoder_input_ids, decoder_input_ids, labels, spans, *, lengths, return_logits=False):
+        warn_unapplied_attention_dropout(self)
         B, S = encoder_input_ids.shape
         dev = encoder_input_ids.device
         lengths = lengths.to(device=dev, dtype=torch.int64)

@@ -16,7 +16,8 @@ from torch import nn
 
 from .._validation import check_range
 from .config import ModelConfig
-from .layers import Embeddings, Layer, LMHead, dense_attend, init_weights, varlen_fused_attend
+from .layers import (Embeddings, Layer, LMHead, dense_attend, init_weights, varlen_fused_attend,
+                     warn_unapplied_attention_dropout)
 
 BACKENDS = ("fused", "reference")
 IGNORE_INDEX = -100
@@ -82,6 +83,7 @@ class BertMLM(nn.Module):
         return self.bert.embeddings.word_embeddings.weight  # tied, as BERT's
 
     def forward(self, input_ids, labels=None, *, lengths=None, attention_mask=None, return_logits=False):
+        warn_unapplied_attention_dropout(self)
         B, S = input_ids.shape
         lengths = lengths_from(input_ids, lengths, attention_mask)
         positions = torch.arange(S, device=input_ids.device).expand(B, S)

@@ -37,7 +37,9 @@ def parse(argv=None) -> Args:
     p.add_argument("--text-file", default=None, help="one paragraph per line (default: stdlib docstrings)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--dropout", type=float, default=None, help="dropout rate of the config (default 0.1): hidden dropout is applied, attention-probability dropout is not (the fused attention has none; the model warns once)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout rate of the config (default 0.1): hidden dropout is applied, attention-probability "
+                        "dropout is not (the fused attention has none; the model warns once)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save", default=None, help="checkpoint path written at the end (atomically)")
     p.add_argument("--save-every", type=int, default=None, metavar="N",

@@ -1,9 +1,10 @@
 """Hugging Face `Trainer` end to end with a patched model: each set-up trains the same tiny model from the
 same weights on the same batches twice, unpatched and patched (`patch_model`), and compares the loss of
 every step and the final weights. Set-ups: default, gradient checkpointing (non-reentrant, Hugging Face's
-default, and reentrant), bf16 autocast, gradient accumulation, evaluation with `compute_metrics`.
+default, and reentrant), bf16 autocast, gradient accumulation, evaluation with `compute_metrics`; on a
+GPU also fp16 (autocast and GradScaler) and bf16 on CUDA.
 Dropout is off (the patched attention has no probability dropout); plain SGD, so that weight differences
-are gradient differences. Tolerances: fp32 1e-5 relative on the loss; bf16 2e-2."""
+are gradient differences. Tolerances: fp32 1e-5 relative on the loss; bf16 / fp16 2e-2."""
 from __future__ import annotations
 
 import copy
@@ -79,28 +80,35 @@ SETUPS = {
                                              gradient_checkpointing_kwargs={"use_reentrant": True}),
     "gradient_accumulation": dict(gradient_accumulation_steps=2, per_device_train_batch_size=2),
     "bf16": dict(bf16=True),
+    # on a GPU: autocast on CUDA, fp16 with Trainer's GradScaler
+    "fp16_cuda": dict(fp16=True, use_cpu=False),
+    "bf16_cuda": dict(bf16=True, use_cpu=False),
 }
+LOW_PRECISION = ("bf16", "fp16_cuda", "bf16_cuda")
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_trainer_patched_follows_unpatched(setup, tmp_path):
+    if setup.endswith("_cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     base = make_model("roberta").float()
     args = SETUPS[setup]
     ref_losses, ref_state, _ = _run(copy.deepcopy(base), tmp_path, patched=False, **args)
     losses, state, _ = _run(copy.deepcopy(base), tmp_path, patched=True, **args)
     assert len(losses) == len(ref_losses) == 4
-    bf16 = setup == "bf16"
+    bf16 = setup in LOW_PRECISION
     assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=0, rtol=2e-2 if bf16 else 1e-5,
                  msg=f"{setup}: loss per step")
     start = base.state_dict()
     for name, w in state.items():
-        moved, ref_moved = w - start[name].float(), ref_state[name] - start[name].float()
+        w, ref_w = w.cpu(), ref_state[name].cpu()
+        moved, ref_moved = w - start[name].float(), ref_w - start[name].float()
         if bf16:  # bf16 matmuls: the updates point the same way
             if ref_moved.norm() > 1e-4:
                 cos = torch.nn.functional.cosine_similarity(moved.flatten(), ref_moved.flatten(), dim=0)
                 assert cos > 0.95, f"{setup}: update of {name}: cosine {float(cos):.3f}"
         else:
-            assert_close(w, ref_state[name], atol=2e-6, rtol=1e-5, msg=f"{setup}: final {name}")
+            assert_close(w, ref_w, atol=2e-6, rtol=1e-5, msg=f"{setup}: final {name}")
 
 
 def test_trainer_evaluate_with_compute_metrics(tmp_path):

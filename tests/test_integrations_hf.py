@@ -227,3 +227,26 @@ def test_autocast_bf16_follows_the_unpatched_model():
             continue
         cos = torch.nn.functional.cosine_similarity(g.flatten(), grads_ref[name].flatten(), dim=0)
         assert g.dtype == torch.float32 and cos > 0.97, f"grad {name}: cosine {float(cos):.3f}"
+
+
+def test_deepcopy_save_load_and_compile_keep_the_patch(tmp_path, attention_calls):
+    """A deepcopy of a patched model is patched (its own forward, bound to the copy); save_pretrained /
+    from_pretrained round-trips the weights (the patch is not saved: a loaded model is patched again);
+    torch.compile(model) gives the eager loss."""
+    import copy
+
+    model = patch_model(make_model("bert"))
+    ids, mask, labels = make_batch(6, 0)
+    want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    twin = copy.deepcopy(model)
+    assert twin.forward.__self__ is twin
+    attention_calls["packed"] = 0
+    assert_close(twin(input_ids=ids, attention_mask=mask, labels=labels).loss, want, atol=0, rtol=0, msg="deepcopy")
+    assert attention_calls["packed"] == 2
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, attn_implementation="eager").double().train()
+    assert_close(patch_model(loaded)(input_ids=ids, attention_mask=mask, labels=labels).loss, want, atol=0,
+                 rtol=1e-12, msg="saved and loaded")
+    compiled = torch.compile(model, backend="aot_eager")
+    assert_close(compiled(input_ids=ids, attention_mask=mask, labels=labels).loss, want, atol=0, rtol=1e-12,
+                 msg="compiled")

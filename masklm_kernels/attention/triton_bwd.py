@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (_col_stats, _cols_ok, _dot, _key_range, _query_range, _row_meta, _row_stats, _rows_ok,
-                            _scales, _seq_info, _tile_class, _tile_scores)
+from .triton_common import (_col_stats, _cols_ok, _diagonal, _dot, _key_range, _query_range, _row_meta, _row_stats,
+                            _rows_ok, _scales, _seq_info, _tile_class, _tile_scores)
 from .triton_launch import Launch, Problem, block_config, padded_problem, tile_counter, varlen_problem
 
 
@@ -57,8 +57,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
     n0 = pid_n * BN
     if n0 >= sk:
         return
-    q_len, kv_len, off, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
+    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
                                               HAS_PREFIX, NSPANS, NSP)
+    off = _diagonal(sq, sk, q_len, kv_len, HAS_QLEN, HAS_KVLEN)
     scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
     scale_log2 = scale * log2e
 
@@ -143,8 +144,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
     m0 = pid_m * BM
     if m0 >= sq:
         return
-    q_len, kv_len, off, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
+    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
                                               HAS_PREFIX, NSPANS, NSP)
+    off = _diagonal(sq, sk, q_len, kv_len, HAS_QLEN, HAS_KVLEN)
     scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
     scale_log2 = scale * log2e
 

@@ -50,8 +50,7 @@ def _seq_info(cu_q, cu_k, b, SQ, SK, TQ, TK, VARLEN: tl.constexpr):
 def _row_meta(b, sq, sk, qlen_ptr, kvlen_ptr, prefix_ptr, spans_ptr,
               HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
               NSPANS: tl.constexpr, NSP: tl.constexpr):
-    """Row b's clipped query / key lengths, causal diagonal offset, prefix length and its spans as two
-    NSP-vectors (empty pads)."""
+    """Row b's clipped query / key lengths, prefix length and its spans as two NSP-vectors (empty pads)."""
     q_len = sq
     kv_len = sk
     prefix = 0
@@ -61,9 +60,6 @@ def _row_meta(b, sq, sk, qlen_ptr, kvlen_ptr, prefix_ptr, spans_ptr,
         kv_len = tl.minimum(sk, tl.load(kvlen_ptr + b).to(tl.int32))
     if HAS_PREFIX:
         prefix = tl.load(prefix_ptr + b).to(tl.int32)
-    off = sk - sq
-    if HAS_QLEN and HAS_KVLEN:
-        off = kv_len - q_len
     s = tl.arange(0, NSP)
     if NSPANS > 0:
         st = tl.load(spans_ptr + b * (2 * NSPANS) + 2 * s, mask=s < NSPANS, other=0).to(tl.int32)
@@ -71,7 +67,16 @@ def _row_meta(b, sq, sk, qlen_ptr, kvlen_ptr, prefix_ptr, spans_ptr,
     else:
         st = s * 0
         en = s * 0
-    return q_len, kv_len, off, prefix, st, en
+    return q_len, kv_len, prefix, st, en
+
+
+@triton.jit
+def _diagonal(sq, sk, q_len, kv_len, HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr):
+    """The causal offset off (key j visible to row i when j <= i + off): bottom-right on the row's real
+    lengths when both are given, else on the sizes (packed rows: the sequence's own lengths)."""
+    if HAS_QLEN and HAS_KVLEN:
+        return kv_len - q_len
+    return sk - sq
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (_col_stats, _cols_ok, _dot, _key_range, _query_range, _row_meta, _row_stats, _rows_ok,
+from .triton_common import (_col_stats, _cols_ok, _diagonal, _dot, _key_range, _row_meta, _row_stats, _rows_ok,
                             _scales, _seq_info, _tile_class, _tile_scores)
 from .triton_launch import Launch, Problem, block_config, padded_problem, tile_counter, varlen_problem
 
@@ -38,8 +38,9 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
     m0 = pid_m * BM
     if m0 >= sq:  # packed layout: the grid covers max_seqlen_q
         return
-    q_len, kv_len, off, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
+    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
                                               HAS_PREFIX, NSPANS, NSP)
+    off = _diagonal(sq, sk, q_len, kv_len, HAS_QLEN, HAS_KVLEN)
     scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
     scale_log2 = scale * log2e
 

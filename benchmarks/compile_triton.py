@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of every Triton kernel configuration the library launches, for GPUs that are
-not here (BRIEF.md, "Verification without a GPU"), with each kernel's registers, spills and shared memory.
+not here (docs/TESTING.md), with each kernel's registers, spills and shared memory.
 
 The launches are built by the library's own launchers (`forward_launch`, `backward_launches`) on small CPU
 tensors, so what is compiled is what runs: the same kernels, block configurations, constexpr flags and

@@ -1,5 +1,5 @@
 """`fused_attention(..., backend="cpu")` (masklm_kernels/attention/cpu.py, ops.py) against the float64
-specification (reference.py), BRIEF.md "Attention semantics" and "Tests: how correctness is judged":
+specification (reference.py), docs/SEMANTICS.md "Attention" and docs/TESTING.md:
 forward and gradients in float64, the FlashAttention low-precision bar, rows with no visible key,
 deterministic backward, the custom ops under opcheck and torch.compile, backend="auto"."""
 from __future__ import annotations

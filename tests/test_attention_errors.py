@@ -1,5 +1,5 @@
 """Bad input to `fused_attention` gets a ValueError / TypeError whose message names the argument
-(BRIEF.md, "Tests: how correctness is judged"). Each case runs on every backend: validation happens
+(docs/TESTING.md). Each case runs on every backend: validation happens
 before the backend is chosen, so all refuse the same inputs. Also `fused_attention_varlen`'s arguments."""
 from __future__ import annotations
 

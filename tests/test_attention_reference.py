@@ -1,5 +1,5 @@
 """The attention specification (masklm_kernels/attention/reference.py) against an element-by-element
-model written from BRIEF.md's "Attention semantics", and against PyTorch SDPA where SDPA applies."""
+model written from docs/SEMANTICS.md's "Attention", and against PyTorch SDPA where SDPA applies."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """`fused_attention(..., backend="triton")` and `fused_attention_varlen` (triton_fwd.py, triton_bwd.py) against
 the float64 specification. Without a GPU the kernels run under Triton's interpreter (conftest.py sets
-TRITON_INTERPRET=1), with a GPU for real (BRIEF.md, "Verification without a GPU"): forward and gradients,
+TRITON_INTERPRET=1), with a GPU for real (docs/TESTING.md): forward and gradients,
 the low-precision bar, rows with no visible key, poisoned outputs, determinism, the work counters (tiles
 computed == tiles holding a visible pair; fully visible tiles skip the mask), the custom ops under opcheck
 and torch.compile, and the backend choice."""

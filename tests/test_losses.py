@@ -1,4 +1,4 @@
-"""`masked_cross_entropy` (masklm_kernels/losses/) against float64 `F.cross_entropy` (BRIEF.md, "Cross-entropy
+"""`masked_cross_entropy` (masklm_kernels/losses/) against float64 `F.cross_entropy` (docs/SEMANTICS.md, "Cross-entropy
 semantics"): values and gradients for every option and reduction on every backend (triton under Triton's
 interpreter without a GPU), 3-D inputs, all rows ignored, large logits, low precision, bad input, the custom
 ops under opcheck and torch.compile."""

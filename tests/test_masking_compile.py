@@ -1,7 +1,7 @@
-"""The torch.library contract of the masking ops (BRIEF.md, "Public API"): every op is a registered custom
+"""The torch.library contract of the masking ops (README, "Using it"): every op is a registered custom
 op with a fake implementation, so that ``torch.library.opcheck`` passes and ``torch.compile(fullgraph=True)``
 traces through the public functions; a ``step`` (or ``seed``) that is a 0-dim tensor advancing every
-iteration reaches the kernel without recompiling (BRIEF.md, "Masking semantics", Determinism).
+iteration reaches the kernel without recompiling (docs/MASKING.md: a pure function of seed, step and sample keys).
 
 torch.compile on the CPU is slow: tensors are small, the Dynamo-only ``CompileCounter`` or ``aot_eager``
 backends are used, and a single test goes through Inductor end to end.

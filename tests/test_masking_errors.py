@@ -1,5 +1,5 @@
 """Bad input to ``mask_tokens`` / ``mass_mask`` gets a ``ValueError`` or ``TypeError`` whose message names
-the argument and says what was expected (BRIEF.md, "Tests: how correctness is judged").
+the argument and says what was expected (docs/TESTING.md).
 
 Validation happens in Python before a backend is chosen, so every case is checked with every backend
 name, including one that cannot run here ("cuda" on a CPU-only machine): the argument's error must

@@ -1,4 +1,4 @@
-"""``mask_tokens`` semantics (BRIEF.md "Masking semantics", docs/MASKING.md): structural invariants on
+"""``mask_tokens`` semantics (docs/MASKING.md): structural invariants on
 every backend, rows of length 0 and 1, determinism and sample keys, exact counts, whole words and span
 budgets. The statistical tests (binomial / chi-square bounds) are in test_masking_statistics.py.
 """

@@ -1,4 +1,4 @@
-"""``mask_tokens`` statistics (BRIEF.md "Tests: how correctness is judged"): selection rates, replacement
+"""``mask_tokens`` statistics (docs/TESTING.md): selection rates, replacement
 shares, uniformity of random ids and positions, weighted exact draws, whole-word rates and span lengths.
 
 Statistical tests use the fastest available backend on large inputs; every assertion states its

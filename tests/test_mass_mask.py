@@ -1,4 +1,4 @@
-"""``mass_mask`` (BRIEF.md "Masking semantics", docs/MASKING.md "MASS").
+"""``mass_mask`` (docs/MASKING.md, "MASS").
 
 * every backend equals the independent spec model (masking_model.model_mass_mask) bit for bit, and the
   backends equal each other on a larger batch;

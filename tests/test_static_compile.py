@@ -1,4 +1,4 @@
-"""Verification without a GPU (BRIEF.md): the CUDA sources compile with nvcc for sm_80 and sm_90 with
+"""Verification without a GPU (docs/TESTING.md): the CUDA sources compile with nvcc for sm_80 and sm_90 with
 the real build's flags, and every Triton kernel configuration the library launches compiles ahead of time
 for both; no kernel spills registers or exceeds the shared-memory limit; the torch glue compiles with its
 CUDA branch enabled. Skipped, with the reason, where nvcc or triton is absent."""

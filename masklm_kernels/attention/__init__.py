@@ -1,4 +1,4 @@
-"""Masked attention (BRIEF.md, "Attention semantics"): `fused_attention` (padded (B, H, S, D) with masks from
+"""Masked attention (docs/SEMANTICS.md, "Attention"): `fused_attention` (padded (B, H, S, D) with masks from
 O(B) metadata) and `fused_attention_varlen` (packed sequences). Backends: `triton` (GPU; CPU tensors under
 Triton's interpreter), `cpu` (blockwise PyTorch) and `reference` (the dense specification)."""
 from .api import BACKENDS, fused_attention, fused_attention_varlen

@@ -1,4 +1,4 @@
-"""Public attention API: `fused_attention` and `fused_attention_varlen` (BRIEF.md, "Attention semantics")."""
+"""Public attention API: `fused_attention` and `fused_attention_varlen` (docs/SEMANTICS.md, "Attention")."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Visibility of (query, key) pairs from the O(B) mask metadata (BRIEF.md, "Attention semantics").
+"""Visibility of (query, key) pairs from the O(B) mask metadata (docs/SEMANTICS.md, "Attention").
 
 Shared by the reference (whole (Sq, Sk) plane) and the CPU backend (one block of query rows at a time,
 so that it never holds more than (B, block, Sk)). Key j is visible to query i when every given

@@ -1,6 +1,6 @@
 """Device side shared by the Triton attention kernels (triton_fwd.py, triton_bwd.py): `@triton.jit` helpers.
 
-Visibility from O(B) metadata, two levels (BRIEF.md, "Attention semantics"). A pair (i, j) of batch row
+Visibility from O(B) metadata, two levels (docs/SEMANTICS.md, "Attention"). A pair (i, j) of batch row
 b is visible when
 
     row_ok(i) & col_ok(j) & (not causal | j <= i + off | j < prefix)

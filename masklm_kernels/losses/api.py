@@ -1,4 +1,4 @@
-"""Public loss API: `masked_cross_entropy` and `fused_linear_cross_entropy` (BRIEF.md, "Cross-entropy semantics")."""
+"""Public loss API: `masked_cross_entropy` and `fused_linear_cross_entropy` (docs/SEMANTICS.md, "Cross-entropy")."""
 from __future__ import annotations
 
 import math

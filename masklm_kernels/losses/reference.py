@@ -1,4 +1,4 @@
-"""Masked cross-entropy, the plain specification (BRIEF.md, "Cross-entropy semantics"); also the test oracle.
+"""Masked cross-entropy, the plain specification (docs/SEMANTICS.md, "Cross-entropy"); also the test oracle.
 
 Dense on purpose: it computes every row in `compute_dtype` (float64 for the oracle) with autograd, the way
 `F.cross_entropy` defines the loss, plus the z-loss. Per labelled row i with target y:

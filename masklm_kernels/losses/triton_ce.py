@@ -26,7 +26,7 @@ from .._triton_launch import BlockConfig, Launch
 
 # Vocabulary block per step of a sweep. A row of BERT's 30522 logits takes 8 steps; 4096 fp32 values over 8
 # warps are 16 registers per thread and per live array, far from spilling (benchmarks.compile_report checks
-# it). Not tuned on a GPU yet (issue 8); the sweeps are memory-bound, so a block this size saturates them.
+# it). Not timed on a GPU yet; the sweeps are memory-bound, so a block this size saturates them.
 MAX_BLOCK_V = 4096
 NUM_WARPS = 8
 
@@ -125,7 +125,7 @@ def rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_sm
 
 # Rows of logits per chunk of the fused LM head (linear.run): a chunk holds at most CHUNK_BYTES of logits,
 # 512 rows of bf16 logits at V = 50265 -- enough rows for cuBLAS to run its large tiles at H >= 768 -- and
-# far below the O(N x V) buffer of an unfused head. Not tuned on a GPU yet (issue 8).
+# far below the O(N x V) buffer of an unfused head. Not timed on a GPU yet.
 CHUNK_BYTES = 64 << 20
 
 

@@ -1,4 +1,4 @@
-"""Reference PyTorch models that use the library's kernels (issue 5): a BERT-style MLM encoder and a MASS
+"""Reference PyTorch models that use the library's kernels: a BERT-style MLM encoder and a MASS
 encoder-decoder, each with a "fused" backend (the library's ops) and a "reference" backend (plain PyTorch),
 built from shared modules (layers.py)."""
 from .config import SIZES, ModelConfig, model_config

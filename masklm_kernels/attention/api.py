@@ -7,12 +7,13 @@ import numbers
 import torch
 
 from .._autocast import cast_inputs, no_autocast
+from .._common import FLOAT_DTYPES, acc_dtype
 from .._backends import Backend, select_backend, triton_cpu_reason, triton_installed, triton_requirement
 from .._validation import check_int, check_range, check_tensor, values_checkable
 from . import ops, reference
 from .masks import SPAN_MODES
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DTYPES = FLOAT_DTYPES
 HEAD_DIMS = tuple(range(16, 257, 8))  # every multiple of 8 from 16 to 256 (40, 80, 96 included)
 
 
@@ -183,7 +184,7 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
         out, _ = ops.FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), kv_lengths, q_lengths,
                                           prefix_lengths, spans, attn_mask, causal, span_mode, scale)
         return out
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    compute = acc_dtype(q)
     with no_autocast(dev):  # the specification computes in `compute` whatever autocast says
         return reference.attention(q, k, v, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
                                    prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode,
@@ -253,6 +254,6 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         out, _ = ops.VARLEN_FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k,
                                                  max_seqlen_q, max_seqlen_k, causal, scale)
         return out
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    compute = acc_dtype(q)
     with no_autocast(dev):
         return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale, compute_dtype=compute)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import acc_dtype
 from .masks import visibility
 
 # Query rows per piece. Measured on 2 cores (B=8, H=8, S=512, D=64, fp32, fwd+bwd): 64 rows was 10-35%
@@ -48,7 +49,6 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, meta: dict, attn_mask):
     Sk = k.shape[2]
     if Sk == 0:
         return  # no keys: every row is dead
-    cols = torch.arange(Sk, device=q.device)
     for i0 in range(0, Sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, Sq)
         vis = visibility(B, Sq, Sk, device=q.device, rows=(i0, i1), **meta)
@@ -107,7 +107,7 @@ def _whole_batch(q, k, meta: dict, attn_mask):
 def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq), the kernel's log-sum-exp)."""
     B, Hq, Sq, D = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = acc_dtype(q)
     is_causal = _whole_batch(q, k, meta, attn_mask)
     if is_causal is not None:
         out, lse = _FLASH(q, k, v, 0.0, is_causal, scale=scale)
@@ -128,7 +128,7 @@ def backward(dout, q, k, v, out, lse, meta: dict, attn_mask, scale: float):
     is_causal = _whole_batch(q, k, meta, attn_mask)
     if is_causal is not None:
         return tuple(g.contiguous() for g in _FLASH_BWD(dout, q, k, v, out, lse, 0.0, is_causal, scale=scale))
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q)
     dq = torch.zeros_like(q)
     dk = torch.zeros(k.shape, dtype=acc)
     dv = torch.zeros(v.shape, dtype=acc)
@@ -163,7 +163,7 @@ def _row(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
 def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
     """(out (total_q, Hq, D), lse (Hq, total_q)); causal is bottom-right aligned per sequence."""
     out = torch.zeros_like(q)
-    lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = torch.zeros(q.shape[1], q.shape[0], dtype=acc_dtype(q))
     for q0, q1, k0, k1 in _sequences(cu_q, cu_k):
         if q1 > q0:
             o, l = forward(_row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1), dict(causal=causal), None, scale)

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _autocast
+from .._common import acc_dtype
 
 # backend -> (module of the forward, module of the backward), under masklm_kernels.attention
 _MODULES = {"cpu": ("cpu", "cpu"), "triton": ("triton_fwd", "triton_bwd")}
@@ -33,10 +34,6 @@ def _meta(causal, kv_lengths, q_lengths, prefix_lengths, spans, span_mode) -> di
                 spans=spans, span_mode=span_mode)
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _register_padded(backend: str):
     """(fwd, bwd) ops for (B, H, S, D) inputs with the O(B) mask metadata and an optional dense mask."""
 
@@ -51,7 +48,7 @@ def _register_padded(backend: str):
 
     @fwd.register_fake
     def _(q, k, v, kv_lengths, q_lengths, prefix_lengths, spans, attn_mask, causal, span_mode, scale):
-        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc_dtype(q))
 
     @torch.library.custom_op(f"masklm_kernels::attention_{backend}_bwd", mutates_args=(),
                              device_types=_DEVICE_TYPES[backend])
@@ -96,7 +93,7 @@ def _register_varlen(backend: str):
 
     @fwd.register_fake
     def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=acc_dtype(q))
 
     @torch.library.custom_op(f"masklm_kernels::attention_varlen_{backend}_bwd", mutates_args=(),
                              device_types=_DEVICE_TYPES[backend])

@@ -16,7 +16,8 @@ import triton.language as tl
 
 from .triton_common import (_col_stats, _cols_ok, _diagonal, _dot, _key_range, _query_range, _row_meta, _row_stats,
                             _rows_ok, _scales, _seq_info, _tile_class, _tile_scores)
-from .triton_launch import Launch, Problem, block_config, padded_problem, tile_counter, varlen_problem
+from .._triton_launch import Launch
+from .triton_launch import Problem, block_config, padded_problem, tile_counter, varlen_problem
 
 
 @triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])

@@ -14,9 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import acc_dtype
 from .triton_common import (_col_stats, _cols_ok, _diagonal, _dot, _key_range, _row_meta, _row_stats, _rows_ok,
                             _scales, _seq_info, _tile_class, _tile_scores)
-from .triton_launch import Launch, Problem, block_config, padded_problem, tile_counter, varlen_problem
+from .._triton_launch import Launch
+from .triton_launch import Problem, block_config, padded_problem, tile_counter, varlen_problem
 
 
 @triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
@@ -107,10 +109,6 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS,
         tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) + slot, masked)
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def forward_launch(prob: Problem, q, k, v, out, lse) -> Launch:
     cfg = block_config("fwd", prob.D, q.dtype, prob.args["MASK_KIND"] != 0)
     grid = (triton.cdiv(prob.SQ, cfg.block_m), prob.B, prob.HQ)  # (B, H) on axes 1, 2: each below 65536
@@ -126,7 +124,7 @@ def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor,
     B, HQ, SQ, _ = q.shape
     prob = padded_problem(q, k, meta, attn_mask, scale)
     out = torch.empty_like(q)
-    lse = torch.empty(B, HQ, SQ, dtype=_lse_dtype(q), device=q.device)
+    lse = torch.empty(B, HQ, SQ, dtype=acc_dtype(q), device=q.device)
     forward_launch(prob, q, k, v, out, lse)()
     return out, lse
 
@@ -135,6 +133,6 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, sc
     """Packed layout: (out (total_q, Hq, D), lse (Hq, total_q))."""
     prob = varlen_problem(q, k, cu_q, cu_k, max_q, max_k, causal, scale)
     out = torch.zeros_like(q)  # tokens outside every sequence of cu_seqlens (bad metadata) read 0, not garbage
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q), device=q.device)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=acc_dtype(q), device=q.device)
     forward_launch(prob, q, k, v, out, lse)()
     return out, lse

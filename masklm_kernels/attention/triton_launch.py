@@ -1,7 +1,7 @@
 """Host side of the Triton attention kernels: tile configurations (`block_config`, and `unsupported`, the
 inputs no configuration serves), the launch description shared by the forward and backward launchers
-(`Problem`, `padded_problem`, `varlen_problem`), `Launch` (one kernel launch, also compiled ahead of time by
-benchmarks/compile_triton.py), and the opt-in tile recorder (`record_tiles`), which makes the number of
+(`Problem`, `padded_problem`, `varlen_problem`; each kernel launch is a `_triton_launch.Launch`, also
+compiled ahead of time by benchmarks/compile_triton.py), and the opt-in tile recorder (`record_tiles`), which makes the number of
 tiles each launch computed observable. The device side (the `@triton.jit` helpers) is triton_common.py.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._backends import split_fp32, triton_interpreting
-from .._triton_launch import BlockConfig, Launch  # noqa: F401 (re-exported to the launchers)
+from .._triton_launch import BlockConfig
 
 # ------------------------------------------------------------------------------------------------
 # Block configurations

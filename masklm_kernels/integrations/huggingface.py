@@ -45,6 +45,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..padding import cu_seqlens, lengths_from_mask, pad, token_indices, unpad
+
 _PATCHED = "_masklm_kernels_patch"
 LOGITS_MODES = ("eval", "labelled", "never")
 
@@ -160,15 +162,12 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     if lengths is None or call.padded:
         layout = Layout(lengths=lengths, probs=call.probs)
         return self._masklm_original_forward(hidden_states, layout, *args, **kwargs)
-    B, S, H = hidden_states.shape
+    B, S, _ = hidden_states.shape
     lengths = lengths.to(hidden_states.device)
-    valid = torch.arange(S, device=hidden_states.device) < lengths[:, None]
-    idx = valid.flatten().nonzero().squeeze(1)  # host sync: the token count (once per forward, as unpadding)
-    layout = Layout(cu_seqlens=F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), max_seqlen=S)
-    out = self._masklm_original_forward(hidden_states.reshape(B * S, H).index_select(0, idx)[None], layout,
-                                        *args, **kwargs)
-    packed = out[0][0]
-    padded = packed.new_zeros(B * S, packed.shape[-1]).index_copy(0, idx, packed).view(B, S, -1)
+    idx = token_indices(lengths, S)  # host sync: the token count (once per forward, as any unpadding)
+    layout = Layout(cu_seqlens=cu_seqlens(lengths), max_seqlen=S)
+    out = self._masklm_original_forward(unpad(hidden_states, idx)[None], layout, *args, **kwargs)
+    padded = pad(out[0][0], idx, B, S)
     if isinstance(out, tuple):
         return (padded, *out[1:])
     out["last_hidden_state"] = padded
@@ -180,16 +179,7 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
 # ------------------------------------------------------------------------------------------------
 
 def _lengths(attention_mask) -> torch.Tensor | None:
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        raise ValueError("patched model: attention_mask must be the (batch, seq) 0/1 padding mask")
-    lengths = attention_mask.to(torch.int64).sum(1)
-    if attention_mask.device.type == "cpu":  # a host check is free here (on CUDA it would synchronise)
-        S = attention_mask.shape[1]
-        if not torch.equal(attention_mask.bool(), torch.arange(S) < lengths[:, None]):
-            raise ValueError("patched model: attention_mask must be right-padded (ones, then zeros)")
-    return lengths
+    return None if attention_mask is None else lengths_from_mask(attention_mask, "patched model: attention_mask")
 
 
 def _flag(self, kwargs, name) -> bool:

@@ -7,6 +7,7 @@ import numbers
 import torch
 
 from .._autocast import cast_inputs, loss_dtype, no_autocast
+from .._common import acc_dtype
 from .._backends import Backend, select_backend, triton_cpu_reason, triton_requirement
 from .._validation import INT_DTYPES, check_int, values_checkable
 from . import ops, reference
@@ -162,7 +163,7 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
     flat_logits = logits.reshape(-1, V)
     flat_labels = labels.reshape(-1).to(torch.int64)
     out_dtype = loss_dtype(logits)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits)
     options = (ignore_index, label_smoothing, z_loss)
     if chosen.name == "cpu":
         rows, _ = ops.cross_entropy_cpu_fwd(flat_logits.contiguous(), flat_labels.contiguous(), *options)
@@ -253,7 +254,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
                             dict(device=hidden.device))
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).to(torch.int64)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(hidden)
     options = (ignore_index, label_smoothing, z_loss, max_rows)
     if chosen.name != "reference":
         fwd, _, reduced = ops.LINEAR[chosen.name]

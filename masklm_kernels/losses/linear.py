@@ -21,9 +21,7 @@ from typing import Callable
 
 import torch
 
-
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .._common import acc_dtype
 
 
 def labelled_rows(labels: torch.Tensor, ignore_index: int, max_rows: int):

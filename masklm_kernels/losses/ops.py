@@ -25,9 +25,8 @@ from typing import Optional
 import torch
 
 from .. import _autocast
+from .._common import acc_dtype
 from . import cpu, linear
-
-_acc_dtype = linear.acc_dtype
 
 
 @torch.library.custom_op("masklm_kernels::cross_entropy_cpu_fwd", mutates_args=(), device_types="cpu")
@@ -39,7 +38,7 @@ def cross_entropy_cpu_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
 @cross_entropy_cpu_fwd.register_fake
 def _(logits, labels, ignore_index, label_smoothing, z_loss):
     n = labels.shape[0]
-    return logits.new_empty(n, dtype=_acc_dtype(logits)), logits.new_empty(n, dtype=_acc_dtype(logits))
+    return logits.new_empty(n, dtype=acc_dtype(logits)), logits.new_empty(n, dtype=acc_dtype(logits))
 
 
 @torch.library.custom_op("masklm_kernels::cross_entropy_cpu_bwd", mutates_args=(), device_types="cpu")
@@ -96,14 +95,14 @@ def cross_entropy_triton_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_
 
 @cross_entropy_triton_fwd.register_fake
 def _(logits, labels, ignore_index, label_smoothing, z_loss):
-    return logits.new_empty(labels.shape[0], dtype=_acc_dtype(logits))
+    return logits.new_empty(labels.shape[0], dtype=acc_dtype(logits))
 
 
 @torch.library.custom_op("masklm_kernels::cross_entropy_triton_bwd", mutates_args=())
 def cross_entropy_triton_bwd(grad_rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                              label_smoothing: float, z_loss: float) -> torch.Tensor:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _triton().rows(logits, labels, ignore_index, label_smoothing, z_loss, grad, grad_rows.to(_acc_dtype(logits)))
+    _triton().rows(logits, labels, ignore_index, label_smoothing, z_loss, grad, grad_rows.to(acc_dtype(logits)))
     return grad
 
 
@@ -137,7 +136,7 @@ def cross_entropy_triton_reduced(logits: torch.Tensor, labels: torch.Tensor, sca
 
 @cross_entropy_triton_reduced.register_fake
 def _(logits, labels, scale, ignore_index, label_smoothing, z_loss):
-    return logits.new_empty((), dtype=_acc_dtype(logits)), torch.empty_like(logits,
+    return logits.new_empty((), dtype=acc_dtype(logits)), torch.empty_like(logits,
                                                                              memory_format=torch.contiguous_format)
 
 
@@ -166,7 +165,7 @@ def cross_entropy_triton_reduced_inplace(logits: torch.Tensor, labels: torch.Ten
 
 @cross_entropy_triton_reduced_inplace.register_fake
 def _(logits, labels, scale, ignore_index, label_smoothing, z_loss):
-    return logits.new_empty((), dtype=_acc_dtype(logits))
+    return logits.new_empty((), dtype=acc_dtype(logits))
 
 
 class InplaceGradCrossEntropy(torch.autograd.Function):
@@ -192,7 +191,7 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
 def _linear_run(backend: str, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, max_rows,
                 row_weight=None):
     if backend == "cpu":
-        acc = _acc_dtype(hidden)
+        acc = acc_dtype(hidden)
         rows_fn, compute, chunk = cpu.rows_inplace, acc, cpu.chunk_rows(weight.shape[0], torch.finfo(acc).bits // 8)
     else:
         tri = _triton()
@@ -214,7 +213,7 @@ def _register_linear(backend: str):
 
     @fwd.register_fake
     def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, max_rows):
-        return hidden.new_empty(labels.shape[0], dtype=_acc_dtype(hidden))
+        return hidden.new_empty(labels.shape[0], dtype=acc_dtype(hidden))
 
     @torch.library.custom_op(f"{name}_bwd", mutates_args=(), device_types=device_types)
     def bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -248,12 +247,12 @@ def _register_linear(backend: str):
         """(scale * sum of the row losses, and its gradients: d hidden, d weight and d bias in the
         accumulation dtype), computed in one pass over the labelled rows."""
         rows, dh, dw, db = _linear_run(backend, hidden, weight, bias, labels, ignore_index, label_smoothing,
-                                       z_loss, max_rows, scale.to(_acc_dtype(hidden)))
+                                       z_loss, max_rows, scale.to(acc_dtype(hidden)))
         return rows.sum() * scale, dh, dw, (dw.new_zeros(weight.shape[0]) if db is None else db)
 
     @reduced.register_fake
     def _(hidden, weight, bias, labels, scale, ignore_index, label_smoothing, z_loss, max_rows):
-        acc = _acc_dtype(hidden)
+        acc = acc_dtype(hidden)
         return (hidden.new_empty((), dtype=acc), torch.empty_like(hidden), weight.new_empty(weight.shape, dtype=acc),
                 weight.new_empty(weight.shape[0], dtype=acc))
 

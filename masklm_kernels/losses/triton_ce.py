@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._backends import split_fp32
+from .._common import acc_dtype
 from .._triton_launch import BlockConfig, Launch
 
 # Vocabulary block per step of a sweep. A row of BERT's 30522 logits takes 8 steps; 4096 fp32 values over 8
@@ -115,7 +116,7 @@ def rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_sm
     With `grad` (N, V) (which may be `logits` itself) the same launch writes weight_i * d loss_i / d logits
     into it; `weight` is (N,) or 0-dim (one weight for every row), in the accumulation dtype.
     """
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits)
     loss = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
     lse = torch.empty_like(loss)
     if logits.shape[0]:

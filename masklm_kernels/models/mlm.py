@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._common import IGNORE_INDEX
 from .._validation import check_range
+from ..padding import cu_seqlens, lengths_from_mask, token_indices
 from .config import ModelConfig
 from .layers import (Embeddings, Layer, LMHead, dense_attend, init_weights, varlen_fused_attend,
                      warn_unapplied_attention_dropout)
 
 BACKENDS = ("fused", "reference")
-IGNORE_INDEX = -100
 
 
 def check_backend(backend: str) -> str:
@@ -36,7 +37,7 @@ def lengths_from(input_ids: torch.Tensor, lengths, attention_mask) -> torch.Tens
     if lengths is None and attention_mask is None:
         return torch.full(input_ids.shape[:1], input_ids.shape[1], dtype=torch.int64, device=input_ids.device)
     if lengths is None:
-        return attention_mask.to(torch.int64).sum(1)
+        return lengths_from_mask(attention_mask)
     if not isinstance(lengths, torch.Tensor) or lengths.shape != input_ids.shape[:1] or lengths.is_floating_point():
         raise ValueError(f"lengths must be a ({input_ids.shape[0]},) integer tensor, got "
                          f"{getattr(lengths, 'dtype', type(lengths).__name__)} of shape {tuple(getattr(lengths, 'shape', ()))}")
@@ -45,10 +46,6 @@ def lengths_from(input_ids: torch.Tensor, lengths, attention_mask) -> torch.Tens
     # on a GPU (no check without a synchronisation) lengths are clamped, so that the packed layout never
     # addresses tokens outside input_ids
     return lengths.clamp(0, input_ids.shape[1])
-
-
-def cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
-    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
 
 
 class Encoder(nn.Module):
@@ -88,8 +85,7 @@ class BertMLM(nn.Module):
         lengths = lengths_from(input_ids, lengths, attention_mask)
         positions = torch.arange(S, device=input_ids.device).expand(B, S)
         if self.backend == "fused":
-            valid = positions < lengths[:, None]
-            idx = valid.flatten().nonzero().squeeze(1)  # unpad once (host sync: the token count)
+            idx = token_indices(lengths, S)  # unpad once (host sync: the token count)
             cu = cu_seqlens(lengths)
             x = self.bert(input_ids.flatten()[idx], positions.flatten()[idx], varlen_fused_attend(cu, cu, S, S))
             rows = None if labels is None else labels.flatten()[idx]

@@ -9,9 +9,9 @@ import time
 
 import torch
 
+from .._common import IGNORE_INDEX
 from ..masking import mask_tokens, mass_mask
 from ..models import BertMLM, MassModel, model_config
-from ..models.mlm import IGNORE_INDEX
 from . import checkpoint, data, distributed
 
 

@@ -38,8 +38,9 @@ def summary_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
                 continue
             speed = (r.get("speedup_over_peer") or {}).get(label)
             mem = (r.get("mem_ratio_vs_peer") or {}).get(label)
-            rows.append(head + [fmt_num(r["time_ms"], ".3f"), fmt_num(peer["time_ms"], ".3f"), fmt_num(speed, ".2f", "x"),
-                                fmt_num(mem, ".2f", "x"), fmt_num(r.get("pct_of_roofline"), ".1f")])
+            rows.append(head + [fmt_num(r["time_ms"], ".3f"), fmt_num(peer["time_ms"], ".3f"),
+                                fmt_num(speed, ".2f", "x"), fmt_num(mem, ".2f", "x"),
+                                fmt_num(r.get("pct_of_roofline"), ".1f")])
     return rows
 
 
@@ -100,7 +101,8 @@ def render(kind: str, by_suite: dict[str, list[dict[str, Any]]], plots: dict[str
         missing = [r for r in records if r["status"] != "ok"]
         if missing:
             out += ["Not run:", ""]
-            out += [f"- {r['op']} `{r['backend']}` {case_str(r['case'])}: {r['status']}, {r['reason']}" for r in missing]
+            out += [f"- {r['op']} `{r['backend']}` {case_str(r['case'])}: {r['status']}, {r['reason']}"
+                    for r in missing]
             out.append("")
         for path in plots.get(suite, []):
             out += [f"![{path.stem}]({path.relative_to(base).as_posix()})", ""]

@@ -22,7 +22,8 @@ def _ops() -> dict[str, tuple[Backend, ...]]:
 
     return {"fused_attention": attention.BACKENDS, "fused_attention_varlen": attention.BACKENDS,
             "masked_cross_entropy": losses.BACKENDS,
-            "fused_linear_cross_entropy": losses.BACKENDS, "mask_tokens": masking.BACKENDS, "mass_mask": masking.BACKENDS}
+            "fused_linear_cross_entropy": losses.BACKENDS, "mask_tokens": masking.BACKENDS,
+            "mass_mask": masking.BACKENDS}
 
 
 def _version(module: str) -> str:

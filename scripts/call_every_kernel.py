@@ -28,8 +28,14 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before masklm_kernels imports triton
-    from masklm_kernels import (fused_attention, fused_attention_varlen, fused_linear_cross_entropy, mask_tokens,
-                                masked_cross_entropy, mass_mask)
+    from masklm_kernels import (
+        fused_attention,
+        fused_attention_varlen,
+        fused_linear_cross_entropy,
+        mask_tokens,
+        masked_cross_entropy,
+        mass_mask,
+    )
 
     dev = "cuda" if cuda else "cpu"
     mask_backend = "cuda" if cuda else "cpu"
@@ -89,7 +95,8 @@ def main(argv=None) -> int:
             dout = torch.randn(Bq, Hq, Sq, D, generator=g)
             grads = []
             for backend in ("triton", "reference"):
-                t = [x.to(dev, dtype if backend == "triton" else torch.float64, copy=True).requires_grad_() for x in base]
+                dt = dtype if backend == "triton" else torch.float64
+                t = [x.to(dev, dt, copy=True).requires_grad_() for x in base]
                 mk = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
                 out = fused_attention(*t, **mk, backend=backend)
                 out.backward(dout.to(out))
@@ -131,7 +138,8 @@ def main(argv=None) -> int:
     for kw in ({}, dict(max_labelled_rows=bound)):
         res = []
         for backend in ("triton", "reference"):
-            h, w = (t.to(dev, dtype if backend == "triton" else torch.float64, copy=True).requires_grad_() for t in (hidden, weight))
+            dt = dtype if backend == "triton" else torch.float64
+            h, w = (t.to(dev, dt, copy=True).requires_grad_() for t in (hidden, weight))
             loss = fused_linear_cross_entropy(h, w, labels.to(dev), backend=backend, **kw)
             loss.backward()
             res.append((loss, h.grad, w.grad))

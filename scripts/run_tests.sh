@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 bash scripts/setup_env.sh test
 "$PY" -m masklm_kernels.info
+echo "[lint] ruff check (pyproject.toml: pyflakes, pycodestyle, import order)"
+"$PY" -m ruff check .
 "$PY" -m pytest tests -q "$@"
 if [[ $# -gt 0 || "${MASKLM_COMPAT:-1}" == 0 ]]; then
   exit 0

@@ -13,8 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from masklm_kernels.attention import masks
+from masklm_kernels.attention import reference as ref
+
 from helpers import rng_for
-from masklm_kernels.attention import masks, reference as ref
 
 #: attn_mask shapes broadcastable to (B, Hq, Sq, Sk), as templates over the case's sizes.
 MASK_SHAPES = (

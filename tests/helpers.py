@@ -18,7 +18,6 @@ Nothing here imports triton.
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass
 from typing import Sequence

@@ -35,7 +35,8 @@ class Case:
 
 def _qkv(B=2, H=2, Sq=8, Sk=8, D=16, dtype=torch.float32, Hk=None):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(B, H, Sq, D, generator=g, dtype=dtype), torch.randn(B, Hk or H, Sk, D, generator=g, dtype=dtype),
+    return (torch.randn(B, H, Sq, D, generator=g, dtype=dtype),
+            torch.randn(B, Hk or H, Sk, D, generator=g, dtype=dtype),
             torch.randn(B, Hk or H, Sk, D, generator=g, dtype=dtype))
 
 
@@ -71,7 +72,8 @@ def attention_cases() -> list[Case]:
                  ("q_lengths",)),
             Case("fused_attention", be, "float kv_lengths", att(kv_lengths=torch.tensor([1.0, 2.0])), "reject",
                  ("kv_lengths",)),
-            Case("fused_attention", be, "spans past Sk", att(spans=torch.tensor([[0, 9], [0, 1]])), "reject", ("spans",)),
+            Case("fused_attention", be, "spans past Sk", att(spans=torch.tensor([[0, 9], [0, 1]])), "reject",
+                 ("spans",)),
             Case("fused_attention", be, "spans start > end", att(spans=torch.tensor([[5, 2], [0, 1]])), "reject",
                  ("spans",)),
             Case("fused_attention", be, "spans (B, 0, 2)", att(spans=torch.zeros(2, 0, 2, dtype=torch.long)), "ok"),
@@ -93,8 +95,8 @@ def attention_cases() -> list[Case]:
             return lambda: fused_attention_varlen(q, q, q, cu, cu, max_q, max_q, backend=be)
 
         out += [
-            Case("fused_attention_varlen", be, "cu past the tokens", varlen(torch.tensor([0, 4, 4000], dtype=torch.int32)),
-                 "reject", ("cu_seqlens",)),
+            Case("fused_attention_varlen", be, "cu past the tokens",
+                 varlen(torch.tensor([0, 4, 4000], dtype=torch.int32)), "reject", ("cu_seqlens",)),
             Case("fused_attention_varlen", be, "cu short of the tokens",
                  varlen(torch.tensor([0, 4, 9], dtype=torch.int32)), "reject", ("cu_seqlens",)),
             Case("fused_attention_varlen", be, "cu decreasing", varlen(torch.tensor([0, 6, 4, 10], dtype=torch.int32)),
@@ -104,7 +106,8 @@ def attention_cases() -> list[Case]:
                  varlen(torch.tensor([0, 4, 10], dtype=torch.int32), max_q=2**40), "reject", ("max_seqlen",)),
             Case("fused_attention_varlen", be, "max_seqlen too small",
                  varlen(torch.tensor([0, 4, 10], dtype=torch.int32), max_q=3), "reject", ("max_seqlen",)),
-            Case("fused_attention_varlen", be, "no tokens", varlen(torch.tensor([0, 0], dtype=torch.int32), 0, 0), "ok"),
+            Case("fused_attention_varlen", be, "no tokens", varlen(torch.tensor([0, 0], dtype=torch.int32), 0, 0),
+                 "ok"),
         ]
     return out
 

@@ -7,11 +7,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import (MASK_SHAPES, OP_CASES, attention_case, compile_inputs, dead_row_case, dead_rows, fwd_bwd,
-                             op_args, ref64)
-from helpers import assert_close, assert_equal, assert_within_eager_error
 from masklm_kernels import fused_attention
-from masklm_kernels.attention import cpu, reference as ref
+from masklm_kernels.attention import cpu
+from masklm_kernels.attention import reference as ref
+
+from attention_cases import (
+    MASK_SHAPES,
+    OP_CASES,
+    attention_case,
+    compile_inputs,
+    dead_row_case,
+    dead_rows,
+    fwd_bwd,
+    op_args,
+    ref64,
+)
+from helpers import assert_close, assert_equal, assert_within_eager_error
 
 SEEDS = range(40)
 BLOCKS = ("default", 16, "16-gather")

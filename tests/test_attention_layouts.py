@@ -10,9 +10,10 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import assert_close
 from masklm_kernels import fused_attention, fused_attention_varlen
 from masklm_kernels.attention import masks
+
+from helpers import assert_close
 
 BACKENDS = ["reference", "cpu"] + (["triton", "triton-small-tiles"] if importlib.util.find_spec("triton") else [])
 

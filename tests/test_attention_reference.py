@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from masklm_kernels.attention import masks
+from masklm_kernels.attention import reference as ref
+
 from attention_cases import attention_case
 from helpers import assert_close
-from masklm_kernels.attention import masks, reference as ref
 
 
 def _model(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_lengths=None, spans=None,

@@ -11,11 +11,22 @@ import math
 import pytest
 import torch
 
-from attention_cases import (MASK_SHAPES, OP_CASES, attention_case, compile_inputs, dead_row_case, dead_rows, fwd_bwd,
-                             op_args, ref64)
-from helpers import assert_close, assert_equal, assert_within_eager_error
 from masklm_kernels import BackendUnavailableError, fused_attention, fused_attention_varlen
-from masklm_kernels.attention import masks, reference as ref
+from masklm_kernels.attention import masks
+from masklm_kernels.attention import reference as ref
+
+from attention_cases import (
+    MASK_SHAPES,
+    OP_CASES,
+    attention_case,
+    compile_inputs,
+    dead_row_case,
+    dead_rows,
+    fwd_bwd,
+    op_args,
+    ref64,
+)
+from helpers import assert_close, assert_equal, assert_within_eager_error
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from masklm_kernels.attention import triton_bwd, triton_fwd, triton_launch  # noqa: E402

@@ -10,9 +10,15 @@ import importlib.util
 import pytest
 import torch
 
+from masklm_kernels import (
+    fused_attention,
+    fused_attention_varlen,
+    fused_linear_cross_entropy,
+    mask_tokens,
+    masked_cross_entropy,
+)
+
 from helpers import assert_equal
-from masklm_kernels import (fused_attention, fused_attention_varlen, fused_linear_cross_entropy, mask_tokens,
-                            masked_cross_entropy)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 SETTINGS = [("cpu", torch.bfloat16, b) for b in ("cpu", "reference") + (("triton",) if HAS_TRITON else ())]

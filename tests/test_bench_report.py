@@ -75,7 +75,8 @@ def test_summary_rows_keep_peers_that_did_not_run():
 
 def test_report_is_written_per_device_kind(tmp_path):
     peers = {"p": ("add", "peer", SHAPE), "gone": ("add", "gone", SHAPE)}
-    recs = [_rec("peer", ms=6.0, mem=400), _rec("gone", reason="needs a | pipe"), _rec("ours", ms=2.0, mem=100, peers=peers)]
+    recs = [_rec("peer", ms=6.0, mem=400), _rec("gone", reason="needs a | pipe"),
+            _rec("ours", ms=2.0, mem=100, peers=peers)]
     harness.add_speedups(recs)
     harness.write_jsonl([_rec("ours", ms=9.0, peers=peers)] + recs, harness.results_path(tmp_path, "toy", "cpu"))
     gpu_env = dict(ENV, device_kind="some-gpu", gpu="Some GPU")

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="Hugging Face's Trainer needs accelerate")
 
 from masklm_kernels.integrations.huggingface import patch_model  # noqa: E402
+
 from test_integrations_hf import V, make_model  # noqa: E402
 
 N_EXAMPLES, MAX_LEN = 24, 20

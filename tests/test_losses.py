@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_close, assert_equal
-from losses_cases import (BACKENDS, CASES, F64, _inputs, _linear_inputs, _loss_and_grad, _torch_loss,  # noqa: F401
-                          chunks)
 from masklm_kernels import fused_linear_cross_entropy, masked_cross_entropy
+
+from helpers import assert_close, assert_equal
+from losses_cases import BACKENDS, CASES, F64, _inputs, _linear_inputs, _loss_and_grad, _torch_loss, chunks  # noqa: F401
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("opts, reduction", CASES)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, assert_equal, assert_within_eager_error
-from losses_cases import (BACKENDS, CASES, F64, _linear_grads, _linear_inputs, _torch_linear,  # noqa: F401
-                          chunks)
 from masklm_kernels import fused_linear_cross_entropy
 from masklm_kernels.losses import cpu
+
+from helpers import assert_close, assert_equal, assert_within_eager_error
+from losses_cases import BACKENDS, CASES, F64, _linear_grads, _linear_inputs, _torch_linear, chunks  # noqa: F401
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_close
-from losses_cases import F64, _inputs, _loss_and_grad, _torch_loss
 from masklm_kernels import masked_cross_entropy
 from masklm_kernels._backends import BackendUnavailableError
 from masklm_kernels.losses import triton_ce
+
+from helpers import assert_close
+from losses_cases import F64, _inputs, _loss_and_grad, _torch_loss
 
 OPS = torch.ops.masklm_kernels
 

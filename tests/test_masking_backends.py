@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from helpers import (
-    MASK_ID, SPECIAL_IDS, VOCAB_SIZE, assert_equal, backends_to_test, left_pad, make_batch, require_backend,
-    rng_for, run_backend,
+    MASK_ID,
+    SPECIAL_IDS,
+    VOCAB_SIZE,
+    assert_equal,
+    backends_to_test,
+    left_pad,
+    make_batch,
+    require_backend,
+    rng_for,
+    run_backend,
 )
 from masking_model import model_mask_tokens
 

@@ -10,11 +10,24 @@ import pytest
 import torch
 
 from helpers import (
-    SPECIAL_IDS, assert_equal, backends_to_test, fast_backend, left_pad, make_batch, random_ids, require_backend,
-    rng_for, run_backend,
+    SPECIAL_IDS,
+    assert_equal,
+    backends_to_test,
+    fast_backend,
+    left_pad,
+    make_batch,
+    random_ids,
+    require_backend,
+    rng_for,
+    run_backend,
 )
 from masking_checks import (
-    COMMON, check_invariants, eligible_of, expected_budget, permute_row_kwargs, units_of,
+    COMMON,
+    check_invariants,
+    eligible_of,
+    expected_budget,
+    permute_row_kwargs,
+    units_of,
 )
 from masking_model import as_np, budget, fx
 

@@ -14,8 +14,18 @@ import pytest
 import torch
 
 from helpers import (
-    FALSE_FAILURE_PROB, MASK_ID, SPECIAL_IDS, VOCAB_SIZE, assert_binomial, assert_chisquare,
-    assert_proportions_ordered, fast_backend, make_batch, random_ids, rng_for, run_backend,
+    FALSE_FAILURE_PROB,
+    MASK_ID,
+    SPECIAL_IDS,
+    VOCAB_SIZE,
+    assert_binomial,
+    assert_chisquare,
+    assert_proportions_ordered,
+    fast_backend,
+    make_batch,
+    random_ids,
+    rng_for,
+    run_backend,
 )
 from masking_checks import COMMON, check_invariants, eligible_of, replacement_shares, units_of
 from masking_model import as_np, budget, fx, span_pmf_model

@@ -17,8 +17,20 @@ import pytest
 import torch
 
 from helpers import (
-    CLS_ID, MASK_ID, SEP_ID, SPECIAL_IDS, assert_binomial, assert_chisquare, assert_equal, backends_to_test,
-    fast_backend, make_batch, random_ids, require_backend, rng_for, run_backend,
+    CLS_ID,
+    MASK_ID,
+    SEP_ID,
+    SPECIAL_IDS,
+    assert_binomial,
+    assert_chisquare,
+    assert_equal,
+    backends_to_test,
+    fast_backend,
+    make_batch,
+    random_ids,
+    require_backend,
+    rng_for,
+    run_backend,
 )
 from masking_checks import COMMON, permute_row_kwargs, replacement_shares
 from masking_model import as_np, fx, model_mass_mask

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_close
 from masklm_kernels import mass_mask
 from masklm_kernels.models import BertMLM, MassModel, model_config
+
+from helpers import assert_close
 
 F64 = dict(atol=1e-10, rtol=1e-9)
 V = 97
@@ -126,7 +127,8 @@ def test_training_with_attention_dropout_warns_once(kind):
 
     ids = torch.randint(5, 50, (2, 8))
     spans = torch.tensor([[1, 4], [2, 6]])
-    call = (lambda m: m(ids, ids)) if kind == "mlm" else (lambda m: m(ids, ids, ids, spans, lengths=torch.tensor([8, 8])))
+    lengths = torch.tensor([8, 8])
+    call = (lambda m: m(ids, ids)) if kind == "mlm" else (lambda m: m(ids, ids, ids, spans, lengths=lengths))
     model = make()
     with pytest.warns(UserWarning, match="without attention-probability dropout"):
         call(model)

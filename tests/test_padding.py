@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_equal
 from masklm_kernels import padding
 from masklm_kernels.models import BertMLM, model_config
+
+from helpers import assert_equal
 
 
 def test_unpad_pad_round_trip_against_a_loop():

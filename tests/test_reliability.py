@@ -77,8 +77,8 @@ def _inputs(seed=0, B=2, H=2, S=40, D=16):
 
 HIDDEN_KINDS = {
     "padding": dict(kv_lengths=torch.tensor([30, 17]), q_lengths=torch.tensor([25, 40]), causal=True),
-    "spans_outside": dict(spans=torch.tensor([[5, 20], [0, 33]]), span_mode="outside", kv_lengths=torch.tensor([38, 40]),
-                          q_lengths=torch.tensor([31, 40])),
+    "spans_outside": dict(spans=torch.tensor([[5, 20], [0, 33]]), span_mode="outside",
+                          kv_lengths=torch.tensor([38, 40]), q_lengths=torch.tensor([31, 40])),
     "spans_inside": dict(spans=torch.tensor([[5, 20], [3, 33]]), span_mode="inside", causal=True),
 }
 

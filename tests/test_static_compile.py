@@ -88,14 +88,14 @@ def test_triton_compile_report_covers_every_launchable_configuration():
     """Every tile configuration `block_config` can return on a GPU (any head dim the triton backend accepts,
     16-bit or fp32, with or without a dense mask) is among those the report compiles."""
     pytest.importorskip("triton", reason="triton is not installed")
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     import torch
 
     from benchmarks import compile_triton
     from masklm_kernels.attention import triton_launch
     from masklm_kernels.attention.api import HEAD_DIMS
-
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
 
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=compile_triton._compiler_process) as p:
         todo = p.submit(compile_triton.tasks, [90]).result()  # what compile_all compiles (real JIT functions)

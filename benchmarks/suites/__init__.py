@@ -3,8 +3,9 @@
 A suite module exposes `cases(device: str, size: str) -> list[harness.Case]`, where `device` is
 "cpu" or "cuda" (the run's device; peers that a user would run on the CPU may still return CPU cases)
 and `size` is one of `SIZES`: "full", "quick" (the main shapes only) or "smoke" (tiny shapes that only
-prove the suite runs, e.g. in the GPU check's CPU dry run; their times mean nothing). Adding `attention.py`, `losses.py` or `e2e.py` here is all
-it takes to register a suite; modules whose name starts with "_" are helpers, not suites.
+prove the suite runs, e.g. in the GPU check's CPU dry run; their times mean nothing). Adding `attention.py`,
+`losses.py` or `e2e.py` here is all it takes to register a suite; modules whose name starts with "_" are
+helpers, not suites.
 Suites are imported lazily, so listing them imports nothing heavy.
 """
 from __future__ import annotations

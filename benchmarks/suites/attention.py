@@ -21,8 +21,9 @@ skipped with the reason otherwise. On CUDA also `sdpa_flash` (`none`, `causal`) 
 pinned to one backend with `sdpa_kernel`; and for `causal_pad` the packed layout, `ours_varlen`
 (`fused_attention_varlen`) against torch's `varlen_attn` on the same packed tensors (fwd_bwd). TFLOP/s
 count visible pairs only (4 * D flops per visible pair forward, 2.5x that backward, FlashAttention's
-convention), so a kernel that skips invisible work is not credited for it; `pct_of_roofline` compares them with the measured dense-matmul rate. On CUDA, `extra` records the tiles
-each Triton kernel computed and the tiles holding a visible pair.
+convention), so a kernel that skips invisible work is not credited for it; `pct_of_roofline` compares
+them with the measured dense-matmul rate. On CUDA, `extra` records the tiles each Triton kernel computed
+and the tiles holding a visible pair.
 """
 from __future__ import annotations
 

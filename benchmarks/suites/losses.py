@@ -11,8 +11,8 @@ TFLOP/s count the useful work only (6 * labelled rows * H * V: logits, dh, dW of
 `masked_cross_entropy` on given logits against F.cross_entropy (`logits_ce`).
 Shapes: CPU fp32, N = 4096 tokens, hidden 256, V = 30522 (full: also 50265), labelled fraction 15% / 50% /
 100% (quick and smoke: 15%; smoke: N = 64, hidden 32, V = 1000); CUDA bf16, N = 16384, hidden 1024,
-V = 30522, 50265, 128256 (quick: 50265, the GPU target's shape). Mode fwd_bwd (loss, then gradients of every input that has one). Peak memory is the number to read next to
-time: the peers' (N, V) logits.
+V = 30522, 50265, 128256 (quick: 50265, the GPU target's shape). Mode fwd_bwd (loss, then gradients of
+every input that has one). Peak memory is the number to read next to time: the peers' (N, V) logits.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import numbers
 import torch
 
 from .._autocast import cast_inputs, no_autocast
-from .._common import FLOAT_DTYPES, acc_dtype
 from .._backends import Backend, select_backend, triton_cpu_reason, triton_installed, triton_requirement
+from .._common import FLOAT_DTYPES, acc_dtype
 from .._validation import check_int, check_range, check_tensor, values_checkable
 from . import ops, reference
 from .masks import SPAN_MODES

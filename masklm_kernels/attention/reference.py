@@ -90,7 +90,8 @@ def visible_pairs(vis: torch.Tensor) -> int:
 
 def tiles_needed(vis: torch.Tensor, block_q: int, block_k: int) -> int:
     """Tiles of `block_q` x `block_k` holding at least one visible pair, summed over batch and heads:
-    what a kernel that skips fully invisible tiles computes (the work-efficiency figure: tiles computed / tiles needed)."""
+    what a kernel that skips fully invisible tiles computes (the work-efficiency figure: tiles computed /
+    tiles needed)."""
     *lead, Sq, Sk = vis.shape
     pad_q, pad_k = (-Sq) % block_q, (-Sk) % block_k
     v = torch.nn.functional.pad(vis.to(torch.uint8), (0, pad_k, 0, pad_q))

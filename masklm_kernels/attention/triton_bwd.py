@@ -14,9 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (_col_stats, _cols_ok, _diagonal, _dot, _key_range, _query_range, _row_meta, _row_stats,
-                            _rows_ok, _scales, _seq_info, _tile_class, _tile_scores)
 from .._triton_launch import Launch
+from .triton_common import (
+    _col_stats,
+    _cols_ok,
+    _diagonal,
+    _dot,
+    _key_range,
+    _query_range,
+    _row_meta,
+    _row_stats,
+    _rows_ok,
+    _scales,
+    _seq_info,
+    _tile_class,
+    _tile_scores,
+)
 from .triton_launch import Problem, block_config, padded_problem, tile_counter, varlen_problem
 
 
@@ -214,8 +227,9 @@ def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv)
     a = prob.args
     seq = prob.strides
     pre = Launch(_bwd_preprocess, (triton.cdiv(prob.SQ, PRE_BLOCK_M), prob.B, prob.HQ),
-                 (out, dout, delta, *seq(out), *seq(dout), *prob.lse_strides(), a["CU_Q"], a["CU_K"], prob.SQ, prob.SK,
-                  a["TQ"], a["TK"], prob.HQ, prob.D), dict(BM=PRE_BLOCK_M, BD=a["BD"], VARLEN=prob.varlen, ACC=a["ACC"]))
+                 (out, dout, delta, *seq(out), *seq(dout), *prob.lse_strides(), a["CU_Q"], a["CU_K"], prob.SQ,
+                  prob.SK, a["TQ"], a["TK"], prob.HQ, prob.D),
+                 dict(BM=PRE_BLOCK_M, BD=a["BD"], VARLEN=prob.varlen, ACC=a["ACC"]))
     launches = [pre]
     strides = (*seq(q), *seq(k), *seq(v), *seq(dout), *prob.lse_strides())
     for name, kernel, grads, rows, heads in (("dkdv", _bwd_dkdv, (dk, dv), prob.SK, prob.HKV),

@@ -15,9 +15,21 @@ import triton
 import triton.language as tl
 
 from .._common import acc_dtype
-from .triton_common import (_col_stats, _cols_ok, _diagonal, _dot, _key_range, _row_meta, _row_stats, _rows_ok,
-                            _scales, _seq_info, _tile_class, _tile_scores)
 from .._triton_launch import Launch
+from .triton_common import (
+    _col_stats,
+    _cols_ok,
+    _diagonal,
+    _dot,
+    _key_range,
+    _row_meta,
+    _row_stats,
+    _rows_ok,
+    _scales,
+    _seq_info,
+    _tile_class,
+    _tile_scores,
+)
 from .triton_launch import Problem, block_config, padded_problem, tile_counter, varlen_problem
 
 

@@ -1,8 +1,9 @@
 """Host side of the Triton attention kernels: tile configurations (`block_config`, and `unsupported`, the
 inputs no configuration serves), the launch description shared by the forward and backward launchers
 (`Problem`, `padded_problem`, `varlen_problem`; each kernel launch is a `_triton_launch.Launch`, also
-compiled ahead of time by benchmarks/compile_triton.py), and the opt-in tile recorder (`record_tiles`), which makes the number of
-tiles each launch computed observable. The device side (the `@triton.jit` helpers) is triton_common.py.
+compiled ahead of time by benchmarks/compile_triton.py), and the opt-in tile recorder (`record_tiles`),
+which makes the number of tiles each launch computed observable. The device side (the `@triton.jit`
+helpers) is triton_common.py.
 """
 from __future__ import annotations
 
@@ -102,8 +103,9 @@ _FP64_WIDE = {"fwd": _C(32, 16, 4, 2), "dkdv": _C(16, 32, 4, 1), "dq": _C(32, 16
 def tile_candidates(kernel: str) -> list[BlockConfig]:
     """Every tile configuration worth trying for `kernel`, in the table's order of preference: larger tiles
     first, then a wider side that each program keeps (its query rows for the forward and dQ, its keys for
-    dK/dV), then fewer warps for the forward (more for the backward), then deeper pipelines. `benchmarks.tile_search` walks this list for the first spill-free entry of each group
-    under each Triton version, and the GPU check times the entries around it."""
+    dK/dV), then fewer warps for the forward (more for the backward), then deeper pipelines.
+    `benchmarks.tile_search` walks this list for the first spill-free entry of each group under each Triton
+    version, and the GPU check times the entries around it."""
     sides = (128, 64, 32, 16)
     out = [_C(m, n, w, s) for m in sides for n in sides for w in (4, 8) for s in (3, 2, 1)]
     fewer_warps_first = kernel == "fwd"
@@ -283,5 +285,6 @@ def varlen_problem(q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale
     args = _common_args(q, HQ, HKV, D, causal, scale)
     args.update(CU_Q=cu_q, CU_K=cu_k, SQ=max_q, SK=max_k, TQ=total_q, TK=k.shape[0], VARLEN=True,
                 QLEN=dummy, KVLEN=dummy, PREFIX=dummy, HAS_QLEN=False, HAS_KVLEN=False, HAS_PREFIX=False,
-                SPANS=dummy, NSPANS=0, NSP=2, INSIDE=True, CONTIGUOUS=True, MASK=dummy, smb=0, smh=0, smi=0, smj=0, MASK_KIND=0)
+                SPANS=dummy, NSPANS=0, NSP=2, INSIDE=True, CONTIGUOUS=True, MASK=dummy, smb=0, smh=0, smi=0, smj=0,
+                MASK_KIND=0)
     return Problem(cu_q.shape[0] - 1, HQ, HKV, max_q, max_k, D, True, args, total_q)

@@ -7,8 +7,8 @@ import numbers
 import torch
 
 from .._autocast import cast_inputs, loss_dtype, no_autocast
-from .._common import acc_dtype
 from .._backends import Backend, select_backend, triton_cpu_reason, triton_requirement
+from .._common import acc_dtype
 from .._validation import INT_DTYPES, check_int, values_checkable
 from . import ops, reference
 
@@ -138,7 +138,8 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
         backend: "auto" (cpu on CPU tensors, triton on CUDA), "cpu", "triton" or "reference".
 
     Returns the loss in the logits' dtype (fp32 under autocast, whose rule for losses that is; the
-    logits are not cast: the accumulation is fp32 anyway). With no labelled row the mean is 0 and gradients are 0 (not NaN).
+    logits are not cast: the accumulation is fp32 anyway). With no labelled row the mean is 0 and
+    gradients are 0 (not NaN).
     On the triton backend "mean"/"sum" compute the gradient in the forward's launch (the backward only
     scales it); "none" recomputes it in the backward.
 

@@ -13,7 +13,7 @@ import torch
 
 from .. import _ext
 from .._backends import Backend, select_backend
-from .._validation import (check_int, check_prob, check_range, check_tensor, scalar_tensor, values_checkable)
+from .._validation import check_int, check_prob, check_range, check_tensor, scalar_tensor, values_checkable
 from . import ops, reference
 
 BACKENDS = (
@@ -274,7 +274,8 @@ def prepare_mass_mask_args(input_ids, *, lengths, mask_token_id, vocab_size, fra
         raise ValueError(f"pred_probs must sum to 1, got {pred_probs!r} (sum {sum(shares)})")
     mask_token_id, t_mask, t_rand, lo, hi = _replacement(shares[0], shares[1], mask_token_id, vocab_size, None, ids)
     _check_id_values(ids, vocab_size)
-    ratio_fx = max(1, math.floor(ratio * 2**24 + 0.5))  # docs/MASKING.md: ratio in 2^-24 units (plain Python: traceable)
+    # docs/MASKING.md: the ratio in 2^-24 units (plain Python, so that torch.compile traces it)
+    ratio_fx = max(1, math.floor(ratio * 2**24 + 0.5))
     return (ids, _lengths(lengths, ids), _special_ids(special_token_ids, ids, vocab_size),
             _per_row("sample_ids", sample_ids, ids), scalar_tensor("seed", seed, ids.device),
             scalar_tensor("step", step, ids.device), ratio_fx, mask_token_id, t_mask, t_rand, lo, hi,

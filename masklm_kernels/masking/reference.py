@@ -92,7 +92,9 @@ def span_cdf_thresholds(p: float, max_len: int) -> list[int]:
 
 def span_length(cdf: list[int], u) -> np.ndarray:
     u = np.asarray(u, dtype=np.uint64)
-    return 1 + sum((np.uint64(min(c, 2**32 - 1)) <= u).astype(np.int64) for c in cdf) if cdf else np.ones_like(u, np.int64)
+    if not cdf:
+        return np.ones_like(u, np.int64)
+    return 1 + sum((np.uint64(min(c, 2**32 - 1)) <= u).astype(np.int64) for c in cdf)
 
 
 def draw_span_lengths(n: int, p: float, max_len: int, seed: int = 0) -> np.ndarray:

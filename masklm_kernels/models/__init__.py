@@ -2,8 +2,8 @@
 encoder-decoder, each with a "fused" backend (the library's ops) and a "reference" backend (plain PyTorch),
 built from shared modules (layers.py)."""
 from .config import SIZES, ModelConfig, model_config
-from .mass import MassModel
 from .hf import from_hf
+from .mass import MassModel
 from .mlm import BertMLM
 
 __all__ = ["SIZES", "BertMLM", "MassModel", "ModelConfig", "from_hf", "model_config"]

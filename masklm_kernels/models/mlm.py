@@ -18,8 +18,15 @@ from .._common import IGNORE_INDEX
 from .._validation import check_range
 from ..padding import cu_seqlens, lengths_from_mask, token_indices
 from .config import ModelConfig
-from .layers import (Embeddings, Layer, LMHead, dense_attend, init_weights, varlen_fused_attend,
-                     warn_unapplied_attention_dropout)
+from .layers import (
+    Embeddings,
+    Layer,
+    LMHead,
+    dense_attend,
+    init_weights,
+    varlen_fused_attend,
+    warn_unapplied_attention_dropout,
+)
 
 BACKENDS = ("fused", "reference")
 
@@ -39,8 +46,9 @@ def lengths_from(input_ids: torch.Tensor, lengths, attention_mask) -> torch.Tens
     if lengths is None:
         return lengths_from_mask(attention_mask)
     if not isinstance(lengths, torch.Tensor) or lengths.shape != input_ids.shape[:1] or lengths.is_floating_point():
-        raise ValueError(f"lengths must be a ({input_ids.shape[0]},) integer tensor, got "
-                         f"{getattr(lengths, 'dtype', type(lengths).__name__)} of shape {tuple(getattr(lengths, 'shape', ()))}")
+        got = getattr(lengths, "dtype", type(lengths).__name__)
+        raise ValueError(f"lengths must be a ({input_ids.shape[0]},) integer tensor, got {got} of shape "
+                         f"{tuple(getattr(lengths, 'shape', ()))}")
     lengths = lengths.to(device=input_ids.device, dtype=torch.int64)
     check_range("lengths", lengths, 0, input_ids.shape[1])  # CPU tensors: a clear error naming `lengths`
     # on a GPU (no check without a synchronisation) lengths are clamped, so that the packed layout never

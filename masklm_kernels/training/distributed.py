@@ -22,7 +22,6 @@ import re
 import torch
 import torch.distributed as dist
 
-
 DEFAULT_TIMEOUT_S = 300.0
 
 

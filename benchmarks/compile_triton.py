@@ -28,6 +28,8 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+from benchmarks.ptxas import format_rows, parse_ptxas, usage_problems
+
 DTYPE_NAMES = ("bf16", "fp32")  # fp64 runs under the interpreter only (api.py refuses it on CUDA)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 VARIANTS = ("plain", "metadata", "dense", "varlen")
@@ -124,8 +126,6 @@ def _source(launch):
 
 
 def _parse(log: str) -> dict:
-    from benchmarks.compile_report import parse_ptxas
-
     (u, *_) = parse_ptxas(log, "triton") or [None]
     if u is None:
         raise RuntimeError(f"no ptxas report in:\n{log[-2000:]}")
@@ -197,8 +197,6 @@ def compile_all(archs, workers: int | None = None) -> list[TritonUsage]:
 
 
 def problems(u: TritonUsage) -> list[str]:
-    from benchmarks.compile_report import usage_problems
-
     return usage_problems(u)
 
 
@@ -207,8 +205,6 @@ def format_table(usages: list[TritonUsage]) -> str:
     for u in usages:
         rows.append((u.kernel, f"sm_{u.arch}", str(u.registers), str(u.stack_bytes),
                      f"{u.spill_store_bytes}/{u.spill_load_bytes}", str(u.shared_bytes), u.config))
-    from benchmarks.compile_report import format_rows
-
     return format_rows(rows)
 
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from benchmarks import compile_report
+from benchmarks import compile_report, ptxas
 
 NVCC = compile_report.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME/bin): CUDA sources not compiled")
@@ -37,7 +37,7 @@ def test_ptxas_parser_flags_spills():
             "ptxas info    : Function properties for _Z3fooPf\n"
             "    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
             "ptxas info    : Used 255 registers, used 0 barriers, 1024 bytes smem\n")
-    (u,) = compile_report.parse_ptxas(text, "x.cu")
+    (u,) = ptxas.parse_ptxas(text, "x.cu")
     assert (u.arch, u.registers, u.stack_bytes, u.shared_bytes) == (90, 255, 8, 1024)
     assert u.problems and "spills" in u.problems[0]
 

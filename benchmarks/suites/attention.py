@@ -173,7 +173,6 @@ def _tiles(ours, tensors, vis: torch.Tensor) -> dict:
             for t in launches}
 
 
-@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=1)
 def _flex():
     from torch.nn.attention.flex_attention import flex_attention

@@ -60,7 +60,10 @@ import torch
 
 MIN_REPEATS = 3
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The committed results (what README and the reports quote); a run writes there only when asked
+# (`python -m benchmarks --update-results`), else under LOCAL_OUT/<size>/ (git-ignored).
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+LOCAL_OUT = DEFAULT_OUT / "local"
 
 # Every record has exactly these keys (None where not applicable); tests check the schema.
 RECORD_KEYS = (
@@ -123,7 +126,7 @@ class RunOptions:
     warmup: int = 2
     budget_s: float = 3.0  # per case: stop sampling after this long (keeping >= MIN_REPEATS samples)
     measure_memory: bool = True
-    out_dir: Path | None = DEFAULT_OUT  # None: do not write JSONL
+    out_dir: Path | None = LOCAL_OUT / "full"  # None: do not write JSONL
 
 
 # ----------------------------------------------------------------------------------------- statistics

@@ -114,6 +114,34 @@ def test_suite_registry():
         parse_args(["no_such_suite"])
 
 
+def test_runs_write_locally_unless_asked_and_sizes_never_mix(capsys):
+    """A plain run never touches the committed results; --update-results writes there, full size only."""
+    from benchmarks import harness
+
+    assert parse_args(["masking"]).out == harness.LOCAL_OUT / "full"
+    assert parse_args(["masking", "--quick"]).out == harness.LOCAL_OUT / "quick"
+    assert parse_args(["--size", "smoke"]).out == harness.LOCAL_OUT / "smoke"
+    assert parse_args(["masking", "--update-results"]).out == harness.DEFAULT_OUT
+    assert parse_args(["masking", "--out", "/tmp/x"]).out.as_posix() == "/tmp/x"
+    for bad, says in ((["--quick", "--update-results"], "full-size runs only"),
+                      (["--update-results", "--out", "/tmp/x"], "takes no --out")):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert says in capsys.readouterr().err
+
+
+def test_load_above_the_cores_is_reported(monkeypatch):
+    import os
+
+    from benchmarks import __main__ as runner
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.5, 1.0, 1.0))
+    assert "load average 5.5 is above the machine's 2 cores" in runner.load_warning()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert runner.load_warning() is None
+
+
 # ---------------------------------------------------------------------------------------- end to end
 def test_tiny_suite_end_to_end(tmp_path):
     n = 1 << 16

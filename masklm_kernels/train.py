@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ctx = distributed.setup(args.device, args.ddp_timeout)
     try:
         run_all(args, ctx)
-    except CheckpointError as e:
+    except (CheckpointError, data.CorpusError) as e:
         print(f"masklm_kernels.train: error: {e}", file=sys.stderr)
         return 2
     except distributed.StalledRankError as e:
@@ -111,8 +111,11 @@ def run_all(args: Args, ctx: distributed.Context) -> None:
     for run in runs:
         s = train(run, ds)
         s.pop("state")
-        say(f"{run.backend}: first loss {s['first_loss']:.4f}, final {s['final_loss']:.4f}, "
-            f"eval {s['eval_loss']:.4f}, {s['tokens_per_s']:,.0f} tokens/s", flush=True)
+        say(f"{run.backend}: {s['steps']} steps in {s['elapsed_s']:.1f} s, {s['tokens_per_s']:,.0f} tokens/s; "
+            f"held-out loss {s['eval_loss']:.4f} (a uniform guess scores ln V = {s['baseline_loss']:.4f}); "
+            f"training loss {s['first_loss']:.4f} at the first step, {s['final_loss']:.4f} at the last (one "
+            "batch each)" + (f"; checkpoint written to {s['checkpoint']}" if s["checkpoint"] else ""),
+            flush=True)
         summaries.append(s)
     summary = summaries[-1]
     if args.compare:

@@ -45,9 +45,28 @@ def test_cli_summary_json_and_compare(corpus, tmp_path, capsys):
                      "200", "--device", "cpu", "--summary-json", str(out), "--compare"]) == 0
     summary = json.loads(out.read_text())
     for key in ("first_loss", "final_loss", "eval_loss", "tokens_per_s", "steps", "device", "backend",
-                "speedup", "loss_difference"):
+                "speedup", "loss_difference", "baseline_loss", "elapsed_s"):
         assert key in summary, key
     assert "fused vs reference" in capsys.readouterr().out
+
+
+def test_cli_summary_line_can_be_judged(corpus, tmp_path, capsys):
+    """The last line of a run: elapsed time, held-out loss beside the uniform baseline ln V, the checkpoint."""
+    ckpt = tmp_path / "run.pt"
+    assert cli.main(["--steps", "2", "--batch-size", "4", "--seq-len", "32", "--text-file", corpus, "--vocab-size",
+                     "200", "--device", "cpu", "--save", str(ckpt)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "2 steps in" in line and "held-out loss" in line and "ln V = " in line, line
+    assert f"checkpoint written to {ckpt}" in line and ckpt.is_file(), line
+
+
+def test_cli_corpus_errors_end_in_one_line(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("one paragraph\nanother one\n")
+    assert cli.main(["--steps", "1", "--text-file", str(small), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("masklm_kernels.train: error:") and "at least 20 are needed" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 def test_cli_argument_errors(corpus):

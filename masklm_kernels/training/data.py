@@ -56,7 +56,9 @@ def tokenizer_for(texts: list[str], vocab_size: int):
     if path.exists():
         return Tokenizer.from_file(str(path))
     tok = BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=list(SPECIAL), min_frequency=2)
+    # show_progress=False: the trainer's progress bar, off a terminal, leaves blank lines in the job's output
+    tok.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=list(SPECIAL), min_frequency=2,
+                            show_progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: torchrun's ranks may train it at once
     tok.save(str(tmp))
@@ -82,10 +84,18 @@ class Dataset:
         return ids, torch.tensor([len(s) for s in rows])
 
 
+class CorpusError(ValueError):
+    """The corpus cannot make a dataset (too small, unreadable): the training command reports it in one line."""
+
+
 def build_dataset(text_file: str | None, seq_len: int, vocab_size: int, eval_fraction: float = 0.05) -> Dataset:
-    texts = read_corpus(text_file)
+    try:
+        texts = read_corpus(text_file)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"cannot read the corpus {text_file!r}: {e}") from e
     if len(texts) < 20:
-        raise ValueError(f"the corpus has {len(texts)} paragraphs: at least 20 are needed")
+        where = f"{text_file!r}" if text_file else "the corpus"
+        raise CorpusError(f"{where} has {len(texts)} non-empty lines (paragraphs): at least 20 are needed")
     tok = tokenizer_for(texts, vocab_size)
     body = seq_len - 2
     seqs = []
@@ -95,6 +105,9 @@ def build_dataset(text_file: str | None, seq_len: int, vocab_size: int, eval_fra
             piece = ids[start:start + body]
             if len(piece) >= 4:
                 seqs.append([CLS_ID, *piece, SEP_ID])
+    if len(seqs) < 2:
+        raise CorpusError(f"the corpus gives {len(seqs)} samples of 4 tokens or more: at least 2 are needed "
+                          "(one to train on, one to evaluate)")
     n_eval = max(1, int(len(seqs) * eval_fraction))
     return Dataset(seqs[:-n_eval], seqs[-n_eval:], tok.get_vocab_size(), seq_len)
 

@@ -129,6 +129,8 @@ def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
     if args.save and ctx.main:
         checkpoint.save(args.save, args, step=end, first_loss=first_loss, model=model, opt=opt, sched=sched)
     return dict(first_loss=first_loss, final_loss=loss_value, eval_loss=evaluate(args, model, ds),
+                baseline_loss=math.log(ds.vocab_size), elapsed_s=elapsed,
+                checkpoint=args.save if args.save and ctx.main else None,
                 tokens_per_s=tokens / elapsed if elapsed > 0 and tokens else math.nan, steps=end,
                 device=args.device, backend=args.backend, task=args.task, model=args.model,
                 processes=ctx.world, state=model.state_dict())

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from masklm_kernels._cli import description
+
 from . import harness, report
 from .suites import SIZES, load_suite, suite_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=description(__doc__))
     p.add_argument("suites", nargs="*", metavar="suite",
                    help=f"suites to run (default: all of {', '.join(suite_names())})")
     p.add_argument("--quick", action="store_true", help="the main shapes only, fewer repeats (--size quick)")

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from masklm_kernels._cli import description
+
 from .harness import case_key, case_str, latest, read_jsonl
 
 PROVENANCE = ("device_kind", "cpu", "gpu", "torch", "triton", "threads")
@@ -102,7 +104,7 @@ def format_comparison(result: dict[str, Any], old_name: str, new_name: str) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=description(__doc__))
     p.add_argument("old", type=Path)
     p.add_argument("new", type=Path)
     p.add_argument("--threshold", type=float, default=0.05, help="relative change below which nothing changed")

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 
+from masklm_kernels._cli import description
+
 from .ptxas import KernelUsage, format_rows, parse_ptxas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +72,7 @@ def format_table(usages: list[KernelUsage]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=description(__doc__))
     p.add_argument("--arch", type=int, action="append", choices=ARCHS, help="default: all of 80, 90")
     p.add_argument("--skip", action="append", choices=("cuda", "triton"), default=[], help="leave a part out")
     args = p.parse_args(argv)

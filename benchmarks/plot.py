@@ -13,6 +13,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from masklm_kernels._cli import description
+
 from .harness import DEFAULT_OUT, case_str, latest, read_jsonl
 
 # suite -> (op plotted (None: all), the case field that makes one figure, the field on the x axis, the case
@@ -130,7 +132,7 @@ def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=description(__doc__))
     p.add_argument("suite", nargs="?", default="attention", choices=SUITES)
     p.add_argument("--kind", default="cpu", help="device kind of the results file (cpu, or the GPU's slug)")
     p.add_argument("--results", type=Path, default=DEFAULT_OUT)

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from masklm_kernels._cli import description
+
 from .harness import DEFAULT_OUT, case_key, case_str, fmt_num, latest, read_jsonl
 
 SUMMARY_HEADER = ["suite", "op", "case", "ours", "peer", "ours ms", "peer ms", "speedup", "memory ratio",
@@ -143,7 +145,7 @@ def make_plots(by_suite: dict[str, list[dict[str, Any]]], out_dir: Path) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=description(__doc__))
     p.add_argument("--kind", default="cpu", help="device kind of the results files (cpu, or the GPU's slug)")
     p.add_argument("--results", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-plots", action="store_true")

@@ -22,6 +22,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from benchmarks import compile_triton
+from masklm_kernels._cli import description
 
 KERNEL_INDEX = {"fwd": 0, "dkdv": 2, "dq": 3}  # position in compile_triton.build_launches' list
 ARCHS = (80, 90)
@@ -128,7 +129,7 @@ def _parse_entry(text: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.tile_search", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tile_search", description=description(__doc__))
     p.add_argument("--entry", action="append", type=_parse_entry, help="kernel,width,dense|plain,head-dim block")
     p.add_argument("--failing", action="store_true", help="only the entries whose configuration spills now")
     p.add_argument("--from-top", action="store_true", help="start at the most preferred candidate")

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from masklm_kernels._cli import description
+
 KERNELS = ("fwd", "dkdv", "dq")
 
 
@@ -139,7 +141,7 @@ def best_table(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.tile_sweep", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tile_sweep", description=description(__doc__))
     p.add_argument("--out", required=True, help="JSONL file to write (replaced atomically)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, the table's entries only (CPU dry run)")
     p.add_argument("--width", type=int, default=4, help="candidates on each side of the table's entry")

@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import info, mask_tokens, mass_mask
+from ._cli import description
 
 PAD, CLS, SEP, MASK = 0, 101, 102, 103  # bert-base-uncased ids
 VOCAB = 30522
@@ -74,7 +75,7 @@ def _show_row(name: str, ids: torch.Tensor, out: torch.Tensor, labels: torch.Ten
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m masklm_kernels.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m masklm_kernels.demo", description=description(__doc__))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -12,6 +12,7 @@ import torch
 
 from . import __version__, _env, _ext
 from ._backends import Backend
+from ._cli import description
 
 
 def _ops() -> dict[str, tuple[Backend, ...]]:
@@ -104,7 +105,7 @@ def format_report(info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m masklm_kernels.info", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m masklm_kernels.info", description=description(__doc__))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     info = collect()

@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from ._cli import description
 from ._io import write_json
 from .training import data, distributed
 from .training.checkpoint import RUN_SETTINGS, CheckpointError
@@ -24,7 +25,7 @@ from .training.loop import Args, train
 
 
 def parse(argv=None) -> Args:
-    p = argparse.ArgumentParser(prog="python -m masklm_kernels.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m masklm_kernels.train", description=description(__doc__))
     d = Args()
     p.add_argument("--task", choices=("mlm", "mass"), default=d.task)
     p.add_argument("--steps", type=int, default=d.steps)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from masklm_kernels import info
@@ -62,3 +63,17 @@ def test_package_works_without_extension_and_says_why():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "loaded           no: MASKLM_NO_EXTENSION" in r.stdout
     assert "cpu        unavailable" in r.stdout
+
+
+@pytest.mark.parametrize("module", ["masklm_kernels.train", "masklm_kernels.info", "masklm_kernels.demo",
+                                    "benchmarks.__main__", "benchmarks.report", "benchmarks.compare",
+                                    "benchmarks.plot", "benchmarks.tile_sweep", "benchmarks.tile_search",
+                                    "benchmarks.compile_report"])
+def test_command_line_descriptions_are_whole_sentences(module):
+    """`--help` shows each command's first docstring paragraph, never a line cut mid-sentence."""
+    import importlib
+
+    from masklm_kernels._cli import description
+
+    text = description(importlib.import_module(module).__doc__)
+    assert len(text) > 20 and text.rstrip("`").endswith((".", ")", ":")), text

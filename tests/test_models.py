@@ -136,3 +136,25 @@ def test_training_with_attention_dropout_warns_once(kind):
         warnings.simplefilter("error")
         call(model)  # once per model
         call(make().eval())  # never in eval mode
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_bert_mlm_inference_without_labels_and_label_shape_errors(backend):
+    """Without labels the model returns (B, S, V) logits (fill-mask); the backends agree on them, and the
+    labelled rows' logits equal what a labelled call returns. Labels of the wrong shape are refused."""
+    from masklm_kernels.models import BertMLM, model_config
+
+    torch.manual_seed(0)
+    model = BertMLM(model_config("tiny", vocab_size=60), backend=backend).double().eval()
+    ids = torch.randint(5, 60, (3, 9))
+    lengths = torch.tensor([9, 4, 1])
+    logits = model(ids, lengths=lengths)["logits"]
+    assert logits.shape == (3, 9, 60) and not logits[1, 4:].any() and not logits[2, 1:].any()
+    labels = torch.where(torch.arange(9) < lengths[:, None], ids, -100)
+    out = model(ids, labels, lengths=lengths, return_logits=True)
+    assert_close(out["logits"], logits[labels != -100], **F64, msg="labelled rows vs inference logits")
+    other = BertMLM(model_config("tiny", vocab_size=60), backend="reference").double().eval()
+    other.load_state_dict(model.state_dict())
+    assert_close(other(ids, lengths=lengths)["logits"], logits, **F64, msg="backends agree")
+    with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(3, 9\), got \(3, 8\)"):
+        model(ids, labels[:, :8], lengths=lengths)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .._common import IGNORE_INDEX
 from .._validation import check_range
-from ..padding import cu_seqlens, lengths_from_mask, token_indices
+from ..padding import cu_seqlens, lengths_from_mask, pad, token_indices
 from .config import ModelConfig
 from .layers import (
     Embeddings,
@@ -73,8 +73,12 @@ class Encoder(nn.Module):
 
 class BertMLM(nn.Module):
     """forward(input_ids (B, S), labels (B, S) = None, *, lengths (B,) or attention_mask (B, S)) ->
-    dict(loss (0-dim: mean over labelled rows, 0 when none), logits (n_labelled, V) when return_logits,
-    in row-major order of the labelled positions). Labels at padding positions are ignored."""
+
+    * with labels: dict(loss (0-dim: mean over labelled rows, 0 when none), and with return_logits the
+      logits (n_labelled, V) in row-major order of the labelled positions). Labels at padding positions
+      are ignored.
+    * without labels (inference, e.g. fill-mask): dict(logits (B, S, V)), zeros at padding positions.
+    """
 
     def __init__(self, cfg: ModelConfig, backend: str = "fused"):
         super().__init__()
@@ -89,19 +93,31 @@ class BertMLM(nn.Module):
 
     def forward(self, input_ids, labels=None, *, lengths=None, attention_mask=None, return_logits=False):
         warn_unapplied_attention_dropout(self)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, seq) tensor, got {getattr(input_ids, 'shape', input_ids)}")
         B, S = input_ids.shape
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
         lengths = lengths_from(input_ids, lengths, attention_mask)
         positions = torch.arange(S, device=input_ids.device).expand(B, S)
         if self.backend == "fused":
             idx = token_indices(lengths, S)  # unpad once (host sync: the token count)
             cu = cu_seqlens(lengths)
             x = self.bert(input_ids.flatten()[idx], positions.flatten()[idx], varlen_fused_attend(cu, cu, S, S))
-            rows = None if labels is None else labels.flatten()[idx]
+            if labels is None:
+                return {"logits": pad(self._logits(x), idx, B, S)}
+            rows = labels.flatten()[idx]
         else:
             valid = positions < lengths[:, None]
             x = self.bert(input_ids, positions, dense_attend(valid[:, None, None, :]))
-            rows = None if labels is None else labels.masked_fill(~valid, IGNORE_INDEX)
+            if labels is None:
+                return {"logits": self._logits(x).masked_fill(~valid[..., None], 0.0)}
+            rows = labels.masked_fill(~valid, IGNORE_INDEX)
         return self._head(x, rows, return_logits)
+
+    def _logits(self, x):
+        return F.linear(self.cls.transform(x), self.decoder_weight, self.cls.bias)
 
     def _head(self, x, labels, return_logits):
         return lm_loss(self.cls, self.decoder_weight, x, labels, self.backend, return_logits)

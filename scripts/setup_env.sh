@@ -1,11 +1,33 @@
 #!/usr/bin/env bash
 # Set-up shared by the quickstart commands: torch first (never a CUDA download on a CPU machine), then
-# the build tools, then this package built against that torch (no isolated build, see DEVELOPERS.md).
+# the build tools, then this package built against that torch (no isolated build: pip would fetch a CUDA
+# torch to build against).
 # Idempotent: an installed torch (e.g. a GPU machine's CUDA build) is kept as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 EXTRAS="${1:-test}"
+
+# Skipped when this interpreter already runs this checkout's build and nothing it is built from changed
+# (csrc/, setup.py, pyproject.toml, the extras): the stamp holds their hash.
+STAMP=build/.setup-stamp
+KEY=$("$PY" - "$EXTRAS" <<'PYEOF' 2>/dev/null || true
+import hashlib, pathlib, sys
+h = hashlib.sha256((sys.executable + "|" + sys.argv[1]).encode())
+for p in sorted(pathlib.Path("csrc").rglob("*")) + [pathlib.Path("setup.py"), pathlib.Path("pyproject.toml")]:
+    if p.is_file():
+        h.update(str(p).encode() + b"\0" + p.read_bytes())
+print(h.hexdigest())
+PYEOF
+)
+HERE=$(pwd)
+if [[ -n "$KEY" && -f "$STAMP" && "$(cat "$STAMP")" == "$KEY" ]] && (cd / && "$PY" -c "
+import os, sys, masklm_kernels, masklm_kernels._C
+sys.exit(os.path.dirname(os.path.abspath(masklm_kernels.__file__)) != os.path.join('$HERE', 'masklm_kernels'))
+") >/dev/null 2>&1; then
+  echo "[setup] up to date: nothing changed since the last build ($STAMP)"
+  exit 0
+fi
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0 (CPU build)"
@@ -14,3 +36,5 @@ fi
 "$PY" -m pip install --quiet "setuptools>=64" wheel ninja pybind11 numpy
 echo "[setup] building masklm_kernels against torch $("$PY" -c 'import torch; print(torch.__version__)')"
 "$PY" -m pip install --quiet --no-build-isolation -e ".[${EXTRAS}]"
+mkdir -p build
+echo "$KEY" > "$STAMP"

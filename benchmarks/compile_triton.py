@@ -77,14 +77,15 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
         lse = torch.empty(HQ, B * S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     else:
         q, k = torch.empty(B, HQ, S, head_dim, dtype=dt), torch.empty(B, HKV, S, head_dim, dtype=dt)
-        meta, mask = {}, None
+        from masklm_kernels.attention.inputs import Mask
+
+        mask = Mask()
         if variant in ("metadata", "dense"):
             lens = torch.full((B,), S, dtype=torch.int64)
-            meta = dict(causal=True, kv_lengths=lens, q_lengths=lens, prefix_lengths=lens,
-                        spans=torch.zeros(B, 2, 2, dtype=torch.int64), span_mode="inside")
-        if variant == "dense":
-            mask = torch.zeros(B, 1, S, S, dtype=torch.float32)
-        prob = triton_launch.padded_problem(q, k, meta, mask, 0.125)
+            mask = Mask(causal=True, kv_lengths=lens, q_lengths=lens, prefix_lengths=lens,
+                        spans=torch.zeros(B, 2, 2, dtype=torch.int64), span_mode="inside",
+                        attn_mask=torch.zeros(B, 1, S, S, dtype=torch.float32) if variant == "dense" else None)
+        prob = triton_launch.padded_problem(q, k, mask, 0.125)
         lse = torch.empty(B, HQ, S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     fwd = triton_fwd.forward_launch(prob, q, k, k, q, lse)
     return [fwd, *triton_bwd.backward_launches(prob, q, q, k, k, q, lse, lse, q, k, k)]

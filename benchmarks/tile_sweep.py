@@ -59,11 +59,13 @@ def _inputs(shape: Shape, device: str):
     g = torch.Generator().manual_seed(shape.S + shape.D)
     q, k, v, do = (torch.randn(shape.B, shape.H, shape.S, shape.D, generator=g).to(device, shape.dtype)
                    for _ in range(4))
-    meta = {}
+    from masklm_kernels.attention.inputs import Mask
+
+    mask = Mask()
     if shape.mask == "causal_pad":
         lens = torch.full((shape.B,), shape.S - shape.S // 4, dtype=torch.int64, device=device)
-        meta = dict(causal=True, kv_lengths=lens, q_lengths=lens)
-    return q, k, v, do, meta
+        mask = Mask(causal=True, kv_lengths=lens, q_lengths=lens)
+    return q, k, v, do, mask
 
 
 def _timer(device: str, quick: bool):
@@ -94,12 +96,12 @@ def sweep(smoke: bool = False, width: int = 4, progress=None, sink=None) -> list
     scale = None
     records = []
     for shape in shapes(smoke):
-        q, k, v, do, meta = _inputs(shape, device)
+        q, k, v, do, mask = _inputs(shape, device)
         scale = shape.D ** -0.5
-        out, lse = triton_fwd.forward(q, k, v, meta, None, scale)
-        calls = {"fwd": lambda: triton_fwd.forward(q, k, v, meta, None, scale),
-                 "dkdv": lambda: triton_bwd.backward(do, q, k, v, out, lse, meta, None, scale),
-                 "dq": lambda: triton_bwd.backward(do, q, k, v, out, lse, meta, None, scale)}
+        out, lse = triton_fwd.forward(q, k, v, mask, scale)
+        calls = {"fwd": lambda: triton_fwd.forward(q, k, v, mask, scale),
+                 "dkdv": lambda: triton_bwd.backward(do, q, k, v, out, lse, mask, scale),
+                 "dq": lambda: triton_bwd.backward(do, q, k, v, out, lse, mask, scale)}
         for kernel in KERNELS:
             current = triton_launch.block_config(kernel, shape.D, shape.dtype, False)
             for cfg in neighbours(kernel, current, 0 if smoke else width):

@@ -270,3 +270,18 @@ def test_auto_differentiates_a_float_attn_mask_through_the_reference():
     (grad_auto,) = torch.autograd.grad(fused_attention(q, k, v, attn_mask=bias).sum(), bias)
     (grad_ref,) = torch.autograd.grad(fused_attention(q, k, v, attn_mask=bias, backend="reference").sum(), bias)
     assert_close(grad_auto, grad_ref, atol=1e-12, rtol=1e-12, msg="d attn_mask under backend='auto'")
+
+
+def test_op_schemas_are_derived_from_the_mask_description():
+    """The padded ops' schema is q, k, v (dout ... lse for the backward), `inputs.Mask`'s fields in order,
+    then the scale: adding a Mask field changes every op with it."""
+    import dataclasses
+
+    from masklm_kernels.attention.inputs import Mask
+
+    fields = [f.name for f in dataclasses.fields(Mask)]
+    for backend in ("cpu", "triton"):
+        fwd = getattr(torch.ops.masklm_kernels, f"attention_{backend}_fwd").default._schema
+        bwd = getattr(torch.ops.masklm_kernels, f"attention_{backend}_bwd").default._schema
+        assert [a.name for a in fwd.arguments] == ["q", "k", "v", *fields, "scale"]
+        assert [a.name for a in bwd.arguments] == ["dout", "q", "k", "v", "out", "lse", *fields, "scale"]

@@ -268,3 +268,22 @@ def test_inductor_end_to_end():
     for i in (3, 4):
         step = torch.tensor(i)
         _equal_outputs(compiled(ids, step), step_fn(ids, step), f"inductor step {i}")
+
+
+@pytest.mark.parametrize("op, args_type", [("mask_tokens", "MaskTokensArgs"), ("mass_mask", "MassMaskArgs")])
+def test_python_arguments_match_the_cpp_schema(op, args_type):
+    """masking/inputs.py's typed tuples are the C++ schemas' Python side: the same names, types and order,
+    for the native op and for the reference op derived from the tuple."""
+    from masklm_kernels import _ext
+    from masklm_kernels.masking import inputs
+
+    if not _ext.available():
+        pytest.skip(f"the C++ extension is not built: {_ext.load_error()}")
+    fields = getattr(inputs, args_type)._fields
+    for name in (op, op + "_reference"):
+        schema = getattr(torch.ops.masklm_kernels, name).default._schema
+        assert tuple(a.name for a in schema.arguments) == fields, name
+    native = getattr(torch.ops.masklm_kernels, op).default._schema
+    reference = getattr(torch.ops.masklm_kernels, op + "_reference").default._schema
+    assert [str(a.type) for a in native.arguments] == [str(a.type) for a in reference.arguments]
+    assert [str(r.type) for r in native.returns] == [str(r.type) for r in reference.returns]

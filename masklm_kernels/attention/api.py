@@ -11,6 +11,7 @@ from .._backends import Backend, select_backend, triton_cpu_reason, triton_insta
 from .._common import FLOAT_DTYPES, acc_dtype
 from .._validation import check_int, check_range, check_tensor, values_checkable
 from . import ops, reference
+from .inputs import Mask
 from .masks import SPAN_MODES
 
 DTYPES = FLOAT_DTYPES
@@ -177,18 +178,17 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
     prefix_lengths = _lengths("prefix_lengths", prefix_lengths, B, Sk, dev)
     spans = _spans(spans, B, Sk, dev)
     attn_mask = _attn_mask(attn_mask, (B, Hq, Sq, Sk), dev)
+    mask = Mask(kv_lengths=kv_lengths, q_lengths=q_lengths, prefix_lengths=prefix_lengths, spans=spans,
+                attn_mask=attn_mask, causal=causal, span_mode=span_mode)
     facts = dict(device=dev, dtype=q.dtype, head_dim=D, mask_grad=attn_mask is not None and attn_mask.requires_grad,
                  batch=B, heads=Hq)
     chosen = select_backend("fused_attention", BACKENDS, backend, dev, facts)
     if chosen.name != "reference":
-        out, _ = ops.FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), kv_lengths, q_lengths,
-                                          prefix_lengths, spans, attn_mask, causal, span_mode, scale)
+        out, _ = ops.FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), *mask.op_args(), scale)
         return out
-    compute = acc_dtype(q)
-    with no_autocast(dev):  # the specification computes in `compute` whatever autocast says
-        return reference.attention(q, k, v, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
-                                   prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode,
-                                   attn_mask=attn_mask, scale=scale, compute_dtype=compute)
+    with no_autocast(dev):  # the specification computes in `compute_dtype` whatever autocast says
+        return reference.attention(q, k, v, **mask.visibility_kwargs(), attn_mask=mask.attn_mask, scale=scale,
+                                   compute_dtype=acc_dtype(q))
 
 
 def _cu_seqlens(name: str, t, device, total: int, max_seqlen: int) -> torch.Tensor:

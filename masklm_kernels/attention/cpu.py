@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._common import acc_dtype
+from .inputs import Mask
 from .masks import visibility
 
 # Query rows per piece. Measured on 2 cores (B=8, H=8, S=512, D=64, fp32, fwd+bwd): 64 rows was 10-35%
@@ -39,7 +40,7 @@ def _keys(t: torch.Tensor, b: int, keys) -> torch.Tensor:
     return t[b:b + 1, :, keys] if isinstance(keys, slice) else t[b:b + 1].index_select(2, keys)
 
 
-def _pieces(q: torch.Tensor, k: torch.Tensor, meta: dict, attn_mask):
+def _pieces(q: torch.Tensor, k: torch.Tensor, mask: Mask):
     """Yields (b, i0, i1, keys, mask) for every piece with a visible pair: `keys` is a slice of the key
     range holding every visible key, or an index tensor of them when the range is sparse; `mask` is the
     piece's additive mask (1, 1 or Hq, i1 - i0, n_keys) in q's dtype: 0 / the attn_mask bias where
@@ -51,8 +52,9 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, meta: dict, attn_mask):
         return  # no keys: every row is dead
     for i0 in range(0, Sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, Sq)
-        vis = visibility(B, Sq, Sk, device=q.device, rows=(i0, i1), **meta)
+        vis = visibility(B, Sq, Sk, device=q.device, rows=(i0, i1), **mask.visibility_kwargs())
         bias = None
+        attn_mask = mask.attn_mask
         if attn_mask is not None:
             m = attn_mask[..., i0:i1, :] if attn_mask.shape[-2] != 1 else attn_mask
             if m.dtype == torch.bool:
@@ -77,12 +79,12 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, meta: dict, attn_mask):
             vb = vis[b if vis.shape[0] > 1 else 0][None][..., rows, :]
             vb = vb[..., keys] if isinstance(keys, slice) else vb.index_select(-1, keys)
             if bias is None:
-                mask = torch.zeros(vb.shape, dtype=q.dtype)
+                additive = torch.zeros(vb.shape, dtype=q.dtype)
             else:
                 bb = bias[b if bias.shape[0] > 1 else 0][None]
                 bb = bb[..., rows, :] if bb.shape[-2] != 1 else bb
-                mask = (bb[..., keys] if isinstance(keys, slice) else bb.index_select(-1, keys)).to(q.dtype)
-            yield b, i0 + r_lo[b], i0 + r_hi[b], keys, mask.masked_fill(~vb, float("-inf"))
+                additive = (bb[..., keys] if isinstance(keys, slice) else bb.index_select(-1, keys)).to(q.dtype)
+            yield b, i0 + r_lo[b], i0 + r_hi[b], keys, additive.masked_fill(~vb, float("-inf"))
 
 
 def _extent(any_: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -92,50 +94,50 @@ def _extent(any_: torch.Tensor) -> tuple[list[int], list[int]]:
     return torch.where(any_, idx, n).amin(dim=1).tolist(), (torch.where(any_, idx, -1).amax(dim=1) + 1).tolist()
 
 
-def _whole_batch(q, k, meta: dict, attn_mask):
+def _whole_batch(q, k, mask: Mask):
     """ATen's kernel over the whole batch in one call when the mask is none or plain causal with Sq == Sk
     (its own causal mask is top-left aligned; it skips the causal blocks itself): is_causal, else None."""
-    if attn_mask is not None or q.numel() == 0 or k.numel() == 0:
+    if mask.attn_mask is not None or q.numel() == 0 or k.numel() == 0:
         return None  # ATen's kernel divides by the sizes: an empty input would kill the process (SIGFPE)
-    if any(meta.get(n) is not None for n in ("kv_lengths", "q_lengths", "prefix_lengths", "spans")):
+    if mask.has_metadata:
         return None
-    if meta.get("causal"):
+    if mask.causal:
         return True if q.shape[2] == k.shape[2] else None
     return False
 
 
-def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q, k, v, mask: Mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq), the kernel's log-sum-exp)."""
     B, Hq, Sq, D = q.shape
     lse_dtype = acc_dtype(q)
-    is_causal = _whole_batch(q, k, meta, attn_mask)
+    is_causal = _whole_batch(q, k, mask)
     if is_causal is not None:
         out, lse = _FLASH(q, k, v, 0.0, is_causal, scale=scale)
         return out.contiguous(), lse.to(lse_dtype).contiguous()  # ATen returns them (B, S, H)-strided
     out = torch.zeros_like(q)
     lse = torch.zeros(B, Hq, Sq, dtype=lse_dtype)
-    for b, i0, i1, keys, mask in _pieces(q, k, meta, attn_mask):
+    for b, i0, i1, keys, bias in _pieces(q, k, mask):
         o, l = _FLASH(q[b:b + 1, :, i0:i1], _keys(k, b, keys), _keys(v, b, keys), 0.0, False,
-                      attn_mask=mask, scale=scale)
+                      attn_mask=bias, scale=scale)
         out[b:b + 1, :, i0:i1] = o
         lse[b:b + 1, :, i0:i1] = l
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, meta: dict, attn_mask, scale: float):
+def backward(dout, q, k, v, out, lse, mask: Mask, scale: float):
     """Gradients (dq, dk, dv) in the inputs' dtypes; rows with no visible key contribute nothing.
     dk and dv sum over the query pieces in fp32 (fp64 for fp64 inputs)."""
-    is_causal = _whole_batch(q, k, meta, attn_mask)
+    is_causal = _whole_batch(q, k, mask)
     if is_causal is not None:
         return tuple(g.contiguous() for g in _FLASH_BWD(dout, q, k, v, out, lse, 0.0, is_causal, scale=scale))
     acc = acc_dtype(q)
     dq = torch.zeros_like(q)
     dk = torch.zeros(k.shape, dtype=acc)
     dv = torch.zeros(v.shape, dtype=acc)
-    for b, i0, i1, keys, mask in _pieces(q, k, meta, attn_mask):
+    for b, i0, i1, keys, bias in _pieces(q, k, mask):
         g_q, g_k, g_v = _FLASH_BWD(dout[b:b + 1, :, i0:i1], q[b:b + 1, :, i0:i1], _keys(k, b, keys),
                                    _keys(v, b, keys), out[b:b + 1, :, i0:i1], lse[b:b + 1, :, i0:i1],
-                                   0.0, False, attn_mask=mask, scale=scale)
+                                   0.0, False, attn_mask=bias, scale=scale)
         dq[b:b + 1, :, i0:i1] = g_q
         if isinstance(keys, slice):
             dk[b:b + 1, :, keys] += g_k
@@ -166,7 +168,7 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, sc
     lse = torch.zeros(q.shape[1], q.shape[0], dtype=acc_dtype(q))
     for q0, q1, k0, k1 in _sequences(cu_q, cu_k):
         if q1 > q0:
-            o, l = forward(_row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1), dict(causal=causal), None, scale)
+            o, l = forward(_row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1), Mask(causal=causal), scale)
             out[q0:q1] = o[0].transpose(0, 1)
             lse[:, q0:q1] = l[0]
     return out, lse
@@ -177,8 +179,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int,
     for q0, q1, k0, k1 in _sequences(cu_q, cu_k):
         if q1 > q0:
             g_q, g_k, g_v = backward(_row(dout, q0, q1), _row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1),
-                                     _row(out, q0, q1), lse[None, :, q0:q1].contiguous(), dict(causal=causal), None,
-                                     scale)
+                                     _row(out, q0, q1), lse[None, :, q0:q1].contiguous(), Mask(causal=causal), scale)
             dq[q0:q1] = g_q[0].transpose(0, 1)
             dk[k0:k1] = g_k[0].transpose(0, 1)
             dv[k0:k1] = g_v[0].transpose(0, 1)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._triton_launch import Launch
+from .inputs import Mask
 from .triton_common import (
     _col_stats,
     _cols_ok,
@@ -253,8 +254,8 @@ def launch_backward(prob: Problem, dout, q, k, v, out, lse):
     return dq, dk, dv
 
 
-def backward(dout, q, k, v, out, lse, meta: dict, attn_mask, scale: float):
-    return launch_backward(padded_problem(q, k, meta, attn_mask, scale), dout, q, k, v, out, lse)
+def backward(dout, q, k, v, out, lse, mask: Mask, scale: float):
+    return launch_backward(padded_problem(q, k, mask, scale), dout, q, k, v, out, lse)
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):

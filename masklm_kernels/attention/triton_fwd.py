@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .._common import acc_dtype
 from .._triton_launch import Launch
+from .inputs import Mask
 from .triton_common import (
     _col_stats,
     _cols_ok,
@@ -131,10 +132,10 @@ def forward_launch(prob: Problem, q, k, v, out, lse) -> Launch:
                   cfg)
 
 
-def forward(q, k, v, meta: dict, attn_mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q, k, v, mask: Mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Hq, Sq, D), lse (B, Hq, Sq) fp32 (fp64 for fp64)); q, k, v contiguous in the last dim."""
     B, HQ, SQ, _ = q.shape
-    prob = padded_problem(q, k, meta, attn_mask, scale)
+    prob = padded_problem(q, k, mask, scale)
     out = torch.empty_like(q)
     lse = torch.empty(B, HQ, SQ, dtype=acc_dtype(q), device=q.device)
     forward_launch(prob, q, k, v, out, lse)()

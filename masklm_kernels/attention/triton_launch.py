@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .._backends import split_fp32, triton_interpreting
 from .._triton_launch import BlockConfig
+from .inputs import Mask
 
 # ------------------------------------------------------------------------------------------------
 # Block configurations
@@ -250,25 +251,26 @@ def _common_args(q: torch.Tensor, HQ: int, HKV: int, D: int, causal: bool, scale
                 UPCAST=triton_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype))
 
 
-def padded_problem(q, k, meta: dict, attn_mask, scale: float) -> Problem:
+def padded_problem(q, k, mask: Mask, scale: float) -> Problem:
     B, HQ, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
     dummy = q.new_empty(0, dtype=torch.int32)
-    spans = meta.get("spans")
+    spans = mask.spans
     if spans is not None and spans.dim() == 2:
         spans = spans[:, None]
-    inside = meta.get("span_mode", "inside") == "inside"
+    inside = mask.span_mode == "inside"
     if spans is not None and spans.shape[1] == 0 and inside:
         spans = spans.new_zeros(B, 1, 2)  # no span at all, "inside": no key is visible (one empty span says so)
     nspans = 0 if spans is None else spans.shape[1]
-    args = _common_args(q, HQ, HKV, D, bool(meta.get("causal")), scale)
+    args = _common_args(q, HQ, HKV, D, mask.causal, scale)
     args.update(CU_Q=dummy, CU_K=dummy, SQ=SQ, SK=SK, TQ=0, TK=0, VARLEN=False)
     for name, key in (("QLEN", "q_lengths"), ("KVLEN", "kv_lengths"), ("PREFIX", "prefix_lengths")):
-        t = meta.get(key)
+        t = getattr(mask, key)
         args[name] = dummy if t is None else t
         args["HAS_" + name] = t is not None
     args.update(SPANS=dummy if spans is None else spans.contiguous(), NSPANS=nspans, INSIDE=inside,
                 NSP=max(2, triton.next_power_of_2(max(nspans, 1))), CONTIGUOUS=nspans == 0 or (inside and nspans == 1))
+    attn_mask = mask.attn_mask
     if attn_mask is None:
         args.update(MASK=dummy, smb=0, smh=0, smi=0, smj=0, MASK_KIND=0)
     else:

@@ -15,13 +15,13 @@ from .. import _ext
 from .._backends import Backend, select_backend
 from .._validation import check_int, check_prob, check_range, check_tensor, scalar_tensor, values_checkable
 from . import ops, reference
+from .inputs import MaskTokensArgs, MassMaskArgs
 
 BACKENDS = (
     Backend("cuda", ("cuda",), lambda: _cuda_requirement(), "CUDA C++ kernels (csrc/masking/*.cu)"),
     Backend("cpu", ("cpu",), lambda: _ext.load_error(), "C++ with OpenMP (csrc/masking/masking_cpu.cpp)"),
     Backend("reference", ("cpu", "cuda"), description="NumPy specification (slow; copies to the host)"),
 )
-_MODES = {"bernoulli": 0, "exact": 1, "span": 2}
 
 
 def _cuda_requirement() -> str | None:
@@ -170,8 +170,9 @@ def _span_cdf(span_lengths) -> list[int] | None:
 def prepare_mask_tokens_args(input_ids, *, mask_token_id, vocab_size, mlm_probability=0.15, mask_replace_prob=0.8,
                              random_replace_prob=0.1, lengths=None, attention_mask=None, special_token_ids=None,
                              special_tokens_mask=None, word_ids=None, span_lengths=None, exact=False,
-                             random_token_range=None, sample_ids=None, seed=0, step=0, ignore_index=-100) -> tuple:
-    """Validate and normalise `mask_tokens` arguments into the positional arguments of the op schema."""
+                             random_token_range=None, sample_ids=None, seed=0, step=0,
+                             ignore_index=-100) -> MaskTokensArgs:
+    """Validate and normalise `mask_tokens` arguments into the op's arguments (inputs.py, schema order)."""
     ids = _check_ids(input_ids)
     dev = ids.device
     mask_prob = check_prob("mask_replace_prob", mask_replace_prob)
@@ -186,12 +187,16 @@ def prepare_mask_tokens_args(input_ids, *, mask_token_id, vocab_size, mlm_probab
         check_tensor("word_ids", word_ids, device=dev, shape=tuple(ids.shape), integer=True)
         words = word_ids.to(torch.int64).contiguous()
     cdf = _span_cdf(span_lengths)
-    mode = _MODES["span"] if cdf is not None else _MODES["exact" if exact else "bernoulli"]
-    return (ids, _lengths(lengths, ids), _per_token_flags("attention_mask", attention_mask, ids),
-            _per_token_flags("special_tokens_mask", special_tokens_mask, ids),
-            _special_ids(special_token_ids, ids, vocab_size), words, _rates(mlm_probability, ids),
-            _per_row("sample_ids", sample_ids, ids), scalar_tensor("seed", seed, dev), scalar_tensor("step", step, dev),
-            mode, cdf or [], mask_token_id, t_mask, t_rand, lo, hi, _ignore_index(ignore_index, ids))
+    mode = reference.MODE_SPAN if cdf is not None else reference.MODE_EXACT if exact else reference.MODE_BERNOULLI
+    return MaskTokensArgs(
+        input_ids=ids, lengths=_lengths(lengths, ids),
+        attention_mask=_per_token_flags("attention_mask", attention_mask, ids),
+        special_tokens_mask=_per_token_flags("special_tokens_mask", special_tokens_mask, ids),
+        special_token_ids=_special_ids(special_token_ids, ids, vocab_size), word_ids=words,
+        rates=_rates(mlm_probability, ids), sample_ids=_per_row("sample_ids", sample_ids, ids),
+        seed=scalar_tensor("seed", seed, dev), step=scalar_tensor("step", step, dev), mode=mode, span_cdf=cdf or [],
+        mask_token_id=mask_token_id, t_mask=t_mask, t_rand=t_rand, rand_lo=lo, rand_hi=hi,
+        ignore_index=_ignore_index(ignore_index, ids))
 
 
 def mask_tokens(input_ids, *, mask_token_id, vocab_size, mlm_probability=0.15, mask_replace_prob=0.8,
@@ -261,8 +266,8 @@ def mask_tokens(input_ids, *, mask_token_id, vocab_size, mlm_probability=0.15, m
 
 def prepare_mass_mask_args(input_ids, *, lengths, mask_token_id, vocab_size, fragment_ratio=0.5,
                            pred_probs=(0.8, 0.1, 0.1), pad_token_id=0, special_token_ids=None, sample_ids=None,
-                           seed=0, step=0, ignore_index=-100) -> tuple:
-    """Validate and normalise `mass_mask` arguments into the positional arguments of the op schema."""
+                           seed=0, step=0, ignore_index=-100) -> MassMaskArgs:
+    """Validate and normalise `mass_mask` arguments into the op's arguments (inputs.py, schema order)."""
     ids = _check_ids(input_ids)
     if lengths is None:
         raise ValueError("lengths is required: a (B,) integer tensor of valid lengths")
@@ -276,10 +281,14 @@ def prepare_mass_mask_args(input_ids, *, lengths, mask_token_id, vocab_size, fra
     _check_id_values(ids, vocab_size)
     # docs/MASKING.md: the ratio in 2^-24 units (plain Python, so that torch.compile traces it)
     ratio_fx = max(1, math.floor(ratio * 2**24 + 0.5))
-    return (ids, _lengths(lengths, ids), _special_ids(special_token_ids, ids, vocab_size),
-            _per_row("sample_ids", sample_ids, ids), scalar_tensor("seed", seed, ids.device),
-            scalar_tensor("step", step, ids.device), ratio_fx, mask_token_id, t_mask, t_rand, lo, hi,
-            check_int("pad_token_id", pad_token_id, lo=0, hi=vocab_size), _ignore_index(ignore_index, ids))
+    return MassMaskArgs(
+        input_ids=ids, lengths=_lengths(lengths, ids),
+        special_token_ids=_special_ids(special_token_ids, ids, vocab_size),
+        sample_ids=_per_row("sample_ids", sample_ids, ids), seed=scalar_tensor("seed", seed, ids.device),
+        step=scalar_tensor("step", step, ids.device), ratio_fx=ratio_fx, mask_token_id=mask_token_id, t_mask=t_mask,
+        t_rand=t_rand, rand_lo=lo, rand_hi=hi,
+        pad_token_id=check_int("pad_token_id", pad_token_id, lo=0, hi=vocab_size),
+        ignore_index=_ignore_index(ignore_index, ids))
 
 
 def mass_mask(input_ids, *, lengths, mask_token_id, vocab_size, fragment_ratio=0.5, pred_probs=(0.8, 0.1, 0.1),

@@ -8,12 +8,10 @@
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 
 from .. import _ext
-from . import reference
+from . import inputs, reference
 
 
 def _fake_mask_tokens(input_ids, *args):
@@ -25,31 +23,27 @@ def _fake_mass_mask(input_ids, *args):
     return torch.empty_like(input_ids), torch.empty_like(input_ids), torch.empty_like(input_ids), spans
 
 
-@torch.library.custom_op("masklm_kernels::mask_tokens_reference", mutates_args=())
-def mask_tokens_reference(
-    input_ids: torch.Tensor, lengths: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
-    special_tokens_mask: Optional[torch.Tensor], special_token_ids: torch.Tensor, word_ids: Optional[torch.Tensor],
-    rates: torch.Tensor, sample_ids: Optional[torch.Tensor], seed: torch.Tensor, step: torch.Tensor, mode: int,
-    span_cdf: Sequence[int], mask_token_id: int, t_mask: int, t_rand: int, rand_lo: int, rand_hi: int,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out, labels = reference.mask_tokens(
-        input_ids, lengths, attention_mask, special_tokens_mask, special_token_ids, word_ids, rates, sample_ids,
-        int(seed), int(step), mode, list(span_cdf), mask_token_id, t_mask, t_rand, rand_lo, rand_hi, ignore_index)
-    return tuple(torch.from_numpy(x).to(input_ids.device) for x in (out, labels))
+def _reference_op(name: str, args_type, spec, returns):
+    """The NumPy specification `spec` as the custom op `name`, its schema from `args_type`."""
+    def op(*args):
+        args = args_type(*args)
+        res = spec(*args._replace(seed=int(args.seed), step=int(args.step)))
+        return tuple(torch.from_numpy(x).to(args.input_ids.device) for x in res)
+
+    op.__signature__ = inputs.signature(args_type, returns)
+    op.__name__ = name.split("::")[1]
+    return torch.library.custom_op(name, op, mutates_args=())
 
 
-@torch.library.custom_op("masklm_kernels::mass_mask_reference", mutates_args=())
-def mass_mask_reference(
-    input_ids: torch.Tensor, lengths: torch.Tensor, special_token_ids: torch.Tensor,
-    sample_ids: Optional[torch.Tensor], seed: torch.Tensor, step: torch.Tensor, ratio_fx: int, mask_token_id: int,
-    t_mask: int, t_rand: int, rand_lo: int, rand_hi: int, pad_token_id: int, ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    res = reference.mass_mask(input_ids, lengths, special_token_ids, sample_ids, int(seed), int(step), ratio_fx,
-                              mask_token_id, t_mask, t_rand, rand_lo, rand_hi, pad_token_id, ignore_index)
-    return tuple(torch.from_numpy(x).to(input_ids.device) for x in res)
+def _mask_tokens_spec(*args):
+    a = inputs.MaskTokensArgs(*args)
+    return reference.mask_tokens(*a._replace(span_cdf=list(a.span_cdf)))
 
 
+mask_tokens_reference = _reference_op("masklm_kernels::mask_tokens_reference", inputs.MaskTokensArgs,
+                                      _mask_tokens_spec, tuple[torch.Tensor, torch.Tensor])
+mass_mask_reference = _reference_op("masklm_kernels::mass_mask_reference", inputs.MassMaskArgs, reference.mass_mask,
+                                    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor])
 mask_tokens_reference.register_fake(_fake_mask_tokens)
 mass_mask_reference.register_fake(_fake_mass_mask)
 

@@ -1,10 +1,10 @@
 """The training command (the library's main job): `python -m masklm_kernels.train` / `masklm-train`.
 
 Masked-LM (`--task mlm`, BERT-style) or MASS (`--task mass`) pre-training of a reference model on the
-library's kernels (`--backend fused`) or plain PyTorch (`--backend reference`), on a corpus built on the spot
-from the Python standard library's docstrings (or `--text-file`), with a WordPiece tokenizer trained on it
-and cached. Masks are drawn on the device every step, keyed by (seed, step, global sample id).
-`--compare` runs the same steps with both backends and prints the speedup and the loss difference.
+library's kernels (`--implementation fused`) or plain PyTorch (`--implementation reference`), on a corpus
+built on the spot from the Python standard library's docstrings (or `--text-file`), with a WordPiece
+tokenizer trained on it and cached. Masks are drawn on the device every step, keyed by (seed, step, global sample id).
+`--compare` runs the same steps with both implementations and prints the speedup and the loss difference.
 Data parallel: `torchrun --nproc_per_node N -m masklm_kernels.train ...` (DDP, gloo on CPU, nccl on CUDA;
 --batch-size is the global batch).
 """
@@ -32,7 +32,7 @@ def parse(argv=None) -> Args:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split across processes)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--model", choices=("tiny", "small", "base"), default=d.model)
-    p.add_argument("--backend", choices=("fused", "reference"), default=d.backend)
+    p.add_argument("--implementation", choices=("fused", "reference"), default=d.implementation)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--text-file", default=None, help="one paragraph per line (default: stdlib docstrings)")
@@ -54,7 +54,7 @@ def parse(argv=None) -> Args:
     p.add_argument("--summary-json", default=None)
     p.add_argument("--ddp-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="under torchrun: how long a collective waits for a stalled rank before failing, naming it")
-    p.add_argument("--compare", action="store_true", help="run both backends, print speedup and loss difference")
+    p.add_argument("--compare", action="store_true", help="run both implementations, print speedup and loss difference")
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1 or a.seq_len < 8:
         p.error("--steps and --batch-size must be >= 1, --seq-len >= 8")
@@ -76,9 +76,9 @@ def parse(argv=None) -> Args:
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args = Args(task=a.task, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, model=a.model,
-                backend=a.backend, device=device, seed=a.seed, text_file=a.text_file, vocab_size=a.vocab_size,
-                lr=a.lr, log_every=a.log_every, save=a.save, save_every=a.save_every, resume=a.resume,
-                allow_changed=allow, stop_after=a.stop_after, dropout=a.dropout,
+                implementation=a.implementation, device=device, seed=a.seed, text_file=a.text_file,
+                vocab_size=a.vocab_size, lr=a.lr, log_every=a.log_every, save=a.save, save_every=a.save_every,
+                resume=a.resume, allow_changed=allow, stop_after=a.stop_after, dropout=a.dropout,
                 ddp_timeout=a.ddp_timeout)
     args.summary_json, args.compare = a.summary_json, a.compare
     return args
@@ -102,17 +102,17 @@ def main(argv=None) -> int:
 
 def run_all(args: Args, ctx: distributed.Context) -> None:
     say = print if ctx.main else (lambda *a, **k: None)
-    say(f"task {args.task}, model {args.model}, backend {args.backend}, device {ctx.device}, "
+    say(f"task {args.task}, model {args.model}, implementation {args.implementation}, device {ctx.device}, "
         f"{args.steps} steps x {args.batch_size} x {args.seq_len}"
         + (f" on {ctx.world} processes" if ctx.enabled else ""), flush=True)
     ds = distributed.main_first(ctx, lambda: data.build_dataset(args.text_file, args.seq_len, args.vocab_size))
     say(f"corpus: {len(ds.train)} train / {len(ds.eval)} eval samples, vocabulary {ds.vocab_size}", flush=True)
-    runs = [args] if not args.compare else [dataclasses.replace(args, backend=b) for b in ("reference", "fused")]
+    runs = [args] if not args.compare else [dataclasses.replace(args, implementation=b) for b in ("reference", "fused")]
     summaries = []
     for run in runs:
         s = train(run, ds)
         s.pop("state")
-        say(f"{run.backend}: {s['steps']} steps in {s['elapsed_s']:.1f} s, {s['tokens_per_s']:,.0f} tokens/s; "
+        say(f"{run.implementation}: {s['steps']} steps in {s['elapsed_s']:.1f} s, {s['tokens_per_s']:,.0f} tokens/s; "
             f"held-out loss {s['eval_loss']:.4f} (a uniform guess scores ln V = {s['baseline_loss']:.4f}); "
             f"training loss {s['first_loss']:.4f} at the first step, {s['final_loss']:.4f} at the last (one "
             "batch each)" + (f"; checkpoint written to {s['checkpoint']}" if s["checkpoint"] else ""),

@@ -212,7 +212,7 @@ def model_cases() -> list[Case]:
 
     def bert(lengths):
         def run():
-            m = BertMLM(model_config("tiny", vocab_size=50), backend="fused")
+            m = BertMLM(model_config("tiny", vocab_size=50), implementation="fused")
             ids = torch.randint(5, 50, (2, 8))
             return m(ids, ids, lengths=lengths)
         return run

@@ -1,6 +1,6 @@
-"""Reference models (masklm_kernels.models): the "fused" backend (the library's kernels: varlen attention,
+"""Reference models (masklm_kernels.models): the "fused" implementation (the library's kernels: varlen attention,
 metadata masks, the fused LM head over labelled rows) computes the same loss, labelled-row logits and
-parameter gradients as the "reference" backend (plain PyTorch, dense masks, full logits), in float64."""
+parameter gradients as the "reference" implementation (plain PyTorch, dense masks, full logits), in float64."""
 from __future__ import annotations
 
 import pytest
@@ -18,8 +18,8 @@ V = 97
 def _pair(cls, seed, **overrides):
     torch.manual_seed(seed)
     cfg = model_config("tiny", vocab_size=V, hidden_dropout_prob=0.0, **overrides)
-    ref = cls(cfg, backend="reference").double()
-    fused = cls(cfg, backend="fused").double()
+    ref = cls(cfg, implementation="reference").double()
+    fused = cls(cfg, implementation="fused").double()
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -74,9 +74,9 @@ def test_mass_fused_equals_reference(seed):
     _compare(ref, fused, enc, dec, labels, spans, lengths=lengths)
 
 
-def test_bad_backend_and_config():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        BertMLM(model_config("tiny"), backend="flash")
+def test_bad_implementation_and_config():
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        BertMLM(model_config("tiny"), implementation="flash")
     with pytest.raises(ValueError, match="size must be one of"):
         model_config("huge")
     with pytest.raises(ValueError, match="multiple of num_attention_heads"):
@@ -94,7 +94,7 @@ def test_from_hf_equals_hugging_face_bert():
                                   attention_probs_dropout_prob=0.0)
     hf = transformers.BertForMaskedLM(cfg).double().eval()
     hf.config._attn_implementation = "eager"
-    ours = from_hf(hf, backend="fused").eval()
+    ours = from_hf(hf, implementation="fused").eval()
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(5, V, (3, 12), generator=g)
     lengths = torch.tensor([12, 7, 3])
@@ -138,14 +138,14 @@ def test_training_with_attention_dropout_warns_once(kind):
         call(make().eval())  # never in eval mode
 
 
-@pytest.mark.parametrize("backend", ["fused", "reference"])
-def test_bert_mlm_inference_without_labels_and_label_shape_errors(backend):
-    """Without labels the model returns (B, S, V) logits (fill-mask); the backends agree on them, and the
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+def test_bert_mlm_inference_without_labels_and_label_shape_errors(implementation):
+    """Without labels the model returns (B, S, V) logits (fill-mask); the implementations agree on them, and the
     labelled rows' logits equal what a labelled call returns. Labels of the wrong shape are refused."""
     from masklm_kernels.models import BertMLM, model_config
 
     torch.manual_seed(0)
-    model = BertMLM(model_config("tiny", vocab_size=60), backend=backend).double().eval()
+    model = BertMLM(model_config("tiny", vocab_size=60), implementation=implementation).double().eval()
     ids = torch.randint(5, 60, (3, 9))
     lengths = torch.tensor([9, 4, 1])
     logits = model(ids, lengths=lengths)["logits"]
@@ -153,8 +153,8 @@ def test_bert_mlm_inference_without_labels_and_label_shape_errors(backend):
     labels = torch.where(torch.arange(9) < lengths[:, None], ids, -100)
     out = model(ids, labels, lengths=lengths, return_logits=True)
     assert_close(out["logits"], logits[labels != -100], **F64, msg="labelled rows vs inference logits")
-    other = BertMLM(model_config("tiny", vocab_size=60), backend="reference").double().eval()
+    other = BertMLM(model_config("tiny", vocab_size=60), implementation="reference").double().eval()
     other.load_state_dict(model.state_dict())
-    assert_close(other(ids, lengths=lengths)["logits"], logits, **F64, msg="backends agree")
+    assert_close(other(ids, lengths=lengths)["logits"], logits, **F64, msg="implementations agree")
     with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(3, 9\), got \(3, 8\)"):
         model(ids, labels[:, :8], lengths=lengths)

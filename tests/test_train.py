@@ -24,7 +24,7 @@ def _args(corpus, **kw):
 def test_training_runs_and_the_loss_falls(task, corpus, capsys):
     summary = train(_args(corpus, task=task, steps=40))
     assert summary["final_loss"] < summary["first_loss"] - 0.5, summary
-    assert summary["steps"] == 40 and summary["backend"] == "fused" and summary["tokens_per_s"] > 0
+    assert summary["steps"] == 40 and summary["implementation"] == "fused" and summary["tokens_per_s"] > 0
     assert "step 40/40" in capsys.readouterr().out
 
 
@@ -44,7 +44,7 @@ def test_cli_summary_json_and_compare(corpus, tmp_path, capsys):
     assert cli.main(["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--text-file", corpus, "--vocab-size",
                      "200", "--device", "cpu", "--summary-json", str(out), "--compare"]) == 0
     summary = json.loads(out.read_text())
-    for key in ("first_loss", "final_loss", "eval_loss", "tokens_per_s", "steps", "device", "backend",
+    for key in ("first_loss", "final_loss", "eval_loss", "tokens_per_s", "steps", "device", "implementation",
                 "speedup", "loss_difference", "baseline_loss", "elapsed_s"):
         assert key in summary, key
     assert "fused vs reference" in capsys.readouterr().out

@@ -81,16 +81,16 @@ def cases(device: str, size: str) -> list[Case]:
         peers = {"hf_unpatched": ("e2e_train_step", "hf_unpatched", case)} if name == "hf_patched" else {}
         out.append(Case("e2e_train_step", name, case, fn=fn, device=device, tokens=tokens, skip=reason, peers=peers))
     if hf_model is not None:
-        ref = from_hf(hf_model, backend="reference")
+        ref = from_hf(hf_model, implementation="reference")
     else:
         from masklm_kernels.models import model_config
 
         ref = BertMLM(model_config("base", hidden_size=H, num_hidden_layers=L, num_attention_heads=heads,
-                                   intermediate_size=inter, hidden_dropout_prob=0.0), backend="reference")
+                                   intermediate_size=inter, hidden_dropout_prob=0.0), implementation="reference")
         ref = ref.to(device, dtype)
     for name in ("reference", "fused"):
         m = copy.deepcopy(ref)
-        m.backend = name
+        m.implementation = name
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
         fn = functools.partial(_step, m, opt, lambda mod: mod(ids, labels, lengths=lengths)["loss"])
         peers = {"reference": ("e2e_train_step", "reference", case)} if name == "fused" else {}

@@ -45,7 +45,7 @@ def config_from_hf(hf_config) -> ModelConfig:
     return ModelConfig(**{f: getattr(hf_config, f) for f in fields})
 
 
-def from_hf(hf_model, backend: str = "fused") -> BertMLM:
+def from_hf(hf_model, implementation: str = "fused") -> BertMLM:
     """A BertMLM with the weights of a Hugging Face `BertForMaskedLM` (copied; dtype and device kept)."""
     cfg = config_from_hf(hf_model.config)
     tied = hf_model.cls.predictions.decoder.weight.data_ptr() == \
@@ -53,7 +53,7 @@ def from_hf(hf_model, backend: str = "fused") -> BertMLM:
     if not tied:
         raise ValueError("from_hf needs the decoder tied to the word embeddings (tie_word_embeddings=True)")
     ref = next(hf_model.parameters())
-    model = BertMLM(cfg, backend=backend).to(device=ref.device, dtype=ref.dtype)
+    model = BertMLM(cfg, implementation=implementation).to(device=ref.device, dtype=ref.dtype)
     state = {}
     for name, tensor in hf_model.state_dict().items():
         ours = hf_name_to_ours(name)

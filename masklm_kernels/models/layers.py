@@ -1,10 +1,10 @@
 """Modules shared by the MLM encoder and the MASS encoder-decoder (parameter names as Hugging Face's BERT,
 so that weights map one to one). Attention takes an `attend(q, k, v)` callable: the model decides how the
 mask is applied (the library's fused kernels from O(B) metadata, or a dense mask in plain PyTorch), and the
-layers stay the same for both backends.
+layers stay the same for both implementations.
 
 Attention-probability dropout is not applied (the fused kernels have none; the reference skips it too, so
-that both backends compute the same function); hidden dropout is. A model that trains with
+that both implementations compute the same function); hidden dropout is. A model that trains with
 `attention_probs_dropout_prob > 0` in its config says so once (`warn_unapplied_attention_dropout`).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MASS encoder-decoder (Song et al., 2019) over `mass_mask`'s outputs, with the two backends of mlm.py:
+"""MASS encoder-decoder (Song et al., 2019) over `mass_mask`'s outputs, with the two implementations of mlm.py:
 
 * encoder: bidirectional self-attention over each row's valid tokens;
 * decoder (its inputs: the fragment's tokens shifted right, at their own positions): self-attention
@@ -17,16 +17,16 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import Layer, LMHead, dense_attend, init_weights, padded_fused_attend, warn_unapplied_attention_dropout
-from .mlm import Encoder, check_backend, lm_loss
+from .mlm import Encoder, check_implementation, lm_loss
 
 
 class MassModel(nn.Module):
     """forward(encoder_input_ids, decoder_input_ids, labels, spans, *, lengths) -> dict(loss, logits of the
     labelled rows when return_logits). All (B, S) except spans (B, 2) and lengths (B,): mass_mask's outputs."""
 
-    def __init__(self, cfg: ModelConfig, backend: str = "fused"):
+    def __init__(self, cfg: ModelConfig, implementation: str = "fused"):
         super().__init__()
-        self.config, self.backend = cfg, check_backend(backend)
+        self.config, self.implementation = cfg, check_implementation(implementation)
         self.encoder = Encoder(cfg)
         self.decoder = nn.ModuleList(Layer(cfg, cross=True)
                                      for _ in range(cfg.num_decoder_layers or cfg.num_hidden_layers))
@@ -39,7 +39,7 @@ class MassModel(nn.Module):
         dev = encoder_input_ids.device
         lengths = lengths.to(device=dev, dtype=torch.int64)
         positions = torch.arange(S, device=dev).expand(B, S)
-        if self.backend == "fused":
+        if self.implementation == "fused":
             enc_attend = padded_fused_attend(kv_lengths=lengths)
             self_attend = padded_fused_attend(causal=True, spans=spans, span_mode="inside")
             cross_attend = padded_fused_attend(kv_lengths=lengths, spans=spans, span_mode="outside")
@@ -55,4 +55,4 @@ class MassModel(nn.Module):
         for layer in self.decoder:
             x = layer(x, self_attend, memory, cross_attend)
         weight = self.encoder.embeddings.word_embeddings.weight
-        return lm_loss(self.cls, weight, x, labels, self.backend, return_logits)
+        return lm_loss(self.cls, weight, x, labels, self.implementation, return_logits)

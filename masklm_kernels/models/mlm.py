@@ -1,4 +1,4 @@
-"""BERT-style masked-LM encoder with two backends that compute the same function:
+"""BERT-style masked-LM encoder with two implementations that compute the same function:
 
 * "fused": the batch is unpadded once for all layers (packed tokens, FlashAttention's varlen layout, so
   no layer touches a padding token), attention is `fused_attention_varlen`, and only the labelled rows
@@ -28,13 +28,13 @@ from .layers import (
     warn_unapplied_attention_dropout,
 )
 
-BACKENDS = ("fused", "reference")
+IMPLEMENTATIONS = ("fused", "reference")
 
 
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+def check_implementation(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    return implementation
 
 
 def lengths_from(input_ids: torch.Tensor, lengths, attention_mask) -> torch.Tensor:
@@ -80,9 +80,9 @@ class BertMLM(nn.Module):
     * without labels (inference, e.g. fill-mask): dict(logits (B, S, V)), zeros at padding positions.
     """
 
-    def __init__(self, cfg: ModelConfig, backend: str = "fused"):
+    def __init__(self, cfg: ModelConfig, implementation: str = "fused"):
         super().__init__()
-        self.config, self.backend = cfg, check_backend(backend)
+        self.config, self.implementation = cfg, check_implementation(implementation)
         self.bert = Encoder(cfg)
         self.cls = LMHead(cfg)
         self.apply(init_weights)
@@ -101,7 +101,7 @@ class BertMLM(nn.Module):
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
         lengths = lengths_from(input_ids, lengths, attention_mask)
         positions = torch.arange(S, device=input_ids.device).expand(B, S)
-        if self.backend == "fused":
+        if self.implementation == "fused":
             idx = token_indices(lengths, S)  # unpad once (host sync: the token count)
             cu = cu_seqlens(lengths)
             x = self.bert(input_ids.flatten()[idx], positions.flatten()[idx], varlen_fused_attend(cu, cu, S, S))
@@ -120,17 +120,18 @@ class BertMLM(nn.Module):
         return F.linear(self.cls.transform(x), self.decoder_weight, self.cls.bias)
 
     def _head(self, x, labels, return_logits):
-        return lm_loss(self.cls, self.decoder_weight, x, labels, self.backend, return_logits)
+        return lm_loss(self.cls, self.decoder_weight, x, labels, self.implementation, return_logits)
 
 
-def lm_loss(head: LMHead, weight: torch.Tensor, x: torch.Tensor, labels, backend: str, return_logits: bool) -> dict:
+def lm_loss(head: LMHead, weight: torch.Tensor, x: torch.Tensor, labels, implementation: str,
+            return_logits: bool) -> dict:
     """The LM head and the loss over x (..., H) and labels (...): dict(loss, logits of the labelled rows).
     fused: only labelled rows are transformed and reach fused_linear_cross_entropy; reference: full logits."""
     if labels is None:
         return {}
     x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)
     out = {}
-    if backend == "fused":
+    if implementation == "fused":
         from ..losses import fused_linear_cross_entropy
 
         keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # host sync: the labelled-row count

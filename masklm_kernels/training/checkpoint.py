@@ -30,7 +30,7 @@ from .._io import atomic_write_bytes
 FORMAT = "masklm_kernels-checkpoint"
 FORMAT_VERSION = 1
 MODEL_SETTINGS = ("task", "model", "vocab_size", "seq_len")
-RUN_SETTINGS = ("steps", "batch_size", "seed", "lr", "warmup", "dropout", "backend", "text_file")
+RUN_SETTINGS = ("steps", "batch_size", "seed", "lr", "warmup", "dropout", "implementation", "text_file")
 PAYLOAD_KEYS = ("model", "opt", "sched", "rng", "step", "first_loss", "settings", "library", "torch")
 
 
@@ -96,6 +96,8 @@ def _check_settings(path: str, saved: dict, now: dict, allow: set) -> None:
     if unknown:
         raise CheckpointError(f"allow_changed: {sorted(unknown)} are not settings that may change on resume "
                               f"(those are {', '.join(RUN_SETTINGS)})")
+    if "backend" in saved and "implementation" not in saved:  # the setting's earlier name
+        saved = {**saved, "implementation": saved["backend"]}
     for name in MODEL_SETTINGS:
         if saved.get(name) != now[name]:
             raise CheckpointError(f"checkpoint {path!r} was saved with {name}={saved.get(name)!r}, this run has "

@@ -22,7 +22,7 @@ class Args:
     batch_size: int = 16
     seq_len: int = 128
     model: str = "small"
-    backend: str = "fused"
+    implementation: str = "fused"
     device: str = "cpu"
     seed: int = 0
     text_file: str | None = None
@@ -65,7 +65,7 @@ def build(args: Args, vocab_size: int):
     drop = {} if args.dropout is None else dict(hidden_dropout_prob=args.dropout,
                                                   attention_probs_dropout_prob=args.dropout)
     cfg = model_config(args.model, vocab_size=vocab_size, max_position_embeddings=max(args.seq_len, 64), **drop)
-    model = (BertMLM if args.task == "mlm" else MassModel)(cfg, backend=args.backend).to(args.device)
+    model = (BertMLM if args.task == "mlm" else MassModel)(cfg, implementation=args.implementation).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warm = max(1, int(args.warmup * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -132,5 +132,5 @@ def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
                 baseline_loss=math.log(ds.vocab_size), elapsed_s=elapsed,
                 checkpoint=args.save if args.save and ctx.main else None,
                 tokens_per_s=tokens / elapsed if elapsed > 0 and tokens else math.nan, steps=end,
-                device=args.device, backend=args.backend, task=args.task, model=args.model,
+                device=args.device, implementation=args.implementation, task=args.task, model=args.model,
                 processes=ctx.world, state=model.state_dict())

@@ -110,7 +110,7 @@ def run_all(args: Args, ctx: distributed.Context) -> None:
     runs = [args] if not args.compare else [dataclasses.replace(args, implementation=b) for b in ("reference", "fused")]
     summaries = []
     for run in runs:
-        s = train(run, ds)
+        s = train(run, ds, ctx=ctx)
         s.pop("state")
         say(f"{run.implementation}: {s['steps']} steps in {s['elapsed_s']:.1f} s, {s['tokens_per_s']:,.0f} tokens/s; "
             f"held-out loss {s['eval_loss']:.4f} (a uniform guess scores ln V = {s['baseline_loss']:.4f}); "

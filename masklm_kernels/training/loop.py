@@ -82,10 +82,11 @@ def evaluate(args: Args, model, ds: data.Dataset, batches: int = 4) -> float:
     return sum(losses) / len(losses)
 
 
-def train(args: Args, ds: data.Dataset | None = None, out=None) -> dict:
+def train(args: Args, ds: data.Dataset | None = None, out=None, ctx: distributed.Context | None = None) -> dict:
     """Runs args.steps steps (from a checkpoint with args.resume) and returns the summary. Under torchrun
-    (WORLD_SIZE > 1) every rank runs this with its slice of each global batch; rank 0 logs and saves."""
-    ctx = distributed.setup(args.device, args.ddp_timeout)
+    (WORLD_SIZE > 1) every rank runs this with its slice of each global batch; rank 0 logs and saves.
+    `ctx`: the process group the caller joined (the command line's), else joined here."""
+    ctx = ctx or distributed.setup(args.device, args.ddp_timeout)
     if args.batch_size % ctx.world:
         raise ValueError(f"batch_size ({args.batch_size}) must be a multiple of the number of processes "
                          f"({ctx.world})")

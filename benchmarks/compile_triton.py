@@ -66,14 +66,14 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
         x, y, acc = torch.empty(N, V, dtype=_dtype(dtype_name)), torch.empty(N, dtype=torch.int64), torch.empty(N)
         grad = x if variant == "loss+grad" else None
         return [triton_ce.launch(x, y, -100, 0.1, 0.0, acc, acc, grad, acc if grad is not None else None)]
-    from masklm_kernels.attention import triton_bwd, triton_fwd, triton_launch
+    from masklm_kernels.attention import triton_bwd, triton_fwd, triton_host
 
     dt = _dtype(dtype_name)
     B, HQ, HKV, S = 2, 4, 2, 128
     if variant == "varlen":
         q, k = torch.empty(B * S, HQ, head_dim, dtype=dt), torch.empty(B * S, HKV, head_dim, dtype=dt)
         cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
-        prob = triton_launch.varlen_problem(q, k, cu, cu, S, S, True, 0.125)
+        prob = triton_host.varlen_problem(q, k, cu, cu, S, S, True, 0.125)
         lse = torch.empty(HQ, B * S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     else:
         q, k = torch.empty(B, HQ, S, head_dim, dtype=dt), torch.empty(B, HKV, S, head_dim, dtype=dt)
@@ -85,7 +85,7 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
             mask = Mask(causal=True, kv_lengths=lens, q_lengths=lens, prefix_lengths=lens,
                         spans=torch.zeros(B, 2, 2, dtype=torch.int64), span_mode="inside",
                         attn_mask=torch.zeros(B, 1, S, S, dtype=torch.float32) if variant == "dense" else None)
-        prob = triton_launch.padded_problem(q, k, mask, 0.125)
+        prob = triton_host.padded_problem(q, k, mask, 0.125)
         lse = torch.empty(B, HQ, S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     fwd = triton_fwd.forward_launch(prob, q, k, k, q, lse)
     return [fwd, *triton_bwd.backward_launches(prob, q, q, k, k, q, lse, lse, q, k, k)]
@@ -161,7 +161,7 @@ def _compile(task) -> TritonUsage:
 
 def tasks(archs) -> list[tuple]:
     """(dtype, head dim, variant, launch index, arch) of every distinct compilation."""
-    from masklm_kernels.attention.triton_launch import unsupported
+    from masklm_kernels.attention.triton_host import unsupported
 
     seen, out = set(), []
     for d in DTYPE_NAMES:

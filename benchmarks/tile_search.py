@@ -1,5 +1,5 @@
 """Search of the attention tile table: for each (kernel, operand width, dense mask, head-dim block) entry,
-the first configuration of `triton_launch.tile_candidates` (in order of preference), starting from the one
+the first configuration of `triton_host.tile_candidates` (in order of preference), starting from the one
 the table holds now, that compiles ahead of time without a register spill for sm_80 and sm_90 in every
 mask variant and head-dim block the entry serves, under the Triton installed here.
 
@@ -7,7 +7,7 @@ mask variant and head-dim block the entry serves, under the Triton installed her
     python -m benchmarks.tile_search --failing        # only the entries that spill now
     python -m benchmarks.tile_search --entry fwd,32,dense,64 --json found.json
 
-The table (`triton_launch._CONFIGS`) holds one configuration per entry that is spill-free under every
+The table (`triton_host._CONFIGS`) holds one configuration per entry that is spill-free under every
 Triton version the library supports: run this under each (CI's venvs: scripts/run_tests.sh) and keep, per
 entry, the first candidate that all of them accept. `python -m benchmarks.compile_report` then checks the
 whole table; the GPU check (scripts/gpu_check.sh) times the candidates around each entry.
@@ -35,27 +35,27 @@ def variants(dense: bool) -> tuple[str, ...]:
 
 def head_blocks(entry) -> list[int]:
     """The head-dim blocks the entry serves: those above the previous entry's, up to its own."""
-    from masklm_kernels.attention import triton_launch
+    from masklm_kernels.attention import triton_host
 
     kernel, width, dense, bd = entry
-    bounds = [b for b, _ in triton_launch._CONFIGS[(kernel, width, dense)]]
+    bounds = [b for b, _ in triton_host._CONFIGS[(kernel, width, dense)]]
     lo = max([b for b in bounds if b < bd], default=0)
     return [h for h in compile_triton.HEAD_DIMS if lo < h <= bd]
 
 
 def entries() -> list[tuple[str, int, bool, int]]:
     """(kernel, width, dense, head-dim block) of every entry of the table (fp64 borrows none)."""
-    from masklm_kernels.attention import triton_launch
+    from masklm_kernels.attention import triton_host
 
-    return [(kernel, width, dense, bd) for (kernel, width, dense), rows in triton_launch._CONFIGS.items()
+    return [(kernel, width, dense, bd) for (kernel, width, dense), rows in triton_host._CONFIGS.items()
             for bd, _ in rows]
 
 
 def current(entry):
     """The table's configuration for the entry under the installed Triton."""
-    from masklm_kernels.attention import triton_launch
+    from masklm_kernels.attention import triton_host
 
-    return triton_launch.table_entry(*entry)
+    return triton_host.table_entry(*entry)
 
 
 def _spills(task) -> tuple[int, int]:
@@ -87,10 +87,10 @@ def _spills(task) -> tuple[int, int]:
 def search(entry, pool, start_at_current: bool = True):
     """First spill-free candidate of `entry` (None if none is), from the current configuration down the
     preference order and then from the top; compiled a batch at a time, as many as the pool has workers."""
-    from masklm_kernels.attention import triton_launch
+    from masklm_kernels.attention import triton_host
 
     kernel, width, dense, bd = entry
-    cands = triton_launch.tile_candidates(kernel)
+    cands = triton_host.tile_candidates(kernel)
     if start_at_current:
         cur = current(entry)
         i = cands.index(cur) if cur in cands else 0

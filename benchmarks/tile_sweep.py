@@ -1,5 +1,5 @@
 """Timed sweep of the attention tile table on a GPU: for each kernel (forward, dK/dV, dQ) and the main
-shapes, the table's configuration and its neighbours in `triton_launch.tile_candidates` order, each timed
+shapes, the table's configuration and its neighbours in `triton_host.tile_candidates` order, each timed
 through the library's own launchers with `force_tiles`. The JSONL it writes is what the table is retuned
 from: per (kernel, dtype, head dim, mask) the fastest candidate that is also spill-free for sm_80 and sm_90
 under every supported Triton (`python -m benchmarks.tile_search --entry ...` checks one).
@@ -47,7 +47,7 @@ def shapes(smoke: bool) -> list[Shape]:
 
 def neighbours(kernel: str, current, width: int):
     """The current configuration and up to `width` candidates on each side of it, in preference order."""
-    from masklm_kernels.attention.triton_launch import tile_candidates
+    from masklm_kernels.attention.triton_host import tile_candidates
 
     cands = tile_candidates(kernel)
     i = cands.index(current) if current in cands else 0
@@ -89,7 +89,7 @@ def _timer(device: str, quick: bool):
 
 def sweep(smoke: bool = False, width: int = 4, progress=None, sink=None) -> list[dict]:
     """Every (shape, kernel, candidate) timed; each record also goes to `sink` as soon as it exists."""
-    from masklm_kernels.attention import triton_bwd, triton_fwd, triton_launch
+    from masklm_kernels.attention import triton_bwd, triton_fwd, triton_host
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     timer = _timer(device, smoke)
@@ -103,13 +103,13 @@ def sweep(smoke: bool = False, width: int = 4, progress=None, sink=None) -> list
                  "dkdv": lambda: triton_bwd.backward(do, q, k, v, out, lse, mask, scale),
                  "dq": lambda: triton_bwd.backward(do, q, k, v, out, lse, mask, scale)}
         for kernel in KERNELS:
-            current = triton_launch.block_config(kernel, shape.D, shape.dtype, False)
+            current = triton_host.block_config(kernel, shape.D, shape.dtype, False)
             for cfg in neighbours(kernel, current, 0 if smoke else width):
                 rec = dict(kernel=kernel, B=shape.B, H=shape.H, S=shape.S, D=shape.D,
                            dtype=str(shape.dtype).replace("torch.", ""), mask=shape.mask,
                            config=dataclasses.astuple(cfg), current=cfg == current, device=device)
                 try:
-                    with triton_launch.force_tiles(**{kernel: cfg}):
+                    with triton_host.force_tiles(**{kernel: cfg}):
                         rec["ms"] = timer(calls[kernel])
                 except Exception as e:  # out of shared memory, unsupported shape: recorded, not fatal
                     rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -22,9 +22,9 @@ def _backend(name: str, monkeypatch) -> str:
     """The backend to name; "triton-small-tiles" is Triton with 16-wide tiles: many tiles per side, so the
     tile skipping and the full / partial classification are exercised along the shifted diagonal."""
     if name == "triton-small-tiles":
-        from masklm_kernels.attention import triton_bwd, triton_fwd, triton_launch
+        from masklm_kernels.attention import triton_bwd, triton_fwd, triton_host
 
-        small = lambda kernel, *a, **kw: triton_launch.BlockConfig(16, 16, 4, 1)  # noqa: E731
+        small = lambda kernel, *a, **kw: triton_host.BlockConfig(16, 16, 4, 1)  # noqa: E731
         monkeypatch.setattr(triton_fwd, "block_config", small)
         monkeypatch.setattr(triton_bwd, "block_config", small)
         return "triton"

@@ -29,12 +29,12 @@ from attention_cases import (
 from helpers import assert_close, assert_equal, assert_within_eager_error
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
-from masklm_kernels.attention import triton_bwd, triton_fwd, triton_launch  # noqa: E402
+from masklm_kernels.attention import triton_bwd, triton_fwd, triton_host  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEEDS = range(40)
-SMALL = {"fwd": triton_launch.BlockConfig(16, 16, 4, 1), "dkdv": triton_launch.BlockConfig(16, 32, 4, 1),
-         "dq": triton_launch.BlockConfig(32, 16, 4, 1)}
+SMALL = {"fwd": triton_host.BlockConfig(16, 16, 4, 1), "dkdv": triton_host.BlockConfig(16, 32, 4, 1),
+         "dq": triton_host.BlockConfig(32, 16, 4, 1)}
 
 
 @pytest.fixture(params=["default", "small"], ids=lambda b: f"blocks={b}")
@@ -206,7 +206,7 @@ def _single_span_case(seed):
 @pytest.mark.parametrize("seed", range(24))
 def test_tiles_computed_are_exactly_the_tiles_with_a_visible_pair(seed, blocks):
     q, k, v, kw = _single_span_case(seed)
-    with triton_launch.record_tiles() as launches:
+    with triton_host.record_tiles() as launches:
         fwd_bwd(_triton, *_on_device(q, k, v, torch.randn(q.shape, dtype=q.dtype)), **kw)
     B, Hq, Sq, _ = q.shape
     meta = {n: kw[n] for n in ("causal", "kv_lengths", "q_lengths", "prefix_lengths", "spans", "span_mode") if n in kw}
@@ -226,7 +226,7 @@ def test_dense_mask_tiles_are_all_masked_and_skipping_still_follows_the_metadata
     q, k, v = (torch.randn(2, 2, 70, 16, generator=g) for _ in range(3))
     kw = dict(causal=True, kv_lengths=torch.tensor([40, 70]))
     mask = torch.rand(70, 70, generator=g) < 0.5
-    with triton_launch.record_tiles() as launches:
+    with triton_host.record_tiles() as launches:
         _triton(*_on_device(q, k, v), attn_mask=mask, **kw)
     vis = masks.visibility(q.shape[0], q.shape[2], k.shape[2], **kw).expand(q.shape[0], q.shape[1], -1, -1)
     (launch,) = launches
@@ -345,10 +345,10 @@ def test_block_configs_cover_every_head_dim():
     for kernel in ("fwd", "dkdv", "dq"):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for D in range(16, 257, 8):
-                if triton_launch.unsupported(dtype, D):
+                if triton_host.unsupported(dtype, D):
                     continue
                 for dense in (False, True):
-                    cfg = triton_launch.block_config(kernel, D, dtype, dense)
+                    cfg = triton_host.block_config(kernel, D, dtype, dense)
                     assert cfg.block_m >= 16 and cfg.block_n >= 16 and math.log2(cfg.block_m).is_integer()
 
 

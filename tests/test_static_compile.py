@@ -98,7 +98,7 @@ def test_triton_compile_report_covers_every_launchable_configuration():
     import torch
 
     from benchmarks import compile_triton
-    from masklm_kernels.attention import triton_launch
+    from masklm_kernels.attention import triton_host
     from masklm_kernels.attention.api import HEAD_DIMS
 
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=compile_triton._compiler_process) as p:
@@ -111,9 +111,9 @@ def test_triton_compile_report_covers_every_launchable_configuration():
     for kernel, name in names.items():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for D in HEAD_DIMS:
-                if triton_launch.unsupported(dtype, D):
+                if triton_host.unsupported(dtype, D):
                     continue  # refused on CUDA tensors (api.py), never launched there
                 for dense in (False, True):
-                    cfg = triton_launch.block_config(kernel, D, dtype, dense)
-                    key = (name, cfg, triton_launch.head_block(D))
+                    cfg = triton_host.block_config(kernel, D, dtype, dense)
+                    key = (name, cfg, triton_host.head_block(D))
                     assert key in compiled, f"{kernel} D={D} {dtype} dense={dense}: {cfg} is never compiled"

@@ -9,38 +9,38 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from masklm_kernels.attention import triton_launch  # noqa: E402
-from masklm_kernels.attention.triton_launch import BlockConfig  # noqa: E402
+from masklm_kernels.attention import triton_host  # noqa: E402
+from masklm_kernels.attention.triton_host import BlockConfig  # noqa: E402
 
 
 def test_every_table_entry_is_a_candidate_and_every_replacement_replaces_an_entry():
-    for (kernel, width, dense), rows in triton_launch._CONFIGS.items():
-        cands = triton_launch.tile_candidates(kernel)
+    for (kernel, width, dense), rows in triton_host._CONFIGS.items():
+        cands = triton_host.tile_candidates(kernel)
         assert len(set(cands)) == len(cands)
         for max_bd, cfg in rows:
             assert cfg in cands, (kernel, width, dense, max_bd, cfg)
-    for (kernel, width, dense, max_bd), cfg in triton_launch._BEFORE_TRITON_3_9.items():
-        assert max_bd in dict(triton_launch._CONFIGS[(kernel, width, dense)]), (kernel, width, dense, max_bd)
-        assert cfg in triton_launch.tile_candidates(kernel)
+    for (kernel, width, dense, max_bd), cfg in triton_host._BEFORE_TRITON_3_9.items():
+        assert max_bd in dict(triton_host._CONFIGS[(kernel, width, dense)]), (kernel, width, dense, max_bd)
+        assert cfg in triton_host.tile_candidates(kernel)
 
 
 def test_table_entry_follows_the_installed_triton():
-    key = next(iter(triton_launch._BEFORE_TRITON_3_9))
+    key = next(iter(triton_host._BEFORE_TRITON_3_9))
     older = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9)
-    base = dict(triton_launch._CONFIGS[key[:3]])[key[3]]
-    expected = triton_launch._BEFORE_TRITON_3_9[key] if older else base
-    assert triton_launch.table_entry(*key) == expected
+    base = dict(triton_host._CONFIGS[key[:3]])[key[3]]
+    expected = triton_host._BEFORE_TRITON_3_9[key] if older else base
+    assert triton_host.table_entry(*key) == expected
 
 
 def test_force_tiles_is_scoped():
-    before = triton_launch.block_config("fwd", 64, torch.bfloat16)
+    before = triton_host.block_config("fwd", 64, torch.bfloat16)
     forced = BlockConfig(16, 16, 4, 1)
-    with triton_launch.force_tiles(fwd=forced):
-        assert triton_launch.block_config("fwd", 64, torch.bfloat16) == forced
-        assert triton_launch.block_config("dq", 64, torch.bfloat16) != forced
-    assert triton_launch.block_config("fwd", 64, torch.bfloat16) == before
+    with triton_host.force_tiles(fwd=forced):
+        assert triton_host.block_config("fwd", 64, torch.bfloat16) == forced
+        assert triton_host.block_config("dq", 64, torch.bfloat16) != forced
+    assert triton_host.block_config("fwd", 64, torch.bfloat16) == before
     with pytest.raises(ValueError, match="unknown kernel"):
-        with triton_launch.force_tiles(bwd=forced):
+        with triton_host.force_tiles(bwd=forced):
             pass
 
 
@@ -59,7 +59,7 @@ def test_forced_tiles_compute_the_same_attention():
     lens = torch.tensor([29], device=dev)
     ref = fused_attention(q, k, v, causal=True, kv_lengths=lens, backend="triton")
     (dq,) = torch.autograd.grad(ref.sum(), (q,))
-    with triton_launch.force_tiles(fwd=BlockConfig(16, 32, 4, 1), dq=BlockConfig(32, 16, 4, 1)):
+    with triton_host.force_tiles(fwd=BlockConfig(16, 32, 4, 1), dq=BlockConfig(32, 16, 4, 1)):
         out = fused_attention(q, k, v, causal=True, kv_lengths=lens, backend="triton")
         (dq2,) = torch.autograd.grad(out.sum(), (q,))
     torch.testing.assert_close(out, ref)

@@ -163,7 +163,7 @@ def _varlen_cases(tensors, lengths: torch.Tensor, case_base: dict, flops: float,
 def _tiles(ours, tensors, vis: torch.Tensor) -> dict:
     """Tiles each Triton kernel computed vs tiles holding a visible pair (one forward + backward)."""
     from masklm_kernels.attention import reference
-    from masklm_kernels.attention.triton_launch import record_tiles
+    from masklm_kernels.attention.triton_host import record_tiles
 
     q, k, v, grad = tensors
     with record_tiles() as launches:

@@ -9,7 +9,7 @@ __all__ = ["BACKENDS", "fused_attention", "fused_attention_varlen", "record_tile
 def __getattr__(name):
     # `record_tiles` lives with the Triton kernels; importing it loads triton, so only on demand.
     if name == "record_tiles":
-        from .triton_launch import record_tiles
+        from .triton_host import record_tiles
 
         return record_tiles
     raise AttributeError(name)

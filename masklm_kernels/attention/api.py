@@ -33,7 +33,7 @@ def _triton_inputs(x: dict) -> list[str]:
         if x.get(name, 0) > GRID_YZ_LIMIT:
             out.append(f"{name} {x[name]} is above the CUDA grid limit of {GRID_YZ_LIMIT} (grid axes 1 and 2)")
     if x["device"].type != "cpu" and triton_installed() is None:
-        from .triton_launch import unsupported  # the kernels' own limits (triton is installed: requirement)
+        from .triton_host import unsupported  # the kernels' own limits (triton is installed: requirement)
 
         reason = unsupported(x["dtype"], x["head_dim"])
         if reason:

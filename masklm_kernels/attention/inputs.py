@@ -5,7 +5,7 @@ validates the user's arguments into one; every layer below derives what it needs
 
 * the custom ops' schema (ops.py): q, k, v, then `Mask`'s fields in their order, then the scale
   (`OP_PARAMETERS`), and the conversion both ways (`Mask.op_args`, `Mask.from_op_args`);
-* the backends (cpu.py, triton_launch.py) read its fields, and `visibility_kwargs()` is what masks.py's
+* the backends (cpu.py, triton_host.py) read its fields, and `visibility_kwargs()` is what masks.py's
   `visibility` and the reference take.
 
 Adding a mask option is adding a field here (with its validation in api.py and its use in the kernels);

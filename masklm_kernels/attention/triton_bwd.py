@@ -31,7 +31,7 @@ from .triton_common import (
     _tile_class,
     _tile_scores,
 )
-from .triton_launch import Problem, block_config, padded_problem, tile_counter, varlen_problem
+from .triton_host import Problem, block_config, padded_problem, tile_counter, varlen_problem
 
 
 @triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])

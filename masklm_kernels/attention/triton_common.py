@@ -16,7 +16,7 @@ the kernels skip the tile without loading it. Tiles whose every pair is visible 
 per-element mask; the rest apply `_pair_visible` to the scores. `attn_mask` (dense) is applied per
 element on every computed tile and never makes a tile skippable.
 
-The host side (tile configurations, launch description, tile recorder) is triton_launch.py.
+The host side (tile configurations, launch description, tile recorder) is triton_host.py.
 """
 from __future__ import annotations
 

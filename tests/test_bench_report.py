@@ -91,6 +91,13 @@ def test_report_is_written_per_device_kind(tmp_path):
         report.write_report("tpu", tmp_path, plots=False)
 
 
+def test_a_report_without_matplotlib_says_its_plots_are_missing(tmp_path, monkeypatch):
+    harness.write_jsonl([_rec("ours", ms=2.0)], harness.results_path(tmp_path, "toy", "cpu"))
+    monkeypatch.setattr(report, "make_plots", lambda *a: None)  # what it returns when matplotlib is missing
+    text = report.write_report("cpu", tmp_path).read_text()
+    assert "Plots not drawn: matplotlib is not installed" in text
+
+
 def test_plots_of_every_suite(tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks import plot

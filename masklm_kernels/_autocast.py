@@ -73,7 +73,9 @@ def loss_dtype(x: torch.Tensor) -> torch.dtype:
 def register(qualname: str, positions: Sequence[int]) -> None:
     """Registers the policy on op `qualname` ("masklm_kernels::name") for CPU and CUDA autocast: the
     arguments at `positions` are cast to the autocast dtype in force, then the op runs with autocast
-    excluded. Ops without a registration fall through autocast unchanged."""
+    excluded (`positions=()`: no cast, only the exclusion, for ops whose inner PyTorch calls autocast
+    would otherwise change, e.g. a backward called inside an autocast block). Ops without a registration
+    fall through autocast unchanged."""
     name = qualname.split("::", 1)[1]
 
     for device_type, key in _AUTOCAST_KEYS.items():

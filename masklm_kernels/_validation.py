@@ -24,7 +24,8 @@ def check_int(name: str, value, *, lo: int | None = None, hi: int | None = None)
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value >= hi):
-        raise ValueError(f"{name} must be in [{lo}, {hi}), got {value}")
+        want = f"in [{lo}, {hi})" if lo is not None and hi is not None else f">= {lo}" if hi is None else f"< {hi}"
+        raise ValueError(f"{name} must be {want}, got {value}")
     return value
 
 

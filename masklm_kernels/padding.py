@@ -20,15 +20,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._validation import values_checkable
+
 
 def lengths_from_mask(attention_mask: torch.Tensor, name: str = "attention_mask") -> torch.Tensor:
-    """(B,) int64 lengths of a (B, S) right-padded 0/1 (or bool) mask. On CPU tensors a mask that is not
-    ones-then-zeros raises ValueError (the check is free there; on CUDA it would synchronise)."""
+    """(B,) int64 lengths of a (B, S) right-padded 0/1 (or bool) mask. On CPU tensors in eager mode a mask
+    that is not ones-then-zeros raises ValueError (the check is free there; on CUDA it would synchronise,
+    and torch.compile cannot trace a data-dependent check)."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
         raise ValueError(f"{name} must be the (batch, seq) 0/1 padding mask, got {got}")
     lengths = attention_mask.to(torch.int64).sum(1)
-    if attention_mask.device.type == "cpu":
+    if values_checkable(attention_mask):
         S = attention_mask.shape[1]
         if not torch.equal(attention_mask.bool(), torch.arange(S) < lengths[:, None]):
             raise ValueError(f"{name} must be right-padded (ones, then zeros) in every row")

@@ -17,6 +17,10 @@ FULL=0
 if [[ "${1:-}" == "--full" ]]; then
   FULL=1
   shift
+  if [[ $# -gt 0 ]]; then
+    echo "run_tests.sh: --full runs the whole suite and takes no pytest arguments" >&2
+    exit 2
+  fi
 fi
 phase() { echo; echo "== $1 ($(date +%H:%M:%S))"; }
 start=$SECONDS

@@ -9,21 +9,28 @@ PY="${PYTHON:-python3}"
 EXTRAS="${1:-test}"
 
 # Skipped when this interpreter already runs this checkout's build and nothing it is built from changed
-# (csrc/, setup.py, pyproject.toml, the extras): the stamp holds their hash.
+# (csrc/, setup.py, pyproject.toml, the extras, torch and its CUDA, nvcc, the build switches): the stamp
+# holds their hash.
 STAMP=build/.setup-stamp
 KEY=$("$PY" - "$EXTRAS" <<'PYEOF' 2>/dev/null || true
-import hashlib, pathlib, sys
-h = hashlib.sha256((sys.executable + "|" + sys.argv[1]).encode())
+import hashlib, os, pathlib, shutil, sys
+import torch
+# what setup.py builds against: the interpreter, torch (and its CUDA), the toolkit and the build switches
+env = [os.environ.get(k, "") for k in ("CUDA_HOME", "MASKLM_FORCE_CUDA", "MASKLM_NO_EXTENSION", "CXX",
+                                         "TORCH_CUDA_ARCH_LIST")]
+h = hashlib.sha256("|".join([sys.executable, sys.argv[1], torch.__version__, str(torch.version.cuda),
+                             str(shutil.which("nvcc")), *env]).encode())
 for p in sorted(pathlib.Path("csrc").rglob("*")) + [pathlib.Path("setup.py"), pathlib.Path("pyproject.toml")]:
     if p.is_file():
         h.update(str(p).encode() + b"\0" + p.read_bytes())
 print(h.hexdigest())
 PYEOF
 )
-HERE=$(pwd)
-if [[ -n "$KEY" && -f "$STAMP" && "$(cat "$STAMP")" == "$KEY" ]] && (cd / && "$PY" -c "
+PYABS=$("$PY" -c "import sys; print(sys.executable)" 2>/dev/null || echo "$PY")
+if [[ -n "$KEY" && -f "$STAMP" && "$(cat "$STAMP")" == "$KEY" ]] && (cd / && MLK_HERE="$OLDPWD" "$PYABS" -c "
 import os, sys, masklm_kernels, masklm_kernels._C
-sys.exit(os.path.dirname(os.path.abspath(masklm_kernels.__file__)) != os.path.join('$HERE', 'masklm_kernels'))
+here = os.path.join(os.environ['MLK_HERE'], 'masklm_kernels')
+sys.exit(os.path.dirname(os.path.abspath(masklm_kernels.__file__)) != here)
 ") >/dev/null 2>&1; then
   echo "[setup] up to date: nothing changed since the last build ($STAMP)"
   exit 0

@@ -141,3 +141,23 @@ def test_compiled_under_autocast_equals_eager():
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, w)
     assert got.dtype == torch.float32
     assert_equal(got, want, msg="compiled under autocast")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_backward_inside_autocast_equals_backward_outside(reduction):
+    """A backward called inside the autocast block computes what it computes outside it (the backward ops
+    run with autocast excluded)."""
+    h, w = _leaves((6, 16), (50, 16), device="cpu", seed=13)
+    labels = torch.tensor([1, -100, 7, 49, 0, 3])
+    q, k, v = _leaves((1, 2, 9, 16), (1, 2, 9, 16), (1, 2, 9, 16), device="cpu", seed=14)
+
+    def run(inside: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_linear_cross_entropy(h, w, labels, reduction=reduction).sum() + \
+                fused_attention(q, k, v, causal=True).float().sum()
+            if inside:
+                return torch.autograd.grad(loss, (h, w, q, k, v))
+        return torch.autograd.grad(loss, (h, w, q, k, v))
+
+    for got, want in zip(run(True), run(False)):
+        assert_equal(got, want, msg=f"gradient, backward inside vs outside autocast ({reduction})")

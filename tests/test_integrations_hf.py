@@ -250,3 +250,26 @@ def test_deepcopy_save_load_and_compile_keep_the_patch(tmp_path, attention_calls
     compiled = torch.compile(model, backend="aot_eager")
     assert_close(compiled(input_ids=ids, attention_mask=mask, labels=labels).loss, want, atol=0, rtol=1e-12,
                  msg="compiled")
+
+
+def test_fewer_real_tokens_than_the_padded_length(attention_calls):
+    """Padding to a fixed length (or one short row) leaves fewer real tokens than S: still packed, still
+    the unpatched model's loss."""
+    model = make_model("bert")
+    ids, mask, labels = make_batch(7, 0, lengths=(5, 3, 2, 1))  # 11 real tokens, S = 16
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    out = patch_model(model)(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert attention_calls["packed"] == 2
+    assert_close(out, ref, atol=0, rtol=1e-10, msg="loss with 11 real tokens in rows of 16")
+    one = model(input_ids=ids[3:], attention_mask=mask[3:], labels=torch.where(mask[3:] == 1, ids[3:], -100))
+    assert torch.isfinite(one.loss)
+
+
+def test_patched_model_refuses_mismatched_labels_and_packed_batches():
+    model = patch_model(make_model("bert"))
+    ids, mask, labels = make_batch(8, 0)
+    with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(4, 16\), got \(4, 15\)"):
+        model(input_ids=ids, attention_mask=mask, labels=labels[:, :-1])
+    cu = torch.tensor([0, 16, 27], dtype=torch.int32)
+    with pytest.raises(ValueError, match="packed inputs .*cu_seq_lens_q.* are not supported"):
+        model(input_ids=ids, labels=labels, cu_seq_lens_q=cu, cu_seq_lens_k=cu)

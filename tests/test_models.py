@@ -158,3 +158,20 @@ def test_bert_mlm_inference_without_labels_and_label_shape_errors(implementation
     assert_close(other(ids, lengths=lengths)["logits"], logits, **F64, msg="implementations agree")
     with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(3, 9\), got \(3, 8\)"):
         model(ids, labels[:, :8], lengths=lengths)
+
+
+def test_bert_mlm_with_fewer_real_tokens_than_the_padded_length():
+    """One row of 4 real tokens padded to 16: the packed layout's max_seqlen (16) exceeds the token count."""
+    from masklm_kernels.models import BertMLM, model_config
+
+    torch.manual_seed(1)
+    cfg = model_config("tiny", vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    fused = BertMLM(cfg).double()
+    ref = BertMLM(cfg, implementation="reference").double()
+    ref.load_state_dict(fused.state_dict())
+    ids = torch.randint(5, 50, (1, 16))
+    mask = (torch.arange(16) < 4).long()[None]
+    labels = torch.where(mask == 1, ids, -100)
+    assert_close(fused(ids, labels, attention_mask=mask)["loss"], ref(ids, labels, attention_mask=mask)["loss"],
+                 **F64, msg="loss")
+    assert fused(ids, attention_mask=mask)["logits"].shape == (1, 16, 50)

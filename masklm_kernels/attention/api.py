@@ -215,7 +215,8 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         q: (total_q, Hq, D); k, v: (total_k, Hkv, D), Hq % Hkv == 0; sequence b is tokens
             cu_seqlens[b]:cu_seqlens[b + 1] of each. fp16, bf16, fp32 (fp64 on CPU); D a multiple of 8 in [16, 256].
         cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 on q's device, starting at 0, ending at total_q / total_k.
-        max_seqlen_q, max_seqlen_k: Python ints >= every sequence's length (the grid size: no host sync).
+        max_seqlen_q, max_seqlen_k: Python ints >= every sequence's length (the grid size: no host sync);
+            values above the token count are taken as the token count.
         causal: key j visible to query i of the same sequence when j <= i + (len_k - len_q) (bottom-right).
         scale: score scale, default 1 / sqrt(D).
         backend: "auto" (triton on CUDA tensors, cpu on CPU tensors), "triton", "cpu" or "reference".
@@ -237,9 +238,11 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_qkv(q, k, v, layout="thd")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    # a sequence cannot be longer than all tokens together: larger values only inflate the grid
-    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, lo=0, hi=q.shape[0] + 1)
-    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, lo=0, hi=k.shape[0] + 1)
+    # An upper bound (FlashAttention's meaning): the padded length S is a valid one even when the batch
+    # holds fewer tokens than S. No sequence is longer than all tokens together, so larger values are
+    # clamped to the token count: they would only inflate the grid.
+    max_seqlen_q = min(check_int("max_seqlen_q", max_seqlen_q, lo=0), q.shape[0])
+    max_seqlen_k = min(check_int("max_seqlen_k", max_seqlen_k, lo=0), k.shape[0])
     dev = q.device
     cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, dev, q.shape[0], max_seqlen_q)
     cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, dev, k.shape[0], max_seqlen_k)

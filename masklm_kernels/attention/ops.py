@@ -95,6 +95,7 @@ def _register_padded(backend: str):
 
     fwd.register_autograd(backward, setup_context=setup_context)
     _autocast.register(f"{name}_fwd", positions=(0, 1, 2))  # q, k, v
+    _autocast.register(f"{name}_bwd", positions=())  # a backward run inside autocast: computed as without
     return fwd, bwd
 
 
@@ -138,6 +139,7 @@ def _register_varlen(backend: str):
 
     fwd.register_autograd(backward, setup_context=setup_context)
     _autocast.register(f"masklm_kernels::attention_varlen_{backend}_fwd", positions=(0, 1, 2))  # q, k, v
+    _autocast.register(f"masklm_kernels::attention_varlen_{backend}_bwd", positions=())
     return fwd, bwd
 
 

@@ -148,7 +148,8 @@ def _attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs
         out = fused_attention(q, k, v, kv_lengths=layout.lengths).transpose(1, 2).reshape(B, S, -1)
         if layout.probs:
             acc = torch.float32 if q.element_size() < 4 else q.dtype  # fp16 / bf16 inputs: softmax in fp32
-            probs = reference.attention_probs(q, k, kv_lengths=layout.lengths, compute_dtype=acc).to(q.dtype)
+            with torch.autocast(q.device.type, enabled=False):  # the specification computes in `acc`
+                probs = reference.attention_probs(q, k, kv_lengths=layout.lengths, compute_dtype=acc).to(q.dtype)
     if fam.out_proj is not None:
         out = getattr(self, fam.out_proj)(out)
     return out, probs
@@ -182,6 +183,10 @@ def _lengths(attention_mask) -> torch.Tensor | None:
     return None if attention_mask is None else lengths_from_mask(attention_mask, "patched model: attention_mask")
 
 
+# Hugging Face's keyword arguments of a flattened (packed) batch, which the patched model refuses
+_PACKED_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
 def _flag(self, kwargs, name) -> bool:
     value = kwargs.get(name)
     return bool(getattr(self.config, name, False) if value is None else value)
@@ -195,6 +200,10 @@ def _model_forward(self, *args, **kwargs):
     labels = named.pop("labels", None)
     return_dict = named.pop("return_dict", None)
     return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
+    packed = [n for n in _PACKED_INPUTS if named.get(n) is not None]
+    if packed:  # a flattened batch (DataCollatorWithFlattening): attending across its sequences would be wrong
+        raise ValueError(f"patched model: packed inputs ({', '.join(packed)}) are not supported; pass the padded "
+                         "batch and its 2-D attention_mask (the patched model packs it itself)")
     hidden, attentions = _flag(self, named, "output_hidden_states"), _flag(self, named, "output_attentions")
     if self.training and state.dropout > 0 and not state.warned:
         state.warned = True
@@ -219,6 +228,9 @@ def _labelled_forward(self, state, named: dict, labels, return_dict: bool):
     outputs = getattr(self, state.family.base)(**named, return_dict=True)
     seq = outputs[0]
     x = seq.reshape(-1, seq.shape[-1])
+    if labels.numel() != x.shape[0]:
+        raise ValueError(f"patched model: labels must have input_ids' shape {tuple(seq.shape[:-1])}, got "
+                         f"{tuple(labels.shape)}")
     y = labels.reshape(-1).to(x.device)
     keep = (y != -100).nonzero().squeeze(1)  # only labelled rows reach the head (host sync: the count)
     weight, bias = state.family.decoder(self)
@@ -258,15 +270,19 @@ def patch_model(model, *, logits: str = "eval"):
     Args:
         model: one of `SUPPORTED` (e.g. `BertForMaskedLM`), without decoder / cross-attention settings.
         logits: what the `logits` output holds when `labels` are given (the loss never needs them):
-            "eval" (default): (B, S, V), as unpatched, when the model is in eval mode (`Trainer.evaluate`
-            and `compute_metrics` work unchanged), None in training (never materialised);
+            "eval" (default): (B, S, V) when the model is in eval mode, equal to the unpatched model's at
+            real tokens (at padding the head sees zeros: those positions have no meaning), so that
+            `Trainer.evaluate` and `compute_metrics` work unchanged; None in training (never materialised);
             "labelled": (N, V) for the N labelled positions only, in the order of
             `labels[labels != -100]`, in both modes, without gradient (for metrics);
             "never": None.
             Without labels the model's own head runs and returns (B, S, V) logits.
 
     With `return_dict=False` and labels the output is `(loss, logits, [hidden_states], [attentions])`,
-    logits in second place even when None. Patching twice is a no-op; `unpatch` undoes it.
+    logits in second place even when None. A batch with no labelled position has loss 0 (with zero
+    gradients) where Hugging Face's mean gives NaN. Packed (flattened) batches are refused: pass the padded
+    batch. `nn.DataParallel` replicas do not carry the patch (use DDP). Patching twice is a no-op;
+    `unpatch` undoes it.
     """
     fam = _family(model)
     if logits not in LOGITS_MODES:

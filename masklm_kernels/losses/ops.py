@@ -273,7 +273,14 @@ def _register_linear(backend: str):
     reduced.register_autograd(reduced_backward, setup_context=reduced_setup)
     for op in ("fwd", "reduced"):  # hidden, weight, bias in the autocast dtype, as F.linear (_autocast.py)
         _autocast.register(f"{name}_{op}", positions=(0, 1, 2))
+    _autocast.register(f"{name}_bwd", positions=())  # a backward run inside autocast: computed as without
     return fwd, bwd, reduced
 
 
 LINEAR = {backend: _register_linear(backend) for backend in ("cpu", "triton")}
+
+# The cross-entropy ops take the logits in their own dtype; registered without casts, so that what they
+# compute inside (a backward run inside an autocast block included) is what they compute outside one.
+for _name in ("cross_entropy_cpu_fwd", "cross_entropy_cpu_bwd", "cross_entropy_triton_fwd", "cross_entropy_triton_bwd",
+              "cross_entropy_triton_reduced"):
+    _autocast.register(f"masklm_kernels::{_name}", positions=())

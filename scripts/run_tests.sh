@@ -3,10 +3,11 @@
 # sets TRITON_INTERPRET=1 before triton is imported); with one, everything runs for real.
 #
 #   bash scripts/run_tests.sh              # fast: lint, then the suite without the static GPU build check
+#                                          # and without the longer random sweeps (marker `slow`)
 #   bash scripts/run_tests.sh --full       # CI: the fast run, then the static GPU build (nvcc and Triton
 #                                          # ahead of time for sm_80 / sm_90, no spills) as its own phase,
-#                                          # then the GPU image's Triton 3.6 and transformers 5.17 in
-#                                          # cached venvs (scripts/compat_env.sh)
+#                                          # the longer sweeps, then the GPU image's Triton 3.6 and
+#                                          # transformers 5.17 in cached venvs (scripts/compat_env.sh)
 #   bash scripts/run_tests.sh tests/x.py   # arguments go to pytest (the main environment only)
 #
 # Set-up (scripts/setup_env.sh) is skipped when nothing it builds from has changed since the last run.
@@ -31,14 +32,16 @@ phase "lint: ruff check (pyproject.toml: pyflakes, pycodestyle, import order)"
 if [[ $# -gt 0 ]]; then
   exec "$PY" -m pytest -q "$@"
 fi
-phase "tests (the static GPU build check excluded: --full runs it)"
-"$PY" -m pytest tests -q -m "not slow"
+phase "tests (the static GPU build check and the longer sweeps excluded: --full runs them)"
+"$PY" -m pytest tests -q -m "not slow and not gpu_build"
 if [[ $FULL == 0 ]]; then
   echo "[tests] done in $((SECONDS - start)) s; bash scripts/run_tests.sh --full adds the static GPU build and the GPU image's versions"
   exit 0
 fi
 
 phase "static GPU build without a GPU: nvcc and Triton ahead of time for sm_80 / sm_90 (registers, spills)"
+"$PY" -m pytest tests -q -m gpu_build
+phase "the longer random sweeps"
 "$PY" -m pytest tests -q -m slow
 
 # The GPU image's Triton: every test that runs a Triton kernel (interpreter), and the ahead-of-time

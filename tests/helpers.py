@@ -27,6 +27,16 @@ import pytest
 import torch
 
 # ----------------------------------------------------------------------------------------------
+# Random sweeps
+# ----------------------------------------------------------------------------------------------
+
+def sweep(n: int, fast: int) -> list:
+    """Seeds 0..n-1 for a parametrised random sweep; those from `fast` on are marked `slow`, so the default
+    test run takes the first `fast` and `--full` (scripts/run_tests.sh) all of them."""
+    return [s if s < fast else pytest.param(s, marks=pytest.mark.slow) for s in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
 # Tolerances and comparisons
 # ----------------------------------------------------------------------------------------------
 

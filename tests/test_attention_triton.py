@@ -26,13 +26,13 @@ from attention_cases import (
     op_args,
     ref64,
 )
-from helpers import assert_close, assert_equal, assert_within_eager_error
+from helpers import assert_close, assert_equal, assert_within_eager_error, sweep
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from masklm_kernels.attention import triton_bwd, triton_fwd, triton_host  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SEEDS = range(40)
+SEEDS = sweep(40, fast=16)
 SMALL = {"fwd": triton_host.BlockConfig(16, 16, 4, 1), "dkdv": triton_host.BlockConfig(16, 32, 4, 1),
          "dq": triton_host.BlockConfig(32, 16, 4, 1)}
 
@@ -203,7 +203,7 @@ def _single_span_case(seed):
     return q, k, v, kw
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", sweep(24, fast=10))
 def test_tiles_computed_are_exactly_the_tiles_with_a_visible_pair(seed, blocks):
     q, k, v, kw = _single_span_case(seed)
     with triton_host.record_tiles() as launches:

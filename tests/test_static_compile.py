@@ -20,7 +20,7 @@ def test_there_are_cuda_sources():
     assert compile_report.cuda_sources(), "no csrc/**/*.cu found"
 
 
-@pytest.mark.slow
+@pytest.mark.gpu_build
 @needs_nvcc
 @pytest.mark.parametrize("arch", compile_report.ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("source", compile_report.cuda_sources(), ids=os.path.basename)
@@ -43,7 +43,7 @@ def test_ptxas_parser_flags_spills():
     assert u.problems and "spills" in u.problems[0]
 
 
-@pytest.mark.slow
+@pytest.mark.gpu_build
 @needs_nvcc
 def test_torch_glue_compiles_with_cuda_enabled(tmp_path):
     """csrc/**/*_ops.cpp with MLK_WITH_CUDA (the CUDA build's branch), syntax-checked against the
@@ -74,7 +74,7 @@ def test_torch_glue_compiles_with_cuda_enabled(tmp_path):
         assert r.returncode == 0, f"{src} with MLK_WITH_CUDA:\n{r.stderr[-4000:]}"
 
 
-@pytest.mark.slow
+@pytest.mark.gpu_build
 def test_triton_kernels_compile_without_spills():
     pytest.importorskip("triton", reason="triton is not installed")
     from benchmarks import compile_triton
@@ -87,7 +87,7 @@ def test_triton_kernels_compile_without_spills():
     assert not problems, "; ".join(problems)
 
 
-@pytest.mark.slow
+@pytest.mark.gpu_build
 def test_triton_compile_report_covers_every_launchable_configuration():
     """Every tile configuration `block_config` can return on a GPU (any head dim the triton backend accepts,
     16-bit or fp32, with or without a dense mask) is among those the report compiles."""

@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .._autocast import no_autocast
 from ..padding import cu_seqlens, lengths_from_mask, pad, token_indices, unpad
 
 _PATCHED = "_masklm_kernels_patch"
@@ -148,7 +149,7 @@ def _attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs
         out = fused_attention(q, k, v, kv_lengths=layout.lengths).transpose(1, 2).reshape(B, S, -1)
         if layout.probs:
             acc = torch.float32 if q.element_size() < 4 else q.dtype  # fp16 / bf16 inputs: softmax in fp32
-            with torch.autocast(q.device.type, enabled=False):  # the specification computes in `acc`
+            with no_autocast(q.device):  # the specification computes in `acc`
                 probs = reference.attention_probs(q, k, kv_lengths=layout.lengths, compute_dtype=acc).to(q.dtype)
     if fam.out_proj is not None:
         out = getattr(self, fam.out_proj)(out)

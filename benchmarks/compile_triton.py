@@ -61,11 +61,12 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
 
     if variant in LOSS_VARIANTS:
         from masklm_kernels.losses import triton_ce
+        from masklm_kernels.losses.inputs import LossOptions
 
         N, V = 4, 30522
         x, y, acc = torch.empty(N, V, dtype=_dtype(dtype_name)), torch.empty(N, dtype=torch.int64), torch.empty(N)
         grad = x if variant == "loss+grad" else None
-        return [triton_ce.launch(x, y, -100, 0.1, 0.0, acc, acc, grad, acc if grad is not None else None)]
+        return [triton_ce.launch(x, y, LossOptions(-100, 0.1, 0.0), acc, acc, grad, acc if grad is not None else None)]
     from masklm_kernels.attention import triton_bwd, triton_fwd, triton_host
 
     dt = _dtype(dtype_name)
@@ -73,7 +74,7 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
     if variant == "varlen":
         q, k = torch.empty(B * S, HQ, head_dim, dtype=dt), torch.empty(B * S, HKV, head_dim, dtype=dt)
         cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
-        prob = triton_host.varlen_problem(q, k, cu, cu, S, S, True, 0.125)
+        prob = triton_host.Problem.from_varlen(q, k, cu, cu, S, S, True, 0.125)
         lse = torch.empty(HQ, B * S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     else:
         q, k = torch.empty(B, HQ, S, head_dim, dtype=dt), torch.empty(B, HKV, S, head_dim, dtype=dt)
@@ -85,7 +86,7 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
             mask = Mask(causal=True, kv_lengths=lens, q_lengths=lens, prefix_lengths=lens,
                         spans=torch.zeros(B, 2, 2, dtype=torch.int64), span_mode="inside",
                         attn_mask=torch.zeros(B, 1, S, S, dtype=torch.float32) if variant == "dense" else None)
-        prob = triton_host.padded_problem(q, k, mask, 0.125)
+        prob = triton_host.Problem.from_padded(q, k, mask, 0.125)
         lse = torch.empty(B, HQ, S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     fwd = triton_fwd.forward_launch(prob, q, k, k, q, lse)
     return [fwd, *triton_bwd.backward_launches(prob, q, q, k, k, q, lse, lse, q, k, k)]
@@ -95,10 +96,32 @@ _TYPES = {"torch.float16": "*fp16", "torch.bfloat16": "*bf16", "torch.float32": 
           "torch.int32": "*i32", "torch.int64": "*i64", "torch.uint8": "*u8"}
 
 
-def _source(launch):
-    """ASTSource of a launch: argument types, constexpr values and the divisibility hints Triton's launcher
-    derives (16-byte aligned pointers, integers divisible by 16 unless marked do_not_specialize)."""
+def _arg_type(v, path: tuple, specialize: bool, attrs: dict):
+    """Triton's type of one runtime argument (a tuple's per element, as a tuple of the same kind), and into
+    `attrs` the divisibility hints its launcher derives: 16-byte aligned pointers, integers divisible by 16
+    unless the parameter is marked do_not_specialize."""
     import torch
+
+    if isinstance(v, tuple):
+        types = [_arg_type(x, (*path, i), specialize, attrs) for i, x in enumerate(v)]
+        return type(v)(*types) if hasattr(v, "_fields") else tuple(types)
+    if isinstance(v, torch.Tensor):
+        attrs[path] = [["tt.divisibility", 16]]
+        return _TYPES[str(v.dtype)]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        if v % 16 == 0 and specialize:
+            attrs[path] = [["tt.divisibility", 16]]
+        return "i32"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(f"cannot type argument {v!r}")
+
+
+def _source(launch):
+    """ASTSource of a launch: argument types (tuples of the argument bundles element by element), constexpr
+    values and the divisibility hints Triton's launcher derives."""
     from triton.compiler import ASTSource
 
     fn = launch.kernel
@@ -107,22 +130,15 @@ def _source(launch):
     for i, p in enumerate(fn.params):
         v = bound[p.name]
         if p.is_constexpr:
-            sig[p.name], const[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = _TYPES[str(v.dtype)]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i32"
-            if v % 16 == 0 and p.name not in fn.do_not_specialize and i not in fn.do_not_specialize:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
+            sig[p.name], const[(i,)] = "constexpr", v
         else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={v!r}")
-    key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in const.items())),
-           tuple(sorted(attrs)), launch.cfg)
+            specialize = p.name not in fn.do_not_specialize and i not in fn.do_not_specialize
+            try:
+                sig[p.name] = _arg_type(v, (i,), specialize, attrs)
+            except TypeError as e:
+                raise TypeError(f"{fn.__name__}: argument {p.name}: {e}") from None
+    key = (fn.__name__, repr(sorted(sig.items())), repr(sorted(const.items(), key=str)), tuple(sorted(attrs)),
+           launch.cfg)
     return ASTSource(fn, sig, const, attrs), key
 
 

@@ -19,204 +19,163 @@ from .inputs import Mask
 from .triton_common import (
     _col_stats,
     _cols_ok,
-    _diagonal,
     _dot,
     _key_range,
+    _plane,
     _query_range,
-    _row_meta,
+    _row,
     _row_stats,
     _rows_ok,
-    _scales,
     _seq_info,
+    _store_counts,
     _tile_class,
     _tile_scores,
+    _tokens,
+    _tokens_t,
 )
-from .triton_host import Problem, block_config, padded_problem, tile_counter, varlen_problem
+from .triton_host import Problem, block_config, tile_counter
 
 
-@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
-def _bwd_preprocess(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, sls, CU_Q, CU_K, SQ, SK, TQ, TK, HQ, D,
-                    BM: tl.constexpr, BD: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr):
+@triton.jit(do_not_specialize=["lens"])
+def _bwd_preprocess(O, DO, DELTA, so_, sd_, sl_, meta, lens, F: tl.constexpr, BM: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, TQ, TK, VARLEN)
+    q0, sq, k0, sk = _seq_info(meta.CU_Q, meta.CU_K, b, lens.SQ, lens.SK, lens.TQ, lens.TK, F.VARLEN)
     rows = pid_m * BM + tl.arange(0, BM)
-    dcol = tl.arange(0, BD)
-    inb = (rows[:, None] < sq) & (dcol[None, :] < D)
-    b64 = b.to(tl.int64)
-    o = tl.load(O + b64 * sob + h.to(tl.int64) * soh + (q0 + rows[:, None]).to(tl.int64) * sos + dcol[None, :],
-                mask=inb, other=0.0)
-    do = tl.load(DO + b64 * sdb + h.to(tl.int64) * sdh + (q0 + rows[:, None]).to(tl.int64) * sds + dcol[None, :],
-                 mask=inb, other=0.0)
-    delta = tl.sum(o.to(ACC) * do.to(ACC), axis=1)
-    tl.store(DELTA + b64 * slb + h.to(tl.int64) * slh + (q0 + rows).to(tl.int64) * sls, delta, mask=rows < sq)
+    dcol = tl.arange(0, F.BD)
+    row_in = rows < sq
+    d_in = dcol < meta.D
+    o = _tokens(_plane(O, so_, b, h, q0), rows, so_[2], dcol, row_in, d_in)
+    do = _tokens(_plane(DO, sd_, b, h, q0), rows, sd_[2], dcol, row_in, d_in)
+    delta = tl.sum(o.to(F.ACC) * do.to(F.ACC), axis=1)
+    tl.store(_plane(DELTA, sl_, b, h, q0) + rows.to(tl.int64) * sl_[2], delta, mask=row_in)
 
 
-@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS,
-              sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sls,
-              CU_Q, CU_K, QLEN, KVLEN, PREFIX, SPANS, MASK, smb, smh, smi, smj,
-              SQ, SK, TQ, TK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
-              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
-              NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-              MASK_KIND: tl.constexpr,
-              VARLEN: tl.constexpr, COUNT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """dK, dV of one key tile; DK and DV share k's strides (they are allocated like k)."""
+@triton.jit(do_not_specialize=["lens"])
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, lens, F: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr):
+    """dK, dV of one key tile; DK and DV share k's strides (they are allocated like k), DO q's layout
+    with its own strides, DELTA lse's."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
-    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, TQ, TK, VARLEN)
+    r = _row(meta, lens, F, b)
     n0 = pid_n * BN
-    if n0 >= sk:
+    if n0 >= r.sk:
         return
-    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
-                                              HAS_PREFIX, NSPANS, NSP)
-    off = _diagonal(sq, sk, q_len, kv_len, HAS_QLEN, HAS_KVLEN)
-    scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
-    scale_log2 = scale * log2e
+    scale_log2 = r.scale * r.log2e
 
     cols = n0 + tl.arange(0, BN)
-    dcol = tl.arange(0, BD)
-    col_in = cols < sk
-    d_in = dcol < D
-    b64 = b.to(tl.int64)
-    kv_off = (k0 + cols[:, None]).to(tl.int64)
+    dcol = tl.arange(0, F.BD)
+    col_in = cols < r.sk
+    d_in = dcol < meta.D
+    cols64 = cols.to(tl.int64)
     # keys and query rows no pair uses (padding, outside the spans) are never loaded (see the forward)
-    col_ok = _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)
-    k = tl.load(K + b64 * skb + hk.to(tl.int64) * skh + kv_off * sks + dcol[None, :],
-                mask=col_ok[:, None] & d_in[None, :], other=0.0)
-    v = tl.load(V + b64 * svb + hk.to(tl.int64) * svh + kv_off * svs + dcol[None, :],
-                mask=col_ok[:, None] & d_in[None, :], other=0.0)
-    j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
-    m_start, m_end = _query_range(j_min, q_len, off, prefix, st, en, BM, CAUSAL, NSPANS, INSIDE)
+    col_ok = _cols_ok(cols, r, F)
+    k = _tokens(_plane(K, sk_, b, hk, r.k0), cols, sk_[2], dcol, col_ok, d_in)
+    v = _tokens(_plane(V, sv_, b, hk, r.k0), cols, sv_[2], dcol, col_ok, d_in)
+    j_min, cols_full = _col_stats(n0, r, BN, F)
+    m_start, m_end = _query_range(j_min, r, BM, F)
 
-    dk = tl.zeros([BN, BD], ACC)
-    dv = tl.zeros([BN, BD], ACC)
+    dk = tl.zeros([BN, F.BD], F.ACC)
+    dv = tl.zeros([BN, F.BD], F.ACC)
     count = pid_n * 0
     masked = pid_n * 0
-    for g in range(GROUP):
-        h = (hk * GROUP + g).to(tl.int64)
-        q_ptr = Q + b64 * sqb + h * sqh + q0.to(tl.int64) * sqs
-        do_ptr = DO + b64 * sdb + h * sdh + q0.to(tl.int64) * sds
-        l_ptr = b64 * slb + h * slh + q0.to(tl.int64) * sls
-        mask_ptr = MASK + b64 * smb + h * smh
+    for g in range(meta.GROUP):
+        h = hk * meta.GROUP + g
+        q_ptr = _plane(Q, sq_, b, h, r.q0)
+        do_ptr = _plane(DO, sd_, b, h, r.q0)
+        lse_ptr = _plane(LSE, sl_, b, h, r.q0)
+        delta_ptr = _plane(DELTA, sl_, b, h, r.q0)
+        mask_ptr = meta.MASK + b.to(tl.int64) * meta.smb + h.to(tl.int64) * meta.smh
         for m0 in range(m_start, m_end, BM):
-            i_max, rows_full = _row_stats(m0, q_len, st, en, BM, NSPANS, INSIDE)
-            visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix, BM, BN, CAUSAL,
-                                        MASK_KIND != 0, CONTIGUOUS)
+            i_max, rows_full = _row_stats(m0, r, BM, F)
+            visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, r, BM, BN, F)
             if visible:
                 rows = m0 + tl.arange(0, BM)
                 rows64 = rows.to(tl.int64)
-                row_in = rows < sq
-                row_ok = _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)  # implies row_in
-                q = tl.load(q_ptr + rows64[:, None] * sqs + dcol[None, :], mask=row_ok[:, None] & d_in[None, :],
-                            other=0.0)
-                do = tl.load(do_ptr + rows64[:, None] * sds + dcol[None, :], mask=row_ok[:, None] & d_in[None, :],
-                             other=0.0)
-                lse2 = tl.load(LSE + l_ptr + rows64 * sls, mask=row_ok, other=float("inf")).to(ACC)
-                delta = tl.load(DELTA + l_ptr + rows64 * sls, mask=row_ok, other=0.0).to(ACC)
-                s = _dot(k, tl.trans(q), tl.zeros([BN, BM], ACC), UPCAST, PRECISION) * scale_log2  # S^T
+                row_in = rows < r.sq
+                row_ok = _rows_ok(rows, r, F)  # implies row_in
+                q = _tokens(q_ptr, rows, sq_[2], dcol, row_ok, d_in)
+                do = _tokens(do_ptr, rows, sd_[2], dcol, row_ok, d_in)
+                lse2 = tl.load(lse_ptr + rows64 * sl_[2], mask=row_ok, other=float("inf")).to(F.ACC)
+                delta = tl.load(delta_ptr + rows64 * sl_[2], mask=row_ok, other=0.0).to(F.ACC)
+                s = _dot(k, tl.trans(q), tl.zeros([BN, BM], F.ACC), F.UPCAST, F.PRECISION) * scale_log2  # S^T
                 s = _tile_scores(s, full, rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None],
-                                 col_in[:, None] & row_in[None, :], off, prefix, mask_ptr, smi, smj, log2e, CAUSAL,
-                                 MASK_KIND, ACC)
+                                 col_in[:, None] & row_in[None, :], r, mask_ptr, meta, F)
                 p = tl.math.exp2(s - lse2[None, :])
-                dv = _dot(p.to(do.dtype), do, dv, UPCAST, PRECISION)
-                dp = _dot(v, tl.trans(do), tl.zeros([BN, BM], ACC), UPCAST, PRECISION)
+                dv = _dot(p.to(do.dtype), do, dv, F.UPCAST, F.PRECISION)
+                dp = _dot(v, tl.trans(do), tl.zeros([BN, BM], F.ACC), F.UPCAST, F.PRECISION)
                 ds = p * (dp - delta[None, :])
-                dk = _dot(ds.to(q.dtype), q, dk, UPCAST, PRECISION)
+                dk = _dot(ds.to(q.dtype), q, dk, F.UPCAST, F.PRECISION)
                 count += 1
                 masked += tl.where(full, 0, 1)
-    dk = dk * scale
-    out_off = b64 * skb + hk.to(tl.int64) * skh + kv_off * sks + dcol[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
-    if COUNT:
-        slot = (b * tl.num_programs(2) + hk) * tl.num_programs(0) + pid_n
-        tl.store(COUNTS + slot, count)
-        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) + slot, masked)
+    dk = dk * r.scale
+    out_off = cols64[:, None] * sk_[2] + dcol[None, :]
+    tl.store(_plane(DK, sk_, b, hk, r.k0) + out_off, dk.to(DK.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
+    tl.store(_plane(DV, sk_, b, hk, r.k0) + out_off, dv.to(DV.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
+    if F.COUNT:
+        _store_counts(COUNTS, pid_n, b, hk, count, masked)
 
 
-@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS,
-            sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sls,
-            CU_Q, CU_K, QLEN, KVLEN, PREFIX, SPANS, MASK, smb, smh, smi, smj,
-            SQ, SK, TQ, TK, HQ, GROUP, D, scale_hi, scale_lo, log2e_hi, log2e_lo,
-            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
-            HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
-            NSPANS: tl.constexpr, NSP: tl.constexpr, INSIDE: tl.constexpr, CONTIGUOUS: tl.constexpr,
-            MASK_KIND: tl.constexpr,
-            VARLEN: tl.constexpr, COUNT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
-            PRECISION: tl.constexpr):
+@triton.jit(do_not_specialize=["lens"])
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, lens, F: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr):
     """dQ of one query tile; DQ shares q's strides."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    hk = h // GROUP
-    q0, sq, k0, sk = _seq_info(CU_Q, CU_K, b, SQ, SK, TQ, TK, VARLEN)
+    r = _row(meta, lens, F, b)
     m0 = pid_m * BM
-    if m0 >= sq:
+    if m0 >= r.sq:
         return
-    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, QLEN, KVLEN, PREFIX, SPANS, HAS_QLEN, HAS_KVLEN,
-                                              HAS_PREFIX, NSPANS, NSP)
-    off = _diagonal(sq, sk, q_len, kv_len, HAS_QLEN, HAS_KVLEN)
-    scale, log2e = _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC)
-    scale_log2 = scale * log2e
+    scale_log2 = r.scale * r.log2e
+    hk = h // meta.GROUP
 
     rows = m0 + tl.arange(0, BM)
-    dcol = tl.arange(0, BD)
-    row_in = rows < sq
-    d_in = dcol < D
-    b64 = b.to(tl.int64)
-    q_off = (q0 + rows[:, None]).to(tl.int64)
+    dcol = tl.arange(0, F.BD)
+    row_in = rows < r.sq
+    d_in = dcol < meta.D
+    rows64 = rows.to(tl.int64)
     # query rows no pair uses are never loaded: their dQ is 0 whatever q, dO and delta hold there
-    row_ok = _rows_ok(rows, q_len, st, en, NSPANS, INSIDE)
-    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + q_off * sqs + dcol[None, :],
-                mask=row_ok[:, None] & d_in[None, :], other=0.0)
-    do = tl.load(DO + b64 * sdb + h.to(tl.int64) * sdh + q_off * sds + dcol[None, :],
-                 mask=row_ok[:, None] & d_in[None, :], other=0.0)
-    l_off = b64 * slb + h.to(tl.int64) * slh + (q0 + rows).to(tl.int64) * sls
-    lse2 = tl.load(LSE + l_off, mask=row_ok, other=float("inf")).to(ACC)
-    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0).to(ACC)
-    k_ptr = K + b64 * skb + hk.to(tl.int64) * skh + k0.to(tl.int64) * sks
-    v_ptr = V + b64 * svb + hk.to(tl.int64) * svh + k0.to(tl.int64) * svs
-    mask_ptr = MASK + b64 * smb + h.to(tl.int64) * smh
+    row_ok = _rows_ok(rows, r, F)
+    q = _tokens(_plane(Q, sq_, b, h, r.q0), rows, sq_[2], dcol, row_ok, d_in)
+    do = _tokens(_plane(DO, sd_, b, h, r.q0), rows, sd_[2], dcol, row_ok, d_in)
+    lse2 = tl.load(_plane(LSE, sl_, b, h, r.q0) + rows64 * sl_[2], mask=row_ok, other=float("inf")).to(F.ACC)
+    delta = tl.load(_plane(DELTA, sl_, b, h, r.q0) + rows64 * sl_[2], mask=row_ok, other=0.0).to(F.ACC)
+    k_ptr = _plane(K, sk_, b, hk, r.k0)
+    v_ptr = _plane(V, sv_, b, hk, r.k0)
+    mask_ptr = meta.MASK + b.to(tl.int64) * meta.smb + h.to(tl.int64) * meta.smh
 
-    i_max, rows_full = _row_stats(m0, q_len, st, en, BM, NSPANS, INSIDE)
-    n_lo, n_end = _key_range(i_max, m0, kv_len, off, prefix, st, en, BN, CAUSAL, NSPANS, INSIDE)
-    dq = tl.zeros([BM, BD], ACC)
+    i_max, rows_full = _row_stats(m0, r, BM, F)
+    n_lo, n_end = _key_range(i_max, m0, r, BN, F)
+    dq = tl.zeros([BM, F.BD], F.ACC)
     count = pid_m * 0
     masked = pid_m * 0
     for n0 in range(n_lo, n_end, BN):
-        j_min, cols_full = _col_stats(n0, kv_len, st, en, BN, NSPANS, INSIDE)
-        visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix, BM, BN, CAUSAL,
-                                    MASK_KIND != 0, CONTIGUOUS)
+        j_min, cols_full = _col_stats(n0, r, BN, F)
+        visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, r, BM, BN, F)
         if visible:
             cols = n0 + tl.arange(0, BN)
-            cols64 = cols.to(tl.int64)
-            col_in = cols < sk
-            col_ok = _cols_ok(cols, kv_len, st, en, NSPANS, INSIDE)
-            kt = tl.load(k_ptr + cols64[None, :] * sks + dcol[:, None], mask=d_in[:, None] & col_ok[None, :], other=0.0)
-            vt = tl.load(v_ptr + cols64[None, :] * svs + dcol[:, None], mask=d_in[:, None] & col_ok[None, :], other=0.0)
-            s = _dot(q, kt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION) * scale_log2
+            col_in = cols < r.sk
+            col_ok = _cols_ok(cols, r, F)
+            kt = _tokens_t(k_ptr, cols, sk_[2], dcol, col_ok, d_in)
+            vt = _tokens_t(v_ptr, cols, sv_[2], dcol, col_ok, d_in)
+            s = _dot(q, kt, tl.zeros([BM, BN], F.ACC), F.UPCAST, F.PRECISION) * scale_log2
             s = _tile_scores(s, full, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
-                             row_in[:, None] & col_in[None, :], off, prefix, mask_ptr, smi, smj, log2e, CAUSAL,
-                             MASK_KIND, ACC)
+                             row_in[:, None] & col_in[None, :], r, mask_ptr, meta, F)
             p = tl.math.exp2(s - lse2[:, None])
-            dp = _dot(do, vt, tl.zeros([BM, BN], ACC), UPCAST, PRECISION)
+            dp = _dot(do, vt, tl.zeros([BM, BN], F.ACC), F.UPCAST, F.PRECISION)
             ds = p * (dp - delta[:, None])
-            dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
+            dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, F.UPCAST, F.PRECISION)
             count += 1
             masked += tl.where(full, 0, 1)
-    dq = dq * scale
-    tl.store(DQ + b64 * sqb + h.to(tl.int64) * sqh + q_off * sqs + dcol[None, :], dq.to(DQ.dtype.element_ty),
+    dq = dq * r.scale
+    tl.store(_plane(DQ, sq_, b, h, r.q0) + rows64[:, None] * sq_[2] + dcol[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_in[:, None] & d_in[None, :])
-    if COUNT:
-        slot = (b * tl.num_programs(2) + h) * tl.num_programs(0) + pid_m
-        tl.store(COUNTS + slot, count)
-        tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) + slot, masked)
+    if F.COUNT:
+        _store_counts(COUNTS, pid_m, b, h, count, masked)
 
 
 # Rows per program of the preprocess (a streaming row sum: any size that fills a wave will do).
@@ -225,22 +184,21 @@ PRE_BLOCK_M = 64
 
 def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv) -> list[Launch]:
     """The preprocess, dK/dV and dQ launches, in order."""
-    a = prob.args
     seq = prob.strides
+    meta, lens, flags = prob.bundles(False)
     pre = Launch(_bwd_preprocess, (triton.cdiv(prob.SQ, PRE_BLOCK_M), prob.B, prob.HQ),
-                 (out, dout, delta, *seq(out), *seq(dout), *prob.lse_strides(), a["CU_Q"], a["CU_K"], prob.SQ,
-                  prob.SK, a["TQ"], a["TK"], prob.HQ, prob.D),
-                 dict(BM=PRE_BLOCK_M, BD=a["BD"], VARLEN=prob.varlen, ACC=a["ACC"]))
+                 (out, dout, delta, seq(out), seq(dout), prob.lse_strides(), *prob.layout_bundles()),
+                 dict(BM=PRE_BLOCK_M))
     launches = [pre]
-    strides = (*seq(q), *seq(k), *seq(v), *seq(dout), *prob.lse_strides())
+    strides = (seq(q), seq(k), seq(v), seq(dout), prob.lse_strides())
     for name, kernel, grads, rows, heads in (("dkdv", _bwd_dkdv, (dk, dv), prob.SK, prob.HKV),
                                              ("dq", _bwd_dq, (dq,), prob.SQ, prob.HQ)):
-        cfg = block_config(name, prob.D, q.dtype, a["MASK_KIND"] != 0)
+        cfg = block_config(name, prob.D, q.dtype, flags.MASK_KIND != 0)
         grid = (triton.cdiv(rows, cfg.block_n if name == "dkdv" else cfg.block_m), prob.B, heads)
         counts = tile_counter(name, cfg, grid[0] * grid[1] * grid[2], q.device)
-        args = (q, k, v, dout, lse, delta, *grads, counts if counts is not None else a["CU_Q"], *strides)
-        launches.append(Launch(kernel, grid, args, dict(BM=cfg.block_m, BN=cfg.block_n, COUNT=counts is not None,
-                                                        **a), cfg))
+        args = (q, k, v, dout, lse, delta, *grads, counts if counts is not None else meta.CU_Q, *strides,
+                *prob.bundles(counts is not None))
+        launches.append(Launch(kernel, grid, args, dict(BM=cfg.block_m, BN=cfg.block_n), cfg))
     return launches
 
 
@@ -255,8 +213,8 @@ def launch_backward(prob: Problem, dout, q, k, v, out, lse):
 
 
 def backward(dout, q, k, v, out, lse, mask: Mask, scale: float):
-    return launch_backward(padded_problem(q, k, mask, scale), dout, q, k, v, out, lse)
+    return launch_backward(Problem.from_padded(q, k, mask, scale), dout, q, k, v, out, lse)
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
-    return launch_backward(varlen_problem(q, k, cu_q, cu_k, max_q, max_k, causal, scale), dout, q, k, v, out, lse)
+    return launch_backward(Problem.from_varlen(q, k, cu_q, cu_k, max_q, max_k, causal, scale), dout, q, k, v, out, lse)

@@ -16,12 +16,87 @@ the kernels skip the tile without loading it. Tiles whose every pair is visible 
 per-element mask; the rest apply `_pair_visible` to the scores. `attn_mask` (dense) is applied per
 element on every computed tile and never makes a tile skippable.
 
+Kernel arguments. Every attention kernel takes the same three bundles (named tuples, so that a kernel
+states its signature once and an option is added in one place): `Meta`, the runtime values (metadata
+pointers, dense-mask strides, head counts, scale); `Lens`, the sequence sizes (never specialised: one
+compilation serves every length); and `Flags`, the compile-time switches (one constexpr argument). The
+prologue `_row` derives from them what a program needs of its batch row (`Row`, as FlashAttention's
+SeqlenInfo), and the helpers below take that `Row` and the `Flags`.
+
 The host side (tile configurations, launch description, tile recorder) is triton_host.py.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import triton
 import triton.language as tl
+
+
+class Meta(NamedTuple):
+    """Runtime arguments of every kernel (triton_host.Problem builds them once per call)."""
+    CU_Q: Any  # packed layout: (B + 1,) int32 cu_seqlens of the queries / keys; else a dummy
+    CU_K: Any
+    QLEN: Any  # (B,) int32 per-row query / key / prefix lengths, or a dummy (the Flags say which)
+    KVLEN: Any
+    PREFIX: Any
+    SPANS: Any  # (B, NSPANS, 2) int32 [start, end) spans, or a dummy
+    MASK: Any  # dense attn_mask (uint8 view of bool, or float), or a dummy
+    smb: Any  # its (b, h, i, j) strides (0 on broadcast axes)
+    smh: Any
+    smi: Any
+    smj: Any
+    HQ: Any  # query heads
+    GROUP: Any  # query heads per key/value head (GQA)
+    D: Any  # head dim
+    scale_hi: Any  # softmax scale and log2(e) as fp32 (hi, lo) pairs: exact in fp64, rounded once in fp32
+    scale_lo: Any
+    log2e_hi: Any
+    log2e_lo: Any
+
+
+class Lens(NamedTuple):
+    """Sequence sizes: SQ, SK the padded lengths (packed: max_seqlen_q / _k, what the grid covers), TQ, TK
+    the packed layout's token counts (0 when padded)."""
+    SQ: Any
+    SK: Any
+    TQ: Any
+    TK: Any
+
+
+class Flags(NamedTuple):
+    """Compile-time switches of every kernel, passed as one constexpr."""
+    BD: int  # power-of-two head-dim block
+    CAUSAL: bool
+    HAS_QLEN: bool
+    HAS_KVLEN: bool
+    HAS_PREFIX: bool
+    NSPANS: int  # spans per row (0: none)
+    NSP: int  # power of two >= max(NSPANS, 2): the span vectors' length
+    INSIDE: bool  # span mode "inside" (else "outside")
+    CONTIGUOUS: bool  # no span or one "inside" span: the visible tiles of a tile row / column form one range
+    MASK_KIND: int  # dense attn_mask: 0 none, 1 bool, 2 float
+    VARLEN: bool  # packed layout
+    COUNT: bool  # write the tile counters (record_tiles)
+    ACC: Any  # accumulator dtype (tl.float32, tl.float64 for fp64)
+    UPCAST: bool  # dots in fp32 (the interpreter's bf16 dots are wrong)
+    PRECISION: str  # tl.dot input precision
+
+
+class Row(NamedTuple):
+    """What a program knows of its batch row after the prologue."""
+    q0: Any  # first query / key token (packed layout; 0 padded)
+    sq: Any  # query / key rows of this batch row (packed: its own lengths, clamped)
+    k0: Any
+    sk: Any
+    q_len: Any  # valid query / key rows (clipped to sq / sk)
+    kv_len: Any
+    prefix: Any
+    st: Any  # its spans as two NSP-vectors (empty spans pad)
+    en: Any
+    off: Any  # causal diagonal: key j visible to query i when j <= i + off
+    scale: Any  # in the accumulator's precision
+    log2e: Any
 
 # Sentinel "no valid column" for j_min; any real column index is below it.
 NO_COL = tl.constexpr(1 << 30)
@@ -80,6 +155,47 @@ def _diagonal(sq, sk, q_len, kv_len, HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.const
 
 
 @triton.jit
+def _row(meta, lens, F, b):
+    """The prologue of every kernel: batch row b's `Row`."""
+    q0, sq, k0, sk = _seq_info(meta.CU_Q, meta.CU_K, b, lens.SQ, lens.SK, lens.TQ, lens.TK, F.VARLEN)
+    q_len, kv_len, prefix, st, en = _row_meta(b, sq, sk, meta.QLEN, meta.KVLEN, meta.PREFIX, meta.SPANS,
+                                              F.HAS_QLEN, F.HAS_KVLEN, F.HAS_PREFIX, F.NSPANS, F.NSP)
+    off = _diagonal(sq, sk, q_len, kv_len, F.HAS_QLEN, F.HAS_KVLEN)
+    scale, log2e = _scales(meta.scale_hi, meta.scale_lo, meta.log2e_hi, meta.log2e_lo, F.ACC)
+    return Row(q0, sq, k0, sk, q_len, kv_len, prefix, st, en, off, scale, log2e)
+
+
+@triton.jit
+def _plane(T, strides, b, h, t0):
+    """Pointer to token t0 of head h of batch row b of a q/k/v/o-like tensor; `strides` (batch, head,
+    token). 64-bit: B x H x S x D may pass 2^31 elements."""
+    return T + b.to(tl.int64) * strides[0] + h.to(tl.int64) * strides[1] + t0.to(tl.int64) * strides[2]
+
+
+@triton.jit
+def _tokens(ptr, idx, stride, dcol, ok, d_in):
+    """The (len(idx), BD) block of tokens `idx` from `ptr` (a `_plane`), `stride` apart; rows not `ok` and
+    columns past the head dim read 0 (never loaded). 64-bit offsets."""
+    return tl.load(ptr + idx.to(tl.int64)[:, None] * stride + dcol[None, :], mask=ok[:, None] & d_in[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _tokens_t(ptr, idx, stride, dcol, ok, d_in):
+    """`_tokens` transposed: (BD, len(idx))."""
+    return tl.load(ptr + idx.to(tl.int64)[None, :] * stride + dcol[:, None], mask=d_in[:, None] & ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_counts(COUNTS, pid, b, h, count, masked):
+    """The tile recorder's two counters of program (pid, b, h): computed tiles, then masked ones."""
+    slot = (b * tl.num_programs(2) + h) * tl.num_programs(0) + pid
+    tl.store(COUNTS + slot, count)
+    tl.store(COUNTS + tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) + slot, masked)
+
+
+@triton.jit
 def _in_spans(x, st, en):
     """Bool vector: x (1-D positions) lies in one of the spans [st, en)."""
     hit = (x[:, None] >= st[None, :]) & (x[:, None] < en[None, :])
@@ -87,19 +203,19 @@ def _in_spans(x, st, en):
 
 
 @triton.jit
-def _rows_ok(i, q_len, st, en, NSPANS: tl.constexpr, INSIDE: tl.constexpr):
-    ok = i < q_len
-    if INSIDE and NSPANS > 0:
-        ok = ok & _in_spans(i, st, en)
+def _rows_ok(i, r, F):
+    ok = i < r.q_len
+    if F.INSIDE and F.NSPANS > 0:
+        ok = ok & _in_spans(i, r.st, r.en)
     return ok
 
 
 @triton.jit
-def _cols_ok(j, kv_len, st, en, NSPANS: tl.constexpr, INSIDE: tl.constexpr):
-    ok = j < kv_len
-    if NSPANS > 0:
-        hit = _in_spans(j, st, en)
-        if INSIDE:
+def _cols_ok(j, r, F):
+    ok = j < r.kv_len
+    if F.NSPANS > 0:
+        hit = _in_spans(j, r.st, r.en)
+        if F.INSIDE:
             ok = ok & hit
         else:
             ok = ok & (hit == 0)
@@ -116,34 +232,36 @@ def _pair_visible(i2, j2, row_ok2, col_ok2, off, prefix, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(m0, q_len, st, en, BM: tl.constexpr, NSPANS: tl.constexpr, INSIDE: tl.constexpr):
+def _row_stats(m0, r, BM: tl.constexpr, F):
     """(i_max, all_valid) of rows [m0, m0 + BM): the last valid row (m0 - 1 when none) and whether all
     BM rows are valid (conservative with overlapping spans: only a single containing span counts)."""
-    m1 = tl.minimum(m0 + BM, q_len)
-    full = m0 + BM <= q_len
-    if INSIDE and NSPANS > 0:
-        hi = tl.minimum(en, m1) - 1
-        i_max = tl.max(tl.where(hi >= tl.maximum(st, m0), hi, m0 - 1), axis=0)
-        full = full & (tl.max(((st <= m0) & (en >= m0 + BM)).to(tl.int32), axis=0) > 0)
+    m1 = tl.minimum(m0 + BM, r.q_len)
+    full = m0 + BM <= r.q_len
+    if F.INSIDE and F.NSPANS > 0:
+        hi = tl.minimum(r.en, m1) - 1
+        i_max = tl.max(tl.where(hi >= tl.maximum(r.st, m0), hi, m0 - 1), axis=0)
+        full = full & (tl.max(((r.st <= m0) & (r.en >= m0 + BM)).to(tl.int32), axis=0) > 0)
     else:
         i_max = m1 - 1
     return i_max, full
 
 
 @triton.jit
-def _col_stats(n0, kv_len, st, en, BN: tl.constexpr, NSPANS: tl.constexpr, INSIDE: tl.constexpr):
+def _col_stats(n0, r, BN: tl.constexpr, F):
     """(j_min, all_valid) of columns [n0, n0 + BN): the first valid column (NO_COL when none)."""
-    n1 = tl.minimum(n0 + BN, kv_len)
-    full = n0 + BN <= kv_len
-    if NSPANS > 0:
-        if INSIDE:
+    n1 = tl.minimum(n0 + BN, r.kv_len)
+    full = n0 + BN <= r.kv_len
+    st = r.st
+    en = r.en
+    if F.NSPANS > 0:
+        if F.INSIDE:
             lo = tl.maximum(st, n0)
             j = tl.min(tl.where(lo < tl.minimum(en, n1), lo, NO_COL), axis=0)
             full = full & (tl.max(((st <= n0) & (en >= n0 + BN)).to(tl.int32), axis=0) > 0)
         else:
             # Jump over the spans that contain j: after NSPANS jumps j is in no span (each jump leaves one).
-            j = n0 + 0 * kv_len
-            for _ in tl.static_range(NSPANS):
+            j = n0 + 0 * r.kv_len
+            for _ in tl.static_range(F.NSPANS):
                 j = tl.maximum(j, tl.max(tl.where((st <= j) & (j < en), en, j), axis=0))
             j = tl.where(j < n1, j, NO_COL)
             full = full & (tl.max(((st < n0 + BN) & (en > n0) & (st < en)).to(tl.int32), axis=0) == 0)
@@ -153,21 +271,19 @@ def _col_stats(n0, kv_len, st, en, BN: tl.constexpr, NSPANS: tl.constexpr, INSID
 
 
 @triton.jit
-def _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix,
-                BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                CONTIGUOUS: tl.constexpr):
+def _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, r, BM: tl.constexpr, BN: tl.constexpr, F):
     """(visible, full) of the tile rows [m0, m0+BM) x columns [n0, n0+BN): exact "holds a visible pair"
     from (i_max, j_min) -- the causal term is monotone -- and "every pair visible" (dense masks: never).
     CONTIGUOUS (no span, or one "inside" span): the visible tiles of a row or column of tiles form one
     range, which the loops iterate exactly."""
     visible = (i_max >= m0) & (j_min < NO_COL)
     full = rows_full & cols_full
-    if CAUSAL:
-        visible = visible & ((j_min <= i_max + off) | (j_min < prefix))
-        full = full & ((n0 + BN - 1 <= m0 + off) | (n0 + BN <= prefix))
-    if HAS_MASK:
+    if F.CAUSAL:
+        visible = visible & ((j_min <= i_max + r.off) | (j_min < r.prefix))
+        full = full & ((n0 + BN - 1 <= m0 + r.off) | (n0 + BN <= r.prefix))
+    if F.MASK_KIND != 0:
         full = full & False  # stays a tensor (constant-folded): callers count tl.where(full, 0, 1)
-    if CONTIGUOUS:
+    if F.CONTIGUOUS:
         # Every tile of `_key_range` / `_query_range` is visible: the kernels' `if visible` folds away, so
         # the loop has no branch around its loads and Triton can software-pipeline them.
         visible = visible | True
@@ -175,34 +291,32 @@ def _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, off, prefix,
 
 
 @triton.jit
-def _key_range(i_max, m0, kv_len, off, prefix, st, en, BN: tl.constexpr, CAUSAL: tl.constexpr,
-               NSPANS: tl.constexpr, INSIDE: tl.constexpr):
+def _key_range(i_max, m0, r, BN: tl.constexpr, F):
     """[lo, end) of the key columns rows [m0, i_max] can see; lo a multiple of BN, empty when none. With
     CONTIGUOUS masks (no span, or one "inside" span) every BN tile of it holds a visible pair."""
-    end = kv_len
+    end = r.kv_len
     lo = 0
-    if CAUSAL:
-        end = tl.minimum(end, tl.maximum(i_max + off + 1, prefix))
-    if INSIDE and NSPANS == 1:
-        start = tl.max(st, axis=0)  # the one span (the padding entries are 0)
-        end = tl.minimum(end, tl.max(en, axis=0))
+    if F.CAUSAL:
+        end = tl.minimum(end, tl.maximum(i_max + r.off + 1, r.prefix))
+    if F.INSIDE and F.NSPANS == 1:
+        start = tl.max(r.st, axis=0)  # the one span (the padding entries are 0)
+        end = tl.minimum(end, tl.max(r.en, axis=0))
         lo = (start // BN) * BN
         end = tl.where(start < end, end, 0)
     return lo, tl.where(i_max >= m0, end, 0)
 
 
 @triton.jit
-def _query_range(j_min, q_len, off, prefix, st, en, BM: tl.constexpr, CAUSAL: tl.constexpr,
-                 NSPANS: tl.constexpr, INSIDE: tl.constexpr):
+def _query_range(j_min, r, BM: tl.constexpr, F):
     """[lo, end) of the query rows that can see column j_min (the first valid column of a key tile: rows
     that see none of the tile's columns see none of the tile); lo a multiple of BM, empty when none."""
     first = j_min * 0
-    end = q_len
-    if CAUSAL:  # rows before j_min - off see none of these columns (unless the prefix shows them)
-        first = tl.where(j_min < prefix, 0, tl.maximum(j_min - off, 0))
-    if INSIDE and NSPANS == 1:
-        first = tl.maximum(first, tl.max(st, axis=0))
-        end = tl.minimum(end, tl.max(en, axis=0))
+    end = r.q_len
+    if F.CAUSAL:  # rows before j_min - off see none of these columns (unless the prefix shows them)
+        first = tl.where(j_min < r.prefix, 0, tl.maximum(j_min - r.off, 0))
+    if F.INSIDE and F.NSPANS == 1:
+        first = tl.maximum(first, tl.max(r.st, axis=0))
+        end = tl.minimum(end, tl.max(r.en, axis=0))
     return (first // BM) * BM, tl.where((j_min < NO_COL) & (first < end), end, 0)
 
 
@@ -227,18 +341,18 @@ def _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(s, full, i2, j2, row_ok2, col_ok2, in2, off, prefix, mask_ptr, smi, smj, log2e,
-                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ACC: tl.constexpr):
+def _tile_scores(s, full, i2, j2, row_ok2, col_ok2, in2, r, mask_ptr, meta, F):
     """Scores of a computed tile (scaled, base 2; any orientation: i2/j2 and the masks are broadcastable 2-D
     views) with the float mask's bias added and every invisible pair at -inf, so that 2^(s - m) is 0
-    there. The per-element visibility is evaluated only when the tile is not fully visible."""
-    if MASK_KIND != 0:
-        m_vis, bias = _dense_mask(mask_ptr, i2, j2, in2, smi, smj, MASK_KIND, ACC)
-        if MASK_KIND == 2:
-            s = s + bias * log2e
+    there. The per-element visibility is evaluated only when the tile is not fully visible. `mask_ptr`
+    points at the dense mask's (b, h) plane."""
+    if F.MASK_KIND != 0:
+        m_vis, bias = _dense_mask(mask_ptr, i2, j2, in2, meta.smi, meta.smj, F.MASK_KIND, F.ACC)
+        if F.MASK_KIND == 2:
+            s = s + bias * r.log2e
     if not full:
-        vis = _pair_visible(i2, j2, row_ok2, col_ok2, off, prefix, CAUSAL)
-        if MASK_KIND != 0:
+        vis = _pair_visible(i2, j2, row_ok2, col_ok2, r.off, r.prefix, F.CAUSAL)
+        if F.MASK_KIND != 0:
             vis = vis & m_vis
         s = tl.where(vis, s, float("-inf"))
     return s

@@ -1,6 +1,6 @@
 """Host side of the Triton attention kernels: tile configurations (`block_config`, and `unsupported`, the
 inputs no configuration serves), the launch description shared by the forward and backward launchers
-(`Problem`, `padded_problem`, `varlen_problem`; each kernel launch is a `_triton_launch.Launch`, also
+(`Problem`; each kernel launch is a `_triton_launch.Launch`, also
 compiled ahead of time by benchmarks/compile_triton.py), and the opt-in tile recorder (`record_tiles`),
 which makes the number of tiles each launch computed observable. The device side (the `@triton.jit`
 helpers) is triton_common.py.
@@ -20,6 +20,7 @@ import triton.language as tl
 from .._backends import split_fp32, triton_interpreting
 from .._triton_launch import BlockConfig
 from .inputs import Mask
+from .triton_common import Flags, Lens, Meta
 
 # ------------------------------------------------------------------------------------------------
 # Block configurations
@@ -220,8 +221,8 @@ def tile_counter(kernel: str, cfg: BlockConfig, programs: int, device) -> torch.
 
 @dataclasses.dataclass
 class Problem:
-    """One attention call as the kernels see it: sizes, layout, and `args`, the keyword arguments every
-    kernel takes (metadata pointers, dense-mask strides, constexpr flags, the scale)."""
+    """One attention call as the kernels see it: sizes, layout, and the argument bundles every kernel takes
+    (triton_common.py: `Meta`, `Lens`, `Flags`)."""
     B: int
     HQ: int
     HKV: int
@@ -229,7 +230,9 @@ class Problem:
     SK: int
     D: int
     varlen: bool
-    args: dict
+    meta: Meta
+    lens: Lens
+    flags: Flags
     total_q: int = 0  # packed layout: rows of q
 
     def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
@@ -242,51 +245,71 @@ class Problem:
         """lse / delta layout: (B, HQ, SQ) padded, (HQ, total_q) packed."""
         return (0, self.total_q, 1) if self.varlen else (self.HQ * self.SQ, self.SQ, 1)
 
+    def bundles(self, count: bool) -> tuple[Meta, Lens, Flags]:
+        """The kernels' last non-tile arguments; `count`: compile in the tile counters (record_tiles)."""
+        return self.meta, self.lens, self.flags._replace(COUNT=count)
 
-def _common_args(q: torch.Tensor, HQ: int, HKV: int, D: int, causal: bool, scale: float) -> dict:
+    def layout_bundles(self) -> tuple[Meta, Lens, Flags]:
+        """The bundles with the mask switches at neutral values, for kernels that only read the layout (the
+        backward's preprocess): one compilation serves every mask."""
+        neutral = _flags_of(self.flags.ACC, self.flags.UPCAST, self.flags.PRECISION, self.flags.BD, False, False, False,
+                            False, 0, True, 0, self.flags.VARLEN)
+        stand_in = self.meta.CU_Q  # an int32 tensor of every call: the pointers' types do not vary either
+        meta = self.meta._replace(QLEN=stand_in, KVLEN=stand_in, PREFIX=stand_in, SPANS=stand_in, MASK=stand_in,
+                                  smb=0, smh=0, smi=0, smj=0)
+        return meta, self.lens, neutral
+
+    @classmethod
+    def from_padded(cls, q, k, mask: Mask, scale: float) -> Problem:
+        """q (B, Hq, Sq, D), k (B, Hkv, Sk, D) and the typed mask of the padded layout."""
+        B, HQ, SQ, D = q.shape
+        HKV, SK = k.shape[1], k.shape[2]
+        dummy = q.new_empty(0, dtype=torch.int32)
+        spans = mask.spans
+        if spans is not None and spans.dim() == 2:
+            spans = spans[:, None]
+        inside = mask.span_mode == "inside"
+        if spans is not None and spans.shape[1] == 0 and inside:
+            spans = spans.new_zeros(B, 1, 2)  # no span at all, "inside": no key is visible (one empty span)
+        nspans = 0 if spans is None else spans.shape[1]
+        attn_mask = mask.attn_mask
+        if attn_mask is None:
+            dense, dense_strides, kind = dummy, (0, 0, 0, 0), 0
+        else:
+            dense = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+            dense_strides, kind = dense.expand(B, HQ, SQ, SK).stride(), 1 if attn_mask.dtype == torch.bool else 2
+        lengths = [getattr(mask, key) for key in ("q_lengths", "kv_lengths", "prefix_lengths")]
+        meta = _meta(q, dummy, dummy, *(dummy if t is None else t for t in lengths),
+                     dummy if spans is None else spans.contiguous(), dense, dense_strides, HQ, HKV, D, scale)
+        flags = _flags(q, D, mask.causal, *(t is not None for t in lengths), nspans, inside, kind, False)
+        return cls(B, HQ, HKV, SQ, SK, D, False, meta, Lens(SQ, SK, 0, 0), flags)
+
+    @classmethod
+    def from_varlen(cls, q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> Problem:
+        """The packed layout: q (total_q, Hq, D), k (total_k, Hkv, D) and their cu_seqlens."""
+        total_q, HQ, D = q.shape
+        HKV = k.shape[1]
+        dummy = q.new_empty(0, dtype=torch.int32)
+        meta = _meta(q, cu_q, cu_k, dummy, dummy, dummy, dummy, dummy, (0, 0, 0, 0), HQ, HKV, D, scale)
+        flags = _flags(q, D, causal, False, False, False, 0, True, 0, True)
+        return cls(cu_q.shape[0] - 1, HQ, HKV, max_q, max_k, D, True, meta, Lens(max_q, max_k, total_q, k.shape[0]),
+                   flags, total_q)
+
+
+def _meta(q, cu_q, cu_k, qlen, kvlen, prefix, spans, dense, dense_strides, HQ, HKV, D, scale) -> Meta:
     (hi, lo), (l2_hi, l2_lo) = split_fp32(scale), split_fp32(1.0 / math.log(2.0))
-    return dict(HQ=HQ, GROUP=HQ // HKV, D=D, scale_hi=hi, scale_lo=lo, log2e_hi=l2_hi, log2e_lo=l2_lo, CAUSAL=causal,
-                BD=head_block(D),
-                ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-                UPCAST=triton_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype))
+    return Meta(cu_q, cu_k, qlen, kvlen, prefix, spans, dense, *dense_strides, HQ, HQ // HKV, D, hi, lo, l2_hi, l2_lo)
 
 
-def padded_problem(q, k, mask: Mask, scale: float) -> Problem:
-    B, HQ, SQ, D = q.shape
-    HKV, SK = k.shape[1], k.shape[2]
-    dummy = q.new_empty(0, dtype=torch.int32)
-    spans = mask.spans
-    if spans is not None and spans.dim() == 2:
-        spans = spans[:, None]
-    inside = mask.span_mode == "inside"
-    if spans is not None and spans.shape[1] == 0 and inside:
-        spans = spans.new_zeros(B, 1, 2)  # no span at all, "inside": no key is visible (one empty span says so)
-    nspans = 0 if spans is None else spans.shape[1]
-    args = _common_args(q, HQ, HKV, D, mask.causal, scale)
-    args.update(CU_Q=dummy, CU_K=dummy, SQ=SQ, SK=SK, TQ=0, TK=0, VARLEN=False)
-    for name, key in (("QLEN", "q_lengths"), ("KVLEN", "kv_lengths"), ("PREFIX", "prefix_lengths")):
-        t = getattr(mask, key)
-        args[name] = dummy if t is None else t
-        args["HAS_" + name] = t is not None
-    args.update(SPANS=dummy if spans is None else spans.contiguous(), NSPANS=nspans, INSIDE=inside,
-                NSP=max(2, triton.next_power_of_2(max(nspans, 1))), CONTIGUOUS=nspans == 0 or (inside and nspans == 1))
-    attn_mask = mask.attn_mask
-    if attn_mask is None:
-        args.update(MASK=dummy, smb=0, smh=0, smi=0, smj=0, MASK_KIND=0)
-    else:
-        m = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
-        smb, smh, smi, smj = m.expand(B, HQ, SQ, SK).stride()
-        args.update(MASK=m, smb=smb, smh=smh, smi=smi, smj=smj, MASK_KIND=1 if attn_mask.dtype == torch.bool else 2)
-    return Problem(B, HQ, HKV, SQ, SK, D, False, args)
+def _flags(q, D, causal, has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind, varlen) -> Flags:
+    return _flags_of(tl.float64 if q.dtype == torch.float64 else tl.float32,
+                     triton_interpreting() and q.dtype == torch.bfloat16, dot_precision(q.dtype), head_block(D), causal,
+                     has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind, varlen)
 
 
-def varlen_problem(q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> Problem:
-    total_q, HQ, D = q.shape
-    HKV = k.shape[1]
-    dummy = q.new_empty(0, dtype=torch.int32)
-    args = _common_args(q, HQ, HKV, D, causal, scale)
-    args.update(CU_Q=cu_q, CU_K=cu_k, SQ=max_q, SK=max_k, TQ=total_q, TK=k.shape[0], VARLEN=True,
-                QLEN=dummy, KVLEN=dummy, PREFIX=dummy, HAS_QLEN=False, HAS_KVLEN=False, HAS_PREFIX=False,
-                SPANS=dummy, NSPANS=0, NSP=2, INSIDE=True, CONTIGUOUS=True, MASK=dummy, smb=0, smh=0, smi=0, smj=0,
-                MASK_KIND=0)
-    return Problem(cu_q.shape[0] - 1, HQ, HKV, max_q, max_k, D, True, args, total_q)
+def _flags_of(acc, upcast, precision, bd, causal, has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind,
+              varlen) -> Flags:
+    return Flags(BD=bd, CAUSAL=causal, HAS_QLEN=has_qlen, HAS_KVLEN=has_kvlen, HAS_PREFIX=has_prefix, NSPANS=nspans,
+                 NSP=max(2, triton.next_power_of_2(max(nspans, 1))), INSIDE=inside,
+                 CONTIGUOUS=nspans == 0 or (inside and nspans == 1), MASK_KIND=mask_kind, VARLEN=varlen, COUNT=False,
+                 ACC=acc, UPCAST=upcast, PRECISION=precision)

@@ -1,6 +1,6 @@
 """What changed between two result files: `python -m benchmarks.compare OLD.jsonl NEW.jsonl`.
 
-Cases are matched by (op, backend, case), newest record of each in each file. Listed in this order:
+Cases are matched by (op, contender, case), newest record of each in each file. Listed in this order:
 broken (ok before, not ok now), regressions (slower by more than `--threshold` *and* by more than the
 noise, the mean of the two IQRs), memory regressions (peak up by more than the threshold), improvements,
 fixed (ok now, not before), then counts of unchanged, added and removed cases. A difference inside the
@@ -27,14 +27,14 @@ PROVENANCE = ("device_kind", "cpu", "gpu", "torch", "triton", "threads")
 class Change:
     kind: str  # broken | regression | memory | improvement | fixed | same
     op: str
-    backend: str
+    contender: str
     case: dict
     old: dict[str, Any] | None
     new: dict[str, Any] | None
     ratio: float | None = None  # new / old (time, or peak memory for kind "memory")
 
     def describe(self) -> str:
-        name = f"{self.op} {self.backend} {case_str(self.case)}"
+        name = f"{self.op} {self.contender} {case_str(self.case)}"
         if self.kind in ("broken", "fixed"):
             return (f"{name}: {self.old['status']} -> {self.new['status']}"
                     + (f" ({self.new['reason']})" if self.new.get("reason") else ""))
@@ -50,7 +50,7 @@ ORDER = ("broken", "regression", "memory", "improvement", "fixed")
 
 def classify(old: dict[str, Any], new: dict[str, Any], threshold: float) -> list[Change]:
     """The changes of one case (a time change and a memory change can both hold)."""
-    mk = lambda kind, ratio=None: Change(kind, new["op"], new["backend"], new["case"], old, new, ratio)  # noqa: E731
+    mk = lambda kind, ratio=None: Change(kind, new["op"], new["contender"], new["case"], old, new, ratio)  # noqa: E731
     ok_old, ok_new = old["status"] == "ok", new["status"] == "ok"
     if ok_old != ok_new:
         return [mk("broken" if ok_old else "fixed")]
@@ -73,8 +73,8 @@ def classify(old: dict[str, Any], new: dict[str, Any], threshold: float) -> list
 def compare(old_records: list[dict], new_records: list[dict], threshold: float = 0.05) -> dict[str, Any]:
     """dict(changes: the non-"same" Changes, regressions first and worst first within a kind; same: count;
     added / removed: keys present in only one file; provenance: differing fields, old -> new)."""
-    old = {case_key(r["op"], r["backend"], r["case"]): r for r in latest(old_records)}
-    new = {case_key(r["op"], r["backend"], r["case"]): r for r in latest(new_records)}
+    old = {case_key(r["op"], r["contender"], r["case"]): r for r in latest(old_records)}
+    new = {case_key(r["op"], r["contender"], r["case"]): r for r in latest(new_records)}
     changes = [c for k in old.keys() & new.keys() for c in classify(old[k], new[k], threshold)]
     rank = {kind: i for i, kind in enumerate(ORDER)}
     shown = sorted((c for c in changes if c.kind != "same"),

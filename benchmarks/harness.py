@@ -1,6 +1,6 @@
 """Benchmark harness shared by every suite: timing, statistics, result records, table, JSONL.
 
-A suite is a list of `Case`s (one op, one backend or peer, one input configuration). `run_suite`
+A suite is a list of `Case`s (one op, one contender -- one of ours or a peer --, one input configuration). `run_suite`
 times each case, measures its peak memory, computes speedups over the peers the case names, appends
 one JSON line per case to `<out>/<suite>-<device kind>.jsonl` and returns the records; `format_table`
 renders them. Why it is built this way:
@@ -67,7 +67,7 @@ LOCAL_OUT = DEFAULT_OUT / "local"
 
 # Every record has exactly these keys (None where not applicable); tests check the schema.
 RECORD_KEYS = (
-    "suite", "op", "backend", "case", "status", "reason", "notes",
+    "suite", "op", "contender", "case", "status", "reason", "notes",
     "time_ms", "time_ms_min", "time_ms_iqr", "repeats", "warmup",
     "tokens", "tokens_per_s", "bytes_moved", "gb_per_s", "copy_gb_per_s", "pct_of_copy_bw", "flops", "tflops",
     "peak_tflops", "pct_of_roofline", "extra",
@@ -81,13 +81,13 @@ RECORD_KEYS = (
 class Case:
     """One thing to time. `fn(*setup())` is the timed call (`fn()` without setup).
 
-    `peers` maps a label to the (op, backend, case) of the record this one is compared with:
+    `peers` maps a label to the (op, contender, case) of the record this one is compared with:
     `speedup_over_peer[label] = peer median / this median`. A case with `skip` set is not run but
     still recorded, with the reason, so nothing disappears silently from the results.
     """
 
     op: str
-    backend: str
+    contender: str  # what is timed: one of our backends, or a peer (sdpa_dense, hf_eager, ...)
     case: dict[str, Any]
     fn: Callable[..., Any] | None = None
     setup: Callable[[], tuple] | None = None
@@ -102,7 +102,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.op}[{self.backend}]-{case_str(self.case, sep='-')}"
+        return f"{self.op}[{self.contender}]-{case_str(self.case, sep='-')}"
 
     def call_args(self) -> tuple:
         return self.setup() if self.setup is not None else ()
@@ -188,7 +188,7 @@ def copy_bandwidth_gbps(device: str, nbytes: int | None = None) -> float:
     n = nbytes or (1 << 28 if device.startswith("cuda") else 1 << 26)
     src = torch.ones(n, dtype=torch.uint8, device=device)  # written once so that pages are mapped
     dst = torch.zeros_like(src)
-    probe = Case(op="copy", backend="torch", case={}, fn=lambda: dst.copy_(src), device=device)
+    probe = Case(op="copy", contender="torch", case={}, fn=lambda: dst.copy_(src), device=device)
     times = time_case(probe, repeats=10, warmup=2, budget_s=2.0)
     return 2 * n / (quantile(times, 0.5) / 1e3) / 1e9
 
@@ -199,7 +199,7 @@ def matmul_tflops(device: str) -> float:
     cuda = device.startswith("cuda")
     n, dtype = (4096, torch.bfloat16) if cuda else (1024, torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    probe = Case(op="matmul", backend="torch", case={}, fn=lambda: a @ b, device=device)
+    probe = Case(op="matmul", contender="torch", case={}, fn=lambda: a @ b, device=device)
     return 2 * n**3 / (quantile(time_case(probe, repeats=10, warmup=3, budget_s=2.0), 0.5) / 1e3) / 1e12
 
 
@@ -315,8 +315,8 @@ def environment(device: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- runs
-def case_key(op: str, backend: str, case: dict[str, Any]) -> str:
-    return json.dumps([op, backend, case], sort_keys=True)
+def case_key(op: str, contender: str, case: dict[str, Any]) -> str:
+    return json.dumps([op, contender, case], sort_keys=True)
 
 
 def make_record(suite: str, case: Case, env: dict[str, Any], *, status: str = "ok",
@@ -325,10 +325,10 @@ def make_record(suite: str, case: Case, env: dict[str, Any], *, status: str = "o
                 copy_gbps: float | None = None, peak_tflops: float | None = None) -> dict[str, Any]:
     rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
     rec.update(env)
-    rec.update(suite=suite, op=case.op, backend=case.backend, case=dict(case.case), status=status,
+    rec.update(suite=suite, op=case.op, contender=case.contender, case=dict(case.case), status=status,
                reason=reason, notes=case.notes, tokens=case.tokens, bytes_moved=case.bytes_moved, flops=case.flops,
                extra=dict(case.extra),
-               peers={k: {"op": o, "backend": b, "case": c} for k, (o, b, c) in case.peers.items()},
+               peers={k: {"op": o, "contender": b, "case": c} for k, (o, b, c) in case.peers.items()},
                speedup_over_peer={}, mem_ratio_vs_peer={}, device_type=case.device.split(":")[0],
                device=env["gpu"] if case.device.startswith("cuda") else env["cpu"])
     if times_ms:
@@ -354,10 +354,10 @@ def make_record(suite: str, case: Case, env: dict[str, Any], *, status: str = "o
 def add_speedups(records: list[dict[str, Any]]) -> None:
     """Fill `speedup_over_peer` (peer median / own median) and `mem_ratio_vs_peer` (own peak / peer peak)
     where both were measured."""
-    by_key = {case_key(r["op"], r["backend"], r["case"]): r for r in records}
+    by_key = {case_key(r["op"], r["contender"], r["case"]): r for r in records}
     for r in records:
         for label, p in (r["peers"] or {}).items():
-            peer = by_key.get(case_key(p["op"], p["backend"], p["case"]))
+            peer = by_key.get(case_key(p["op"], p["contender"], p["case"]))
             if peer is None:
                 continue
             if peer["time_ms"] and r["time_ms"]:
@@ -399,7 +399,7 @@ def run_suite(suite: str, cases: Iterable[Case], options: RunOptions, *, device:
         records.append(rec)
         if progress:
             done = f"{rec['time_ms']:.3f} ms" if rec["status"] == "ok" else f"{rec['status']}: {rec['reason']}"
-            progress(f"[{suite} {i}/{len(cases)}] {case.op} {case.backend} {case_str(case.case)}: {done}")
+            progress(f"[{suite} {i}/{len(cases)}] {case.op} {case.contender} {case_str(case.case)}: {done}")
     add_speedups(records)
     if options.out_dir is not None:
         write_jsonl(records, results_path(options.out_dir, suite, env["device_kind"]))
@@ -411,15 +411,26 @@ def results_path(out_dir: Path | str, suite: str, kind: str) -> Path:
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [_current(json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def _current(record: dict[str, Any]) -> dict[str, Any]:
+    """A record in today's schema: files written before the field naming what was timed was renamed from
+    "backend" (a word the library keeps for its dispatch choice) to "contender" still read."""
+    if "backend" in record and "contender" not in record:
+        record = {("contender" if k == "backend" else k): v for k, v in record.items()}
+        if record.get("peers"):
+            record["peers"] = {label: _current(peer) for label, peer in record["peers"].items()}
+    return record
 
 
 def latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest (last written) record of each (op, backend, case), in first-seen order: a results file
+    """The newest (last written) record of each (op, contender, case), in first-seen order: a results file
     accumulates runs, and what it says now is its last run of each case."""
     newest: dict[str, dict[str, Any]] = {}
     for r in records:
-        newest[case_key(r["op"], r["backend"], r["case"])] = r
+        newest[case_key(r["op"], r["contender"], r["case"])] = r
     return list(newest.values())
 
 
@@ -456,7 +467,7 @@ def si(x: float | None) -> str:
 
 
 def _row(r: dict[str, Any]) -> list[str]:
-    head = [r["op"], r["backend"], case_str(r["case"])]
+    head = [r["op"], r["contender"], case_str(r["case"])]
     if r["status"] != "ok":
         return head + [f"{r['status'].upper()}: {r['reason']}"]
     speed = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup_over_peer"].items())
@@ -471,7 +482,7 @@ def _row(r: dict[str, Any]) -> list[str]:
     ]
 
 
-TABLE_HEADER = ["op", "backend", "case", "median ms", "min ms", "IQR ms", "n", "tok/s", "GB/s",
+TABLE_HEADER = ["op", "contender", "case", "median ms", "min ms", "IQR ms", "n", "tok/s", "GB/s",
                 "%copy", "TFLOP/s", "peak MiB", "speedup over peer"]
 
 

@@ -1,10 +1,10 @@
 """Plots of benchmark results: `python -m benchmarks.plot [suite] [--kind cpu|<gpu slug>] [--out DIR]`.
 
-Reads `benchmarks/results/<suite>-<kind>.jsonl`, keeps the newest record of every (op, backend, case), and
-writes one PNG per value of the suite's grouping key, one line per backend (and head dim), only records with
+Reads `benchmarks/results/<suite>-<kind>.jsonl`, keeps the newest record of every (op, contender, case), and
+writes one PNG per value of the suite's grouping key, one line per contender (and head dim), only records with
 status "ok". attention: one PNG per mask kind, one panel per mode, median time against sequence length.
 losses: one PNG per labelled fraction (fused_linear_cross_entropy), median time and peak memory against the
-vocabulary size. e2e: training-step tokens/s and peak memory per backend (bars).
+vocabulary size. e2e: training-step tokens/s and peak memory per contender (bars).
 """
 from __future__ import annotations
 
@@ -23,19 +23,19 @@ LAYOUT = {
     "attention": (None, "mask", "S", "mode", ("time_ms",), True),
     "losses": ("fused_linear_cross_entropy", "labelled", "V", None, ("time_ms", "peak_mem_bytes"), False),
 }
-BARS = {"e2e": ("e2e_train_step", ("tokens_per_s", "peak_mem_bytes"))}  # suite -> (op, metrics), one bar per backend
+BARS = {"e2e": ("e2e_train_step", ("tokens_per_s", "peak_mem_bytes"))}  # suite -> (op, metrics), one bar per contender
 _AXIS = {"time_ms": ("median time (ms)", 1.0), "peak_mem_bytes": ("peak memory (MiB)", 2.0 ** -20),
          "tokens_per_s": ("tokens/s (median step)", 1.0)}
 SUITES = sorted({*LAYOUT, *BARS})
 
 
 def latest_records(path: Path) -> list[dict]:
-    """The newest ok record of each (op, backend, case) in a JSONL file."""
+    """The newest ok record of each (op, contender, case) in a JSONL file."""
     return [r for r in latest(read_jsonl(path)) if r["status"] == "ok" and r["time_ms"]]
 
 
 def _label(r: dict) -> str:
-    return r["backend"] + (f" D={r['case']['D']}" if "D" in r["case"] else "")
+    return r["contender"] + (f" D={r['case']['D']}" if "D" in r["case"] else "")
 
 
 def _pyplot():
@@ -64,7 +64,7 @@ def plot_bars(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
     for i, (case, recs) in enumerate(sorted(by_case.items())):
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
-            names = [r["backend"] for r in recs if r.get(metric) is not None]
+            names = [r["contender"] for r in recs if r.get(metric) is not None]
             values = [r[metric] * _AXIS[metric][1] for r in recs if r.get(metric) is not None]
             ax.bar(names, values, color=[f"C{j % 10}" for j in range(len(names))])
             for x, v in enumerate(values):
@@ -106,7 +106,7 @@ def plot_suite(suite: str, records: list[dict], out_dir: Path) -> list[Path]:
         else:
             panels = [(v, metrics[0]) for v in sorted({r["case"].get(panel_key) for r in recs})]
         labels = sorted({_label(r) for r in recs})
-        color = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per backend across panels
+        color = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per contender across panels
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
         for ax, (panel, metric) in zip(axes[0], panels):
             lines: dict[str, list[tuple[float, float]]] = defaultdict(list)

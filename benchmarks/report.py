@@ -24,12 +24,12 @@ SUMMARY_HEADER = ["suite", "op", "case", "ours", "peer", "ours ms", "peer ms", "
 
 def summary_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
     """One row per (record with peers, peer), in record order. Speedup > 1 and memory ratio < 1: ours wins."""
-    by_key = {case_key(r["op"], r["backend"], r["case"]): r for r in records}
+    by_key = {case_key(r["op"], r["contender"], r["case"]): r for r in records}
     rows = []
     for r in records:
         for label, p in (r.get("peers") or {}).items():
-            peer = by_key.get(case_key(p["op"], p["backend"], p["case"]))
-            head = [r.get("suite") or "", r["op"], case_str(r["case"]), r["backend"], label]
+            peer = by_key.get(case_key(p["op"], p["contender"], p["case"]))
+            head = [r.get("suite") or "", r["op"], case_str(r["case"]), r["contender"], label]
             if r["status"] != "ok":
                 rows.append(head + ["-", "-", f"ours {r['status']}: {r['reason']}", "-", "-"])
                 continue
@@ -76,7 +76,7 @@ def _full_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
         if r["status"] != "ok":
             continue
         mem = r.get("peak_mem_bytes")
-        rows.append([r["op"], r["backend"], case_str(r["case"]), fmt_num(r["time_ms"], ".3f"),
+        rows.append([r["op"], r["contender"], case_str(r["case"]), fmt_num(r["time_ms"], ".3f"),
                      fmt_num(r.get("time_ms_iqr"), ".3f"), str(r.get("repeats")),
                      fmt_num(r.get("tokens_per_s"), ",.0f"), fmt_num(r.get("tflops"), ".3f"),
                      fmt_num(None if mem is None else mem / 2**20, ".1f")])
@@ -105,13 +105,13 @@ def render(kind: str, by_suite: dict[str, list[dict[str, Any]]], plots: dict[str
         missing = [r for r in records if r["status"] != "ok"]
         if missing:
             out += ["Not run:", ""]
-            out += [f"- {r['op']} `{r['backend']}` {case_str(r['case'])}: {r['status']}, {r['reason']}"
+            out += [f"- {r['op']} `{r['contender']}` {case_str(r['case'])}: {r['status']}, {r['reason']}"
                     for r in missing]
             out.append("")
         for path in plots.get(suite, []):
             out += [f"![{path.stem}]({path.relative_to(base).as_posix()})", ""]
         out += ["<details><summary>All cases</summary>", "",
-                markdown_table(["op", "backend", "case", "median ms", "IQR ms", "n", "tokens/s", "TFLOP/s",
+                markdown_table(["op", "contender", "case", "median ms", "IQR ms", "n", "tokens/s", "TFLOP/s",
                                 "peak MiB"], _full_rows(records)), "", "</details>", ""]
     return "\n".join(out)
 

@@ -33,7 +33,7 @@ def test_suite_case(benchmark, bench_case: Case):
     fn = bench_case.synced_fn()
     shape = {k: v for k, v in bench_case.case.items() if k != "mode"}
     benchmark.group = f"{bench_case.op} {case_str(shape)}"
-    benchmark.extra_info.update(op=bench_case.op, backend=bench_case.backend, case=bench_case.case,
+    benchmark.extra_info.update(op=bench_case.op, contender=bench_case.contender, case=bench_case.case,
                                 tokens=bench_case.tokens, device=bench_case.device)
     # one untimed call (warm-up) also sizes the number of rounds to the time budget
     t0 = time.perf_counter()

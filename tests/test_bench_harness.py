@@ -44,8 +44,8 @@ ENV = {"device_kind": "cpu", "cpu": "Test CPU", "gpu": None, "torch": "2.x", "tr
        "load_avg_1m": 0.5}
 
 
-def _case(backend: str, **kw) -> Case:
-    return Case(op="add", backend=backend, case={"n": 4, "mode": "x"}, fn=lambda: None, **kw)
+def _case(contender: str, **kw) -> Case:
+    return Case(op="add", contender=contender, case={"n": 4, "mode": "x"}, fn=lambda: None, **kw)
 
 
 def test_record_schema_and_types():
@@ -54,7 +54,7 @@ def test_record_schema_and_types():
     rec = harness.make_record("toy", case, ENV, times_ms=[1.0, 2.0, 3.0], warmup=1,
                               peak=(123, "method"), copy_gbps=10.0)
     assert set(rec) == set(harness.RECORD_KEYS)
-    assert rec["suite"] == "toy" and rec["op"] == "add" and rec["backend"] == "ours"
+    assert rec["suite"] == "toy" and rec["op"] == "add" and rec["contender"] == "ours"
     assert rec["case"] == {"n": 4, "mode": "x"} and rec["status"] == "ok" and rec["reason"] is None
     for key in ("time_ms", "time_ms_min", "time_ms_iqr", "tokens_per_s", "gb_per_s", "pct_of_copy_bw"):
         assert isinstance(rec[key], float), key
@@ -63,7 +63,7 @@ def test_record_schema_and_types():
     assert rec["gb_per_s"] == pytest.approx(4000 / 2e-3 / 1e9)
     assert rec["pct_of_copy_bw"] == pytest.approx(100 * rec["gb_per_s"] / 10.0)
     assert rec["device"] == "Test CPU" and rec["device_type"] == "cpu"
-    assert rec["peers"] == {"base": {"op": "add", "backend": "peer", "case": {"n": 4, "mode": "x"}}}
+    assert rec["peers"] == {"base": {"op": "add", "contender": "peer", "case": {"n": 4, "mode": "x"}}}
     json.loads(json.dumps(rec))  # serialisable as is
 
     skipped = harness.make_record("toy", _case("gone", skip="no reason needed"), ENV, status="skipped",
@@ -83,7 +83,7 @@ def test_speedups_and_table():
     assert ours["speedup_over_peer"] == {"base": pytest.approx(4.0)}  # key order of `case` irrelevant
     assert peer["speedup_over_peer"] == {}
     table = harness.format_table(records).splitlines()
-    assert table[0].split()[:3] == ["op", "backend", "case"] and "speedup over peer" in table[0]
+    assert table[0].split()[:3] == ["op", "contender", "case"] and "speedup over peer" in table[0]
     assert len(table) == 2 + len(records)
     assert "4.00x vs base" in table[3] and "4.000" in table[2]
     assert "SKIPPED: library absent" in table[4]
@@ -91,13 +91,13 @@ def test_speedups_and_table():
 
 # -------------------------------------------------------------------------------------------- timing
 def test_setup_is_not_timed():
-    case = Case(op="noop", backend="x", case={}, fn=lambda t: t, setup=lambda: (time.sleep(0.02),))
+    case = Case(op="noop", contender="x", case={}, fn=lambda t: t, setup=lambda: (time.sleep(0.02),))
     times = harness.time_case(case, repeats=3, warmup=1, budget_s=5.0)
     assert len(times) == 3 and max(times) < 10.0
 
 
 def test_budget_stops_early_but_keeps_min_repeats():
-    case = Case(op="sleep", backend="x", case={}, fn=lambda: time.sleep(0.01))
+    case = Case(op="sleep", contender="x", case={}, fn=lambda: time.sleep(0.01))
     times = harness.time_case(case, repeats=1000, warmup=1, budget_s=0.001)
     assert len(times) == harness.MIN_REPEATS and min(times) >= 9.0
 
@@ -147,12 +147,12 @@ def test_tiny_suite_end_to_end(tmp_path):
     n = 1 << 16
     a, b = torch.rand(n), torch.rand(n)
     cases = [
-        Case(op="add", backend="torch", case={"n": n}, fn=torch.add, setup=lambda: (a, b),
+        Case(op="add", contender="torch", case={"n": n}, fn=torch.add, setup=lambda: (a, b),
              tokens=n, bytes_moved=3 * 4 * n),
-        Case(op="add", backend="torch_out_of_place_twice", case={"n": n}, fn=lambda: (a + b) + b,
+        Case(op="add", contender="torch_out_of_place_twice", case={"n": n}, fn=lambda: (a + b) + b,
              tokens=n, peers={"single": ("add", "torch", {"n": n})}),
-        Case(op="add", backend="absent_peer", case={"n": n}, skip="peer not installed"),
-        Case(op="add", backend="broken", case={"n": n}, fn=lambda: torch.add(a, torch.rand(3))),
+        Case(op="add", contender="absent_peer", case={"n": n}, skip="peer not installed"),
+        Case(op="add", contender="broken", case={"n": n}, fn=lambda: torch.add(a, torch.rand(3))),
     ]
     options = RunOptions(repeats=5, warmup=1, budget_s=0.5, out_dir=tmp_path)
     records = harness.run_suite("toy", cases, options, device="cpu")
@@ -172,3 +172,9 @@ def test_tiny_suite_end_to_end(tmp_path):
     assert lines[3]["reason"].startswith("RuntimeError")
     harness.run_suite("toy", cases[2:3], options, device="cpu")  # appends, never truncates
     assert len(path.read_text().splitlines()) == len(cases) + 1
+    # files written before the timed thing's field was named "contender" (it was "backend") still read
+    old = {**lines[1], "peers": {"single": {"op": "add", "backend": "torch", "case": {"n": n}}}}
+    old = {("backend" if k == "contender" else k): v for k, v in old.items()}
+    path.write_text(json.dumps(old) + "\n")
+    (back,) = harness.read_jsonl(path)
+    assert back == lines[1] and list(back) == list(lines[1])

@@ -16,8 +16,8 @@ ENV = {"device_kind": "cpu", "cpu": "Test CPU", "gpu": None, "torch": "2.x", "tr
 SHAPE = {"n": 4, "mode": "x"}
 
 
-def _rec(backend, ms=None, mem=None, iqr=0.0, op="add", suite="toy", status=None, reason=None, env=ENV, **kw):
-    case = Case(op=op, backend=backend, case=dict(SHAPE), fn=lambda: None, **kw)
+def _rec(contender, ms=None, mem=None, iqr=0.0, op="add", suite="toy", status=None, reason=None, env=ENV, **kw):
+    case = Case(op=op, contender=contender, case=dict(SHAPE), fn=lambda: None, **kw)
     if ms is None:
         return harness.make_record(suite, case, env, status=status or "skipped", reason=reason or "absent")
     rec = harness.make_record(suite, case, env, times_ms=[ms - iqr / 2, ms, ms + iqr / 2], peak=(mem, "m"),
@@ -105,13 +105,13 @@ def test_plots_of_every_suite(tmp_path):
     env = dict(ENV, device_type="cpu")
     records = {"attention": [], "losses": [], "e2e": []}
     for S in (128, 256):
-        for backend, ms in (("ours", 1.0), ("sdpa", 2.0)):
-            records["attention"].append(dict(env, op="fused_attention", backend=backend, time_ms=ms * S,
+        for contender, ms in (("ours", 1.0), ("sdpa", 2.0)):
+            records["attention"].append(dict(env, op="fused_attention", contender=contender, time_ms=ms * S,
                                              case={"S": S, "D": 64, "mask": "causal", "mode": "fwd"}))
     for V in (100, 200):
-        records["losses"].append(dict(env, op="fused_linear_cross_entropy", backend="ours", time_ms=V / 10,
+        records["losses"].append(dict(env, op="fused_linear_cross_entropy", contender="ours", time_ms=V / 10,
                                       peak_mem_bytes=V << 20, case={"V": V, "labelled": 0.15, "mode": "fwd_bwd"}))
-    records["e2e"] = [dict(env, op="e2e_train_step", backend=b, time_ms=10.0, tokens_per_s=t, peak_mem_bytes=1 << 20,
+    records["e2e"] = [dict(env, op="e2e_train_step", contender=b, time_ms=10.0, tokens_per_s=t, peak_mem_bytes=1 << 20,
                            case={"B": 2, "mode": "train_step"}) for b, t in (("hf", 100.0), ("ours", 300.0))]
     written = [p.name for s, recs in records.items() for p in plot.plot_suite(s, recs, tmp_path)]
     assert written == ["attention-cpu-causal.png", "losses-cpu-0.15.png", "e2e-cpu.png"]
@@ -127,7 +127,7 @@ def test_compare_orders_regressions_first_and_ignores_noise():
            _rec("better", ms=1.0), _rec("breaks", status="error", reason="RuntimeError: boom"), _rec("fixed", ms=1.0),
            _rec("fat", ms=1.0, mem=200), _rec("added", ms=1.0)]
     result = compare.compare(old, new, threshold=0.05)
-    kinds = [(c.kind, c.backend) for c in result["changes"]]
+    kinds = [(c.kind, c.contender) for c in result["changes"]]
     assert kinds == [("broken", "breaks"), ("regression", "slower"), ("regression", "slow"), ("memory", "fat"),
                      ("improvement", "better"), ("fixed", "fixed")]
     assert result["same"] == 2  # "fast" (under the threshold) and "noisy" (inside the IQRs)

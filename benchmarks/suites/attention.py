@@ -15,7 +15,7 @@ Peers, same tensors: `sdpa_dense` -- F.scaled_dot_product_attention with the den
 (built once, untimed, as a user would cache it; rows with no visible key get their diagonal, since SDPA
 returns NaN there); `sdpa_causal` (is_causal=True: less masking than asked, a lower bound) for the causal
 kinds and plain SDPA for `none`; `flex` -- FlexAttention compiled, with the equivalent `mask_mod` (its
-`create_block_mask` timed separately as backend `flex_block_mask`; on CPU forward only: torch has no CPU
+`create_block_mask` timed separately as contender `flex_block_mask`; on CPU forward only: torch has no CPU
 backward for it, recorded as skipped); `flash_attn` (`none` and `causal`) on CUDA when installed, recorded as
 skipped with the reason otherwise. On CUDA also `sdpa_flash` (`none`, `causal`) and `sdpa_efficient`: SDPA
 pinned to one backend with `sdpa_kernel`; and for `causal_pad` the packed layout, `ours_varlen`
@@ -99,10 +99,10 @@ def _step(attn, q, k, v, grad, mode: str, *out):
     return torch.autograd.grad(attn(q, k, v), (q, k, v), grad)
 
 
-def _case(backend: str, attn, tensors, mode: str, case: dict, device: str, flops: float, **kw) -> Case:
+def _case(contender: str, attn, tensors, mode: str, case: dict, device: str, flops: float, **kw) -> Case:
     q, k, v, grad = tensors
     setup = (lambda: (attn(q, k, v),)) if mode == "bwd" else None
-    return Case(OP, backend, case, fn=functools.partial(_step, attn, q, k, v, grad, mode), setup=setup,
+    return Case(OP, contender, case, fn=functools.partial(_step, attn, q, k, v, grad, mode), setup=setup,
                 device=device, tokens=q.shape[0] * q.shape[2], flops=flops, **kw)
 
 

@@ -1,13 +1,9 @@
-// The Python module `masklm_kernels._C`. Importing it runs the TORCH_LIBRARY registrations of the
-// other translation units (ops are reached via torch.ops); its only Python function reports build facts.
+// The Python module `masklm_kernels._C`. Importing it runs the TORCH_LIBRARY_IMPL registrations of the
+// other translation units: the CPU and CUDA kernels of ops whose schemas the Python package defines (ops
+// are reached via torch.ops). Its only Python function reports build facts.
 #include <Python.h>
-#include <torch/library.h>
 
 #include "masking/philox_simd.h"
-
-// The op namespace. Each op family adds its schemas once, with TORCH_LIBRARY_FRAGMENT in
-// csrc/<op>/<op>_ops.cpp; the Python reference ops join the same namespace through torch.library.
-TORCH_LIBRARY(masklm_kernels, m) {}
 
 static PyObject* mlk_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(mlk::philox_lanes_isa()); }
 

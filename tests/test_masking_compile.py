@@ -9,6 +9,9 @@ backends are used, and a single test goes through Inductor end to end.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -271,14 +274,13 @@ def test_inductor_end_to_end():
 
 
 @pytest.mark.parametrize("op, args_type", [("mask_tokens", "MaskTokensArgs"), ("mass_mask", "MassMaskArgs")])
-def test_python_arguments_match_the_cpp_schema(op, args_type):
-    """masking/inputs.py's typed tuples are the C++ schemas' Python side: the same names, types and order,
-    for the native op and for the reference op derived from the tuple."""
+def test_python_arguments_are_the_schema_the_cpp_kernels_register_under(op, args_type):
+    """masking/inputs.py's typed tuples define the schemas: the same names, types and order for the native
+    op (whose C++ kernels register under it: a C++ signature that disagreed would fail to load) and for
+    the reference op."""
     from masklm_kernels import _ext
     from masklm_kernels.masking import inputs
 
-    if not _ext.available():
-        pytest.skip(f"the C++ extension is not built: {_ext.load_error()}")
     fields = getattr(inputs, args_type)._fields
     for name in (op, op + "_reference"):
         schema = getattr(torch.ops.masklm_kernels, name).default._schema
@@ -287,3 +289,30 @@ def test_python_arguments_match_the_cpp_schema(op, args_type):
     reference = getattr(torch.ops.masklm_kernels, op + "_reference").default._schema
     assert [str(a.type) for a in native.arguments] == [str(a.type) for a in reference.arguments]
     assert [str(r.type) for r in native.returns] == [str(r.type) for r in reference.returns]
+    if not _ext.available():
+        pytest.skip(f"the C++ extension is not built: {_ext.load_error()}")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"masklm_kernels::{op}", "CPU")
+
+
+def test_the_extension_is_loaded_on_first_use_and_compiles_from_a_fresh_process():
+    """Importing the package does not import `_C`; a compiled function whose first masking call is traced
+    (nothing has loaded `_C` yet) runs and equals eager."""
+    from masklm_kernels import _ext
+
+    if not _ext.available():
+        pytest.skip(f"the C++ extension is not built: {_ext.load_error()}")
+    code = """
+import sys, torch
+import masklm_kernels
+from masklm_kernels import mask_tokens
+assert "masklm_kernels._C" not in sys.modules
+fn = lambda ids, step: mask_tokens(ids, mask_token_id=4, vocab_size=100, seed=1, step=step, backend="cpu")
+ids = torch.randint(5, 100, (3, 17))
+got = torch.compile(fn, fullgraph=True, backend="eager")(ids, torch.tensor(2))
+assert "masklm_kernels._C" in sys.modules
+want = fn(ids, torch.tensor(2))
+assert all(torch.equal(g, w) for g, w in zip(got, want))
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -211,19 +211,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mass_mask_impl(
 
 }  // namespace
 
-// Schemas of this op family; the namespace itself is owned by csrc/module.cpp.
-TORCH_LIBRARY_FRAGMENT(masklm_kernels, m) {
-  m.def(
-      "mask_tokens(Tensor input_ids, Tensor? lengths, Tensor? attention_mask, Tensor? special_tokens_mask, "
-      "Tensor special_token_ids, Tensor? word_ids, Tensor rates, Tensor? sample_ids, Tensor seed, Tensor step, "
-      "int mode, int[] span_cdf, int mask_token_id, int t_mask, int t_rand, int rand_lo, int rand_hi, "
-      "int ignore_index) -> (Tensor, Tensor)");
-  m.def(
-      "mass_mask(Tensor input_ids, Tensor lengths, Tensor special_token_ids, Tensor? sample_ids, Tensor seed, "
-      "Tensor step, int ratio_fx, int mask_token_id, int t_mask, int t_rand, int rand_lo, int rand_hi, "
-      "int pad_token_id, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
+// The schemas of mask_tokens and mass_mask are defined in Python (masklm_kernels/masking/ops.py, from the
+// typed arguments of masking/inputs.py), with their fake implementations, so that the package needs this
+// extension only when a kernel runs. Registering a kernel whose signature disagrees with the schema fails
+// when the extension is imported.
 TORCH_LIBRARY_IMPL(masklm_kernels, CPU, m) {
   m.impl("mask_tokens", &mask_tokens_impl);
   m.impl("mass_mask", &mass_mask_impl);

@@ -1,8 +1,11 @@
 """torch.library registration of the masking ops.
 
-* `masklm_kernels::mask_tokens` / `masklm_kernels::mass_mask`: C++ ops (schemas in
-  csrc/masking/masking_ops.cpp, CPU and CUDA kernels); their fake implementations are registered here
-  so that torch.compile traces through them.
+* `masklm_kernels::mask_tokens` / `masklm_kernels::mass_mask`: C++ ops. Their schemas are defined here,
+  derived from the typed arguments of masking/inputs.py, with their fake implementations, so that
+  torch.compile traces through them before the extension is loaded; `masklm_kernels._C` registers only
+  the CPU and CUDA kernels (csrc/masking/masking_ops.cpp; a kernel whose C++ signature disagrees with the
+  schema fails to register when `_C` is imported). `_C` is imported on first use (`native_op`, and the
+  backends' requirement checks), not with the package.
 * `masklm_kernels::mask_tokens_reference` / `masklm_kernels::mass_mask_reference`: the NumPy
   specification wrapped as custom ops with the same schema, so every backend is reachable the same way.
 """
@@ -23,6 +26,14 @@ def _fake_mass_mask(input_ids, *args):
     return torch.empty_like(input_ids), torch.empty_like(input_ids), torch.empty_like(input_ids), spans
 
 
+def _prototype(args_type, returns):
+    def prototype(*args):
+        raise AssertionError("a signature only")
+
+    prototype.__signature__ = inputs.signature(args_type, returns)
+    return prototype
+
+
 def _reference_op(name: str, args_type, spec, returns):
     """The NumPy specification `spec` as the custom op `name`, its schema from `args_type`."""
     def op(*args):
@@ -40,24 +51,29 @@ def _mask_tokens_spec(*args):
     return reference.mask_tokens(*a._replace(span_cdf=list(a.span_cdf)))
 
 
+_MASK_TOKENS_RETURNS = tuple[torch.Tensor, torch.Tensor]
+_MASS_MASK_RETURNS = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+_NATIVE = (("mask_tokens", inputs.MaskTokensArgs, _MASK_TOKENS_RETURNS, _fake_mask_tokens),
+           ("mass_mask", inputs.MassMaskArgs, _MASS_MASK_RETURNS, _fake_mass_mask))
+for _name, _args_type, _returns, _fake in _NATIVE:
+    # "int", not the inferred "SymInt": the C++ kernels take int64_t, and these are host-side constants
+    _schema = torch.library.infer_schema(_prototype(_args_type, _returns), mutates_args=()).replace("SymInt", "int")
+    torch.library.define(f"masklm_kernels::{_name}", _schema)
+    torch.library.register_fake(f"masklm_kernels::{_name}")(_fake)
+
 mask_tokens_reference = _reference_op("masklm_kernels::mask_tokens_reference", inputs.MaskTokensArgs,
-                                      _mask_tokens_spec, tuple[torch.Tensor, torch.Tensor])
+                                      _mask_tokens_spec, _MASK_TOKENS_RETURNS)
 mass_mask_reference = _reference_op("masklm_kernels::mass_mask_reference", inputs.MassMaskArgs, reference.mass_mask,
-                                    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor])
+                                    _MASS_MASK_RETURNS)
 mask_tokens_reference.register_fake(_fake_mask_tokens)
 mass_mask_reference.register_fake(_fake_mass_mask)
 
-try:
-    _native = _ext.available()
-except ValueError:  # an invalid environment switch: the ops' backend check raises it, naming the variable
-    _native = False
-if _native:
-    torch.library.register_fake("masklm_kernels::mask_tokens")(_fake_mask_tokens)
-    torch.library.register_fake("masklm_kernels::mass_mask")(_fake_mass_mask)
-
 
 def native_op(name: str):
-    """The C++/CUDA op (`_C` must be loaded; the backend requirement checks that first)."""
+    """The C++/CUDA op, its kernels loaded (the backends' requirement checks have loaded `_C` already, or
+    said why it cannot be)."""
+    _ext.available()
     return getattr(torch.ops.masklm_kernels, name).default
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from masklm_kernels import fused_linear_cross_entropy
 from masklm_kernels.losses import cpu
+from masklm_kernels.losses.inputs import LossOptions
 
 from helpers import assert_close, assert_equal, assert_within_eager_error
 from losses_cases import BACKENDS, CASES, F64, _linear_grads, _linear_inputs, _torch_linear, chunks  # noqa: F401
@@ -213,7 +214,7 @@ def test_linear_row_bound_never_synchronises(backend, per_row):
     rows_fn = cpu.rows_inplace if backend == "cpu" else triton_ce.rows
     weight = torch.rand(y.shape) if per_row else torch.tensor(0.5)
     with Record():
-        loss, dh, dw, db = linear.run(h, w, b, y, rows_fn, ignore_index=-100, label_smoothing=0.1, z_loss=1e-3,
+        loss, dh, dw, db = linear.run(h, w, b, y, rows_fn, LossOptions(-100, 0.1, 1e-3),
                                       max_rows=40, chunk_rows=16, compute_dtype=torch.float32, row_weight=weight)
     assert "nonzero_static" in seen and not syncing & set(seen), sorted(syncing & set(seen))
     assert torch.isfinite(loss).all() and torch.isfinite(dw).all()

@@ -9,6 +9,7 @@ import torch
 from masklm_kernels import masked_cross_entropy
 from masklm_kernels._backends import BackendUnavailableError
 from masklm_kernels.losses import triton_ce
+from masklm_kernels.losses.inputs import LossOptions
 
 from helpers import assert_close
 from losses_cases import F64, _inputs, _loss_and_grad, _torch_loss
@@ -87,7 +88,7 @@ def test_every_output_element_is_written(dtype):
     x, y = _inputs(65, N=23, V=300, dtype=dtype)
     y[::3] = -100
     grad = torch.full_like(x, float("nan"))
-    loss, lse = triton_ce.rows(x, y, -100, 0.2, 1e-2, grad, torch.rand(23))
+    loss, lse = triton_ce.rows(x, y, LossOptions(-100, 0.2, 1e-2), grad, torch.rand(23))
     assert torch.isfinite(loss).all() and torch.isfinite(lse).all() and torch.isfinite(grad).all()
     assert (grad[::3] == 0).all() and (loss[::3] == 0).all()
 

@@ -11,6 +11,7 @@ from .._backends import Backend, select_backend, triton_cpu_reason, triton_requi
 from .._common import acc_dtype
 from .._validation import INT_DTYPES, check_int, values_checkable
 from . import ops, reference
+from .inputs import LossOptions
 
 
 def _no_inplace(facts: dict) -> list[str]:
@@ -92,8 +93,10 @@ def _num_items(num_items, device):
     return num_items
 
 
-def _check_options(ignore_index, label_smoothing, z_loss, reduction, num_items, labels, V: int):
-    """The options both losses share, normalised; labels range-checked against the V classes."""
+def _check_options(ignore_index, label_smoothing, z_loss, reduction, num_items, labels,
+                   V: int) -> tuple[LossOptions, object]:
+    """(the per-row options, num_items) both losses share, validated; labels range-checked against the V
+    classes."""
     ignore_index = check_int("ignore_index", ignore_index, lo=-(2**63), hi=2**63)
     label_smoothing = _check_float("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = _check_float("z_loss", z_loss, 0.0, 1e4)  # a coefficient (PaLM: 1e-4); inf would make every loss inf
@@ -101,7 +104,7 @@ def _check_options(ignore_index, label_smoothing, z_loss, reduction, num_items, 
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     num_items = _num_items(num_items, labels.device)
     _check_labels_in_range(labels, V, ignore_index)
-    return ignore_index, label_smoothing, z_loss, num_items
+    return LossOptions(ignore_index, label_smoothing, z_loss), num_items
 
 
 def _wants_grad(*tensors) -> bool:
@@ -155,8 +158,7 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
     """
     logits, labels = _check_logits_labels(logits, labels)
     V = logits.shape[-1]
-    ignore_index, label_smoothing, z_loss, num_items = _check_options(
-        ignore_index, label_smoothing, z_loss, reduction, num_items, labels, V)
+    opts, num_items = _check_options(ignore_index, label_smoothing, z_loss, reduction, num_items, labels, V)
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
     chosen = select_backend("masked_cross_entropy", BACKENDS, backend, logits.device,
@@ -165,25 +167,23 @@ def masked_cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0
     flat_labels = labels.reshape(-1).to(torch.int64)
     out_dtype = loss_dtype(logits)
     acc = acc_dtype(logits)
-    options = (ignore_index, label_smoothing, z_loss)
     if chosen.name == "cpu":
-        rows, _ = ops.cross_entropy_cpu_fwd(flat_logits.contiguous(), flat_labels.contiguous(), *options)
+        rows, _ = ops.cross_entropy_cpu_fwd(flat_logits.contiguous(), flat_labels.contiguous(), opts)
     elif chosen.name == "triton":
         x = flat_logits if flat_logits.stride(-1) == 1 else flat_logits.contiguous()
         y = flat_labels.contiguous()
         if reduction != "none" and _wants_grad(logits):
-            scale = _scale(reduction, y, ignore_index, num_items, acc)
+            scale = _scale(reduction, y, opts.ignore_index, num_items, acc)
             if inplace_grad:
-                total = ops.InplaceGradCrossEntropy.apply(x, y, scale, *options)
+                total = ops.InplaceGradCrossEntropy.apply(x, y, scale, opts)
             else:
-                total, _ = ops.cross_entropy_triton_reduced(x, y, scale, *options)
+                total, _ = ops.cross_entropy_triton_reduced(x, y, scale, opts)
             return total.to(out_dtype)
-        rows = ops.cross_entropy_triton_fwd(x, y, *options)
+        rows = ops.cross_entropy_triton_fwd(x, y, opts)
     else:
         with no_autocast(logits.device):  # the specification computes in `acc` whatever autocast says
-            rows = reference.row_losses(flat_logits, flat_labels, ignore_index=ignore_index,
-                                        label_smoothing=label_smoothing, z_loss=z_loss, compute_dtype=acc)
-    return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(out_dtype)
+            rows = reference.row_losses(flat_logits, flat_labels, **opts._asdict(), compute_dtype=acc)
+    return reference.reduce(rows, labels, opts.ignore_index, reduction, num_items).to(out_dtype)
 
 
 def _check_linear(hidden, weight, bias, labels):
@@ -247,8 +247,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
     out_dtype = loss_dtype(hidden) if isinstance(hidden, torch.Tensor) else None
     hidden, weight, bias = cast_inputs(hidden, weight, bias)
     _check_linear(hidden, weight, bias, labels)
-    ignore_index, label_smoothing, z_loss, num_items = _check_options(
-        ignore_index, label_smoothing, z_loss, reduction, num_items, labels, weight.shape[0])
+    opts, num_items = _check_options(ignore_index, label_smoothing, z_loss, reduction, num_items, labels,
+                                     weight.shape[0])
     max_rows = -1 if max_labelled_rows is None else check_int("max_labelled_rows", max_labelled_rows, lo=0,
                                                                hi=2**62)
     chosen = select_backend("fused_linear_cross_entropy", BACKENDS, backend, hidden.device,
@@ -256,21 +256,19 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).to(torch.int64)
     acc = acc_dtype(hidden)
-    options = (ignore_index, label_smoothing, z_loss, max_rows)
     if chosen.name != "reference":
         fwd, _, reduced = ops.LINEAR[chosen.name]
         args = (flat_hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                 flat_labels.contiguous())
         if reduction != "none" and _wants_grad(hidden, weight, bias):
-            scale = _scale(reduction, flat_labels, ignore_index, num_items, acc)
-            return reduced(*args, scale, *options)[0].to(out_dtype)
-        rows = fwd(*args, *options)
+            scale = _scale(reduction, flat_labels, opts.ignore_index, num_items, acc)
+            return reduced(*args, scale, opts, max_rows)[0].to(out_dtype)
+        rows = fwd(*args, opts, max_rows)
     else:
         with no_autocast(hidden.device):  # the specification computes in `acc` whatever autocast says
             logits = torch.nn.functional.linear(flat_hidden.to(acc), weight.to(acc),
                                                 None if bias is None else bias.to(acc))
-            rows = reference.row_losses(logits, flat_labels, ignore_index=ignore_index,
-                                        label_smoothing=label_smoothing, z_loss=z_loss)
+            rows = reference.row_losses(logits, flat_labels, **opts._asdict())
         if max_rows >= 0:  # the bound's contract: NaN when exceeded
-            rows = torch.where((flat_labels != ignore_index).sum() > max_rows, float("nan"), rows)
-    return reference.reduce(rows, labels, ignore_index, reduction, num_items).to(out_dtype)
+            rows = torch.where((flat_labels != opts.ignore_index).sum() > max_rows, float("nan"), rows)
+    return reference.reduce(rows, labels, opts.ignore_index, reduction, num_items).to(out_dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._common import acc_dtype
+from .inputs import LossOptions
 
 # Rows per chunk: as many as fit in CHUNK_BYTES of fp32 logits, at least MIN_CHUNK_ROWS. Measured for the
 # fused head (N = 4096, H = 256, V = 30522, 15% labelled, fwd+bwd, 2 cores, torch 2.13; time / peak memory,
@@ -51,28 +52,27 @@ def _chunk_grad(x: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Te
     return d * g[:, None]
 
 
-def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
-            z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(logits: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row loss (N,), per-row lse (N,)), both in the accumulation dtype; 0 on unlabelled rows."""
     acc = acc_dtype(logits)
     loss = torch.zeros(labels.shape[0], dtype=acc)
     lse = torch.zeros(labels.shape[0], dtype=acc)
-    for idx in _chunks(labels, ignore_index, logits.shape[1], torch.finfo(acc).bits // 8):
-        row, l = _chunk_loss(logits.index_select(0, idx).to(acc), labels.index_select(0, idx), label_smoothing,
-                             z_loss)
+    for idx in _chunks(labels, opts.ignore_index, logits.shape[1], torch.finfo(acc).bits // 8):
+        row, l = _chunk_loss(logits.index_select(0, idx).to(acc), labels.index_select(0, idx), opts.label_smoothing,
+                             opts.z_loss)
         loss.index_copy_(0, idx, row)
         lse.index_copy_(0, idx, l)
     return loss, lse
 
 
 def backward(grad_rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-             ignore_index: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
+             opts: LossOptions) -> torch.Tensor:
     """d loss / d logits (N, V) in the logits' dtype for the upstream per-row gradient (N,)."""
     acc = acc_dtype(logits)
     grad = torch.zeros_like(logits)
-    for idx in _chunks(labels, ignore_index, logits.shape[1], torch.finfo(acc).bits // 8):
+    for idx in _chunks(labels, opts.ignore_index, logits.shape[1], torch.finfo(acc).bits // 8):
         d = _chunk_grad(logits.index_select(0, idx).to(acc), labels.index_select(0, idx), lse.index_select(0, idx),
-                        grad_rows.index_select(0, idx).to(acc), label_smoothing, z_loss)
+                        grad_rows.index_select(0, idx).to(acc), opts.label_smoothing, opts.z_loss)
         grad.index_copy_(0, idx, d.to(logits.dtype))
     return grad
 
@@ -81,12 +81,13 @@ def backward(grad_rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
 # LM head fused with the loss (driven by linear.run): a chunk's loss and gradient, in place
 # ------------------------------------------------------------------------------------------------
 
-def rows_inplace(x: torch.Tensor, y: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                 grad: torch.Tensor | None = None, weight: torch.Tensor | None = None):
+def rows_inplace(x: torch.Tensor, y: torch.Tensor, opts: LossOptions, grad: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None):
     """(loss (c,), lse (c,)) of a chunk of logits x (c, V) in the accumulation dtype; with `grad` (which must
     be x) x is overwritten by weight_i * d loss_i / d x_i. No second c x V buffer: exp, the normalisation
     and the smoothing and true-class terms are applied in place (the chunk is the peak memory)."""
     assert grad is None or grad is x
+    ignore_index, label_smoothing, z_loss = opts
     keep = y != ignore_index
     ys = torch.where(keep, y, 0)[:, None]
     target = x.gather(1, ys).squeeze(1)

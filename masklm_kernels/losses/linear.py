@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from .._common import acc_dtype
+from .inputs import LossOptions
 
 
 def labelled_rows(labels: torch.Tensor, ignore_index: int, max_rows: int):
@@ -53,7 +54,7 @@ def _addmm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def run(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-        rows_fn: Callable, *, ignore_index: int, label_smoothing: float, z_loss: float, max_rows: int,
+        rows_fn: Callable, opts: LossOptions, *, max_rows: int,
         chunk_rows: int, compute_dtype: torch.dtype, row_weight: torch.Tensor | None = None):
     """(per-row loss (N,), d hidden (N, H), d weight (V, H), d bias (V,)) for hidden (N, H) and labels (N,).
 
@@ -65,7 +66,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     """
     N, H = hidden.shape
     acc = acc_dtype(hidden)
-    idx, y, overflow = labelled_rows(labels, ignore_index, max_rows)
+    idx, y, overflow = labelled_rows(labels, opts.ignore_index, max_rows)
     src = idx.clamp_max(max(N - 1, 0))  # the sentinel row N reads row N - 1 (its label is ignore_index)
     w = weight.to(compute_dtype)
     b = None if bias is None else bias.to(compute_dtype)
@@ -86,8 +87,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
         wc = None
         if want_grad:
             wc = row_weight.index_select(0, i) if row_weight.dim() else row_weight.to(acc)
-        row_loss, _ = rows_fn(x, y[start:start + chunk_rows], ignore_index, label_smoothing, z_loss,
-                              x if want_grad else None, wc)
+        row_loss, _ = rows_fn(x, y[start:start + chunk_rows], opts, x if want_grad else None, wc)
         loss.index_copy_(0, i, row_loss)
         if want_grad:  # x now holds d loss / d logits of the chunk
             d_hidden.index_copy_(0, i, (x @ w).to(hidden.dtype))

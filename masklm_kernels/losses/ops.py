@@ -12,6 +12,10 @@ Two shapes of op per loss:
   in place on the saved gradient (whose version counter then makes a second backward through it raise
   instead of returning twice-scaled gradients).
 
+Every op's schema is its leading tensors, the fields of `inputs.LossOptions`, then any trailing scalars;
+`_Op` derives the schema from that description and hands its implementation, fake and autograd formulas
+the options as one `LossOptions`.
+
 Under autocast the fused head's forward ops take hidden, weight and bias in the autocast dtype, as
 F.linear does; the cross-entropy ops take the logits as they are (_autocast.py).
 
@@ -20,53 +24,94 @@ The backend modules are imported when an op first runs: triton is an optional de
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .. import _autocast
 from .._common import acc_dtype
 from . import cpu, linear
+from .inputs import LossOptions, op_signature
+
+_T = torch.Tensor
+_N_OPTIONS = len(LossOptions._fields)
 
 
-@torch.library.custom_op("masklm_kernels::cross_entropy_cpu_fwd", mutates_args=(), device_types="cpu")
-def cross_entropy_cpu_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
-                          z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return cpu.forward(logits, labels, ignore_index, label_smoothing, z_loss)
+class _Op:
+    """The custom op `name` with the schema `leading..., <LossOptions' fields>, trailing...` -> `returns`.
+    `impl` and `fake` take (*leading, options: LossOptions, *trailing); call it the same way."""
+
+    def __init__(self, name: str, leading, returns, impl: Callable, fake: Callable, trailing=(),
+                 device_types=None, mutates_args=()):
+        self.n_leading, self.n_inputs = len(leading), len(leading) + _N_OPTIONS + len(trailing)
+
+        def op(*args):
+            return impl(*self.split(args))
+
+        op.__signature__ = op_signature(leading, returns, trailing)
+        op.__name__ = name.split("::")[1]
+        self.op = torch.library.custom_op(name, op, mutates_args=mutates_args, device_types=device_types)
+        self.op.register_fake(lambda *args: fake(*self.split(args)))
+        self.name = name
+
+    @property
+    def default(self):
+        """The registered operator overload (`torch.ops.masklm_kernels.<name>.default`), flat arguments."""
+        return getattr(torch.ops.masklm_kernels, self.name.split("::")[1]).default
+
+    def split(self, args) -> tuple:
+        """Flat op arguments -> (*leading, LossOptions, *trailing)."""
+        n = self.n_leading
+        return (*args[:n], LossOptions(*args[n:n + _N_OPTIONS]), *args[n + _N_OPTIONS:])
+
+    def __call__(self, *args):
+        flat = [x for a in args for x in (a if isinstance(a, LossOptions) else (a,))]
+        return self.op(*flat)
+
+    def grads(self, *leading_grads) -> tuple:
+        """The backward's return: gradients of the leading inputs, None for the options and the rest."""
+        return (*leading_grads, *(None,) * (self.n_inputs - len(leading_grads)))
+
+    def register_autograd(self, backward, setup_context):
+        """`setup_context(ctx, (*leading, options, *trailing), output)`."""
+        self.op.register_autograd(backward, setup_context=lambda ctx, inputs, output: setup_context(
+            ctx, self.split(inputs), output))
 
 
-@cross_entropy_cpu_fwd.register_fake
-def _(logits, labels, ignore_index, label_smoothing, z_loss):
-    n = labels.shape[0]
-    return logits.new_empty(n, dtype=acc_dtype(logits)), logits.new_empty(n, dtype=acc_dtype(logits))
+def _acc_rows(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    return x.new_empty(shape, dtype=acc_dtype(x))
 
 
-@torch.library.custom_op("masklm_kernels::cross_entropy_cpu_bwd", mutates_args=(), device_types="cpu")
-def cross_entropy_cpu_bwd(grad_rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                          ignore_index: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
-    return cpu.backward(grad_rows, logits, labels, lse, ignore_index, label_smoothing, z_loss)
+def _like_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@cross_entropy_cpu_bwd.register_fake
-def _(grad_rows, logits, labels, lse, ignore_index, label_smoothing, z_loss):
-    return torch.empty_like(logits)
+_CE = (("logits", _T), ("labels", _T))
+
+# ------------------------------------------------------------------------------------------------
+# masked_cross_entropy, CPU: per-row ops
+# ------------------------------------------------------------------------------------------------
+
+cross_entropy_cpu_fwd = _Op("masklm_kernels::cross_entropy_cpu_fwd", _CE, tuple[_T, _T], cpu.forward,
+                            lambda logits, labels, opts: (_acc_rows(logits, labels.shape[0]),
+                                                          _acc_rows(logits, labels.shape[0])),
+                            device_types="cpu")
+cross_entropy_cpu_bwd = _Op("masklm_kernels::cross_entropy_cpu_bwd",
+                            (("grad_rows", _T), *_CE, ("lse", _T)), _T, cpu.backward,
+                            lambda grad_rows, logits, labels, lse, opts: torch.empty_like(logits), device_types="cpu")
 
 
-def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, label_smoothing, z_loss = inputs
+def _cpu_setup(ctx, inputs, output):
+    logits, labels, ctx.options = inputs
     ctx.save_for_backward(logits, labels, output[1])
-    ctx.ignore_index, ctx.label_smoothing, ctx.z_loss = ignore_index, label_smoothing, z_loss
 
 
-def _backward(ctx, grad_rows, _grad_lse):
+def _cpu_backward(ctx, grad_rows, _grad_lse):
     logits, labels, lse = ctx.saved_tensors
-    grad = cross_entropy_cpu_bwd(grad_rows.contiguous(), logits, labels, lse, ctx.ignore_index,
-                                 ctx.label_smoothing, ctx.z_loss)
-    return grad, None, None, None, None
+    return cross_entropy_cpu_fwd.grads(cross_entropy_cpu_bwd(grad_rows.contiguous(), logits, labels, lse, ctx.options))
 
 
-cross_entropy_cpu_fwd.register_autograd(_backward, setup_context=_setup_context)
-
+cross_entropy_cpu_fwd.register_autograd(_cpu_backward, setup_context=_cpu_setup)
 
 
 def _scaled(saved: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -87,57 +132,52 @@ def _triton():
     return importlib.import_module(f"{__package__}.triton_ce")
 
 
-@torch.library.custom_op("masklm_kernels::cross_entropy_triton_fwd", mutates_args=())
-def cross_entropy_triton_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
-                             z_loss: float) -> torch.Tensor:
-    return _triton().rows(logits, labels, ignore_index, label_smoothing, z_loss)[0]
-
-
-@cross_entropy_triton_fwd.register_fake
-def _(logits, labels, ignore_index, label_smoothing, z_loss):
-    return logits.new_empty(labels.shape[0], dtype=acc_dtype(logits))
-
-
-@torch.library.custom_op("masklm_kernels::cross_entropy_triton_bwd", mutates_args=())
-def cross_entropy_triton_bwd(grad_rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                             label_smoothing: float, z_loss: float) -> torch.Tensor:
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _triton().rows(logits, labels, ignore_index, label_smoothing, z_loss, grad, grad_rows.to(acc_dtype(logits)))
+def _triton_bwd(grad_rows, logits, labels, opts):
+    grad = _like_contiguous(logits)
+    _triton().rows(logits, labels, opts, grad, grad_rows.to(acc_dtype(logits)))
     return grad
 
 
-@cross_entropy_triton_bwd.register_fake
-def _(grad_rows, logits, labels, ignore_index, label_smoothing, z_loss):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _triton_reduced(logits, labels, scale, opts):
+    """(scale * sum of the row losses, its gradient d/d logits), one launch."""
+    grad = _like_contiguous(logits)
+    rows, _ = _triton().rows(logits, labels, opts, grad, scale)
+    return rows.sum() * scale, grad
+
+
+def _triton_reduced_inplace(logits, labels, scale, opts):
+    """As the reduced op, with the gradient written over the logits."""
+    rows, _ = _triton().rows(logits, labels, opts, logits, scale)
+    return rows.sum() * scale
+
+
+cross_entropy_triton_fwd = _Op("masklm_kernels::cross_entropy_triton_fwd", _CE, _T,
+                               lambda logits, labels, opts: _triton().rows(logits, labels, opts)[0],
+                               lambda logits, labels, opts: _acc_rows(logits, labels.shape[0]))
+cross_entropy_triton_bwd = _Op("masklm_kernels::cross_entropy_triton_bwd", (("grad_rows", _T), *_CE), _T, _triton_bwd,
+                               lambda grad_rows, logits, labels, opts: _like_contiguous(logits))
+cross_entropy_triton_reduced = _Op("masklm_kernels::cross_entropy_triton_reduced", (*_CE, ("scale", _T)),
+                                   tuple[_T, _T], _triton_reduced,
+                                   lambda logits, labels, scale, opts: (_acc_rows(logits),
+                                                                        _like_contiguous(logits)))
+cross_entropy_triton_reduced_inplace = _Op("masklm_kernels::cross_entropy_triton_reduced_inplace",
+                                           (*_CE, ("scale", _T)), _T, _triton_reduced_inplace,
+                                           lambda logits, labels, scale, opts: _acc_rows(logits),
+                                           mutates_args=("logits",))
 
 
 def _triton_setup(ctx, inputs, output):
-    logits, labels, ignore_index, label_smoothing, z_loss = inputs
+    logits, labels, ctx.options = inputs
     ctx.save_for_backward(logits, labels)
-    ctx.options = (ignore_index, label_smoothing, z_loss)
 
 
 def _triton_backward(ctx, grad_rows):
     logits, labels = ctx.saved_tensors
-    return cross_entropy_triton_bwd(grad_rows.contiguous(), logits, labels, *ctx.options), None, None, None, None
+    return cross_entropy_triton_fwd.grads(cross_entropy_triton_bwd(grad_rows.contiguous(), logits, labels,
+                                                                   ctx.options))
 
 
 cross_entropy_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup)
-
-
-@torch.library.custom_op("masklm_kernels::cross_entropy_triton_reduced", mutates_args=())
-def cross_entropy_triton_reduced(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int,
-                                 label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale * sum of the row losses, its gradient d/d logits), one launch."""
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    rows, _ = _triton().rows(logits, labels, ignore_index, label_smoothing, z_loss, grad, scale)
-    return rows.sum() * scale, grad
-
-
-@cross_entropy_triton_reduced.register_fake
-def _(logits, labels, scale, ignore_index, label_smoothing, z_loss):
-    return logits.new_empty((), dtype=acc_dtype(logits)), torch.empty_like(logits,
-                                                                             memory_format=torch.contiguous_format)
 
 
 def _reduced_setup(ctx, inputs, output):
@@ -149,23 +189,10 @@ def _reduced_setup(ctx, inputs, output):
 
 def _reduced_backward(ctx, g, _g_grad):
     (grad,) = ctx.saved_tensors
-    return _scaled(grad, g), None, None, None, None, None
+    return cross_entropy_triton_reduced.grads(_scaled(grad, g))
 
 
 cross_entropy_triton_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
-
-
-@torch.library.custom_op("masklm_kernels::cross_entropy_triton_reduced_inplace", mutates_args=("logits",))
-def cross_entropy_triton_reduced_inplace(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
-                                         ignore_index: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
-    """As cross_entropy_triton_reduced, with the gradient written over the logits."""
-    rows, _ = _triton().rows(logits, labels, ignore_index, label_smoothing, z_loss, logits, scale)
-    return rows.sum() * scale
-
-
-@cross_entropy_triton_reduced_inplace.register_fake
-def _(logits, labels, scale, ignore_index, label_smoothing, z_loss):
-    return logits.new_empty((), dtype=acc_dtype(logits))
 
 
 class InplaceGradCrossEntropy(torch.autograd.Function):
@@ -173,31 +200,33 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
     buffer); the backward scales that buffer in place and returns it."""
 
     @staticmethod
-    def forward(ctx, logits, labels, scale, ignore_index, label_smoothing, z_loss):
-        total = cross_entropy_triton_reduced_inplace(logits, labels, scale, ignore_index, label_smoothing, z_loss)
+    def forward(ctx, logits, labels, scale, opts: LossOptions):
+        total = cross_entropy_triton_reduced_inplace(logits, labels, scale, opts)
         ctx.save_for_backward(logits)
         return total
 
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None
+        return grad.mul_(g.to(grad.dtype)), None, None, None
 
 
 # ------------------------------------------------------------------------------------------------
 # fused_linear_cross_entropy: one registration per backend around linear.run
 # ------------------------------------------------------------------------------------------------
 
-def _linear_run(backend: str, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, max_rows,
-                row_weight=None):
+_HEAD = (("hidden", _T), ("weight", _T), ("bias", Optional[_T]), ("labels", _T))
+_MAX_ROWS = (("max_rows", int),)
+
+
+def _linear_run(backend: str, hidden, weight, bias, labels, opts: LossOptions, max_rows: int, row_weight=None):
     if backend == "cpu":
         acc = acc_dtype(hidden)
         rows_fn, compute, chunk = cpu.rows_inplace, acc, cpu.chunk_rows(weight.shape[0], torch.finfo(acc).bits // 8)
     else:
         tri = _triton()
         rows_fn, compute, chunk = tri.rows, hidden.dtype, tri.chunk_rows(weight.shape[0], hidden.element_size())
-    return linear.run(hidden, weight, bias, labels, rows_fn, ignore_index=ignore_index,
-                      label_smoothing=label_smoothing, z_loss=z_loss, max_rows=max_rows, chunk_rows=chunk,
+    return linear.run(hidden, weight, bias, labels, rows_fn, opts, max_rows=max_rows, chunk_rows=chunk,
                       compute_dtype=compute, row_weight=row_weight)
 
 
@@ -206,55 +235,45 @@ def _register_linear(backend: str):
     device_types = "cpu" if backend == "cpu" else None
     name = f"masklm_kernels::linear_cross_entropy_{backend}"
 
-    @torch.library.custom_op(f"{name}_fwd", mutates_args=(), device_types=device_types)
-    def fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-            ignore_index: int, label_smoothing: float, z_loss: float, max_rows: int) -> torch.Tensor:
-        return _linear_run(backend, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, max_rows)[0]
-
-    @fwd.register_fake
-    def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, max_rows):
-        return hidden.new_empty(labels.shape[0], dtype=acc_dtype(hidden))
-
-    @torch.library.custom_op(f"{name}_bwd", mutates_args=(), device_types=device_types)
-    def bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            labels: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float, max_rows: int,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, dh, dw, db = _linear_run(backend, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss,
-                                    max_rows, grad_rows)
+    def bwd_impl(grad_rows, hidden, weight, bias, labels, opts, max_rows):
+        _, dh, dw, db = _linear_run(backend, hidden, weight, bias, labels, opts, max_rows, grad_rows)
         db = weight.new_zeros(weight.shape[0]) if db is None else db.to(weight.dtype)
         return dh, dw.to(weight.dtype), db
 
-    @bwd.register_fake
-    def _(grad_rows, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, max_rows):
-        return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+    def reduced_impl(hidden, weight, bias, labels, scale, opts, max_rows):
+        """(scale * sum of the row losses, and its gradients: d hidden, d weight and d bias in the
+        accumulation dtype), computed in one pass over the labelled rows."""
+        rows, dh, dw, db = _linear_run(backend, hidden, weight, bias, labels, opts, max_rows,
+                                       scale.to(acc_dtype(hidden)))
+        return rows.sum() * scale, dh, dw, (dw.new_zeros(weight.shape[0]) if db is None else db)
+
+    def reduced_fake(hidden, weight, bias, labels, scale, opts, max_rows):
+        acc = acc_dtype(hidden)
+        return (hidden.new_empty((), dtype=acc), torch.empty_like(hidden), weight.new_empty(weight.shape, dtype=acc),
+                weight.new_empty(weight.shape[0], dtype=acc))
+
+    fwd = _Op(f"{name}_fwd", _HEAD, _T,
+              lambda hidden, weight, bias, labels, opts, max_rows: _linear_run(
+                  backend, hidden, weight, bias, labels, opts, max_rows)[0],
+              lambda hidden, weight, bias, labels, opts, max_rows: _acc_rows(hidden, labels.shape[0]),
+              _MAX_ROWS, device_types)
+    bwd = _Op(f"{name}_bwd", (("grad_rows", _T), *_HEAD), tuple[_T, _T, _T], bwd_impl,
+              lambda grad_rows, hidden, weight, bias, labels, opts, max_rows: (
+                  torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(weight.shape[0])),
+              _MAX_ROWS, device_types)
+    reduced = _Op(f"{name}_reduced", (*_HEAD, ("scale", _T)), tuple[_T, _T, _T, _T], reduced_impl, reduced_fake,
+                  _MAX_ROWS, device_types)
 
     def setup(ctx, inputs, output):
-        hidden, weight, bias, labels, *options = inputs
+        hidden, weight, bias, labels, *ctx.options = inputs
         ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.options = options
 
     def backward(ctx, grad_rows):
         hidden, weight, bias, labels = ctx.saved_tensors
         dh, dw, db = bwd(grad_rows.contiguous(), hidden, weight, bias, labels, *ctx.options)
-        return dh, dw, (db if bias is not None else None), None, None, None, None, None
+        return fwd.grads(dh, dw, (db if bias is not None else None))
 
     fwd.register_autograd(backward, setup_context=setup)
-
-    @torch.library.custom_op(f"{name}_reduced", mutates_args=(), device_types=device_types)
-    def reduced(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-                scale: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float, max_rows: int,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale * sum of the row losses, and its gradients: d hidden, d weight and d bias in the
-        accumulation dtype), computed in one pass over the labelled rows."""
-        rows, dh, dw, db = _linear_run(backend, hidden, weight, bias, labels, ignore_index, label_smoothing,
-                                       z_loss, max_rows, scale.to(acc_dtype(hidden)))
-        return rows.sum() * scale, dh, dw, (dw.new_zeros(weight.shape[0]) if db is None else db)
-
-    @reduced.register_fake
-    def _(hidden, weight, bias, labels, scale, ignore_index, label_smoothing, z_loss, max_rows):
-        acc = acc_dtype(hidden)
-        return (hidden.new_empty((), dtype=acc), torch.empty_like(hidden), weight.new_empty(weight.shape, dtype=acc),
-                weight.new_empty(weight.shape[0], dtype=acc))
 
     def reduced_setup(ctx, inputs, output):
         _, dh, dw, db = output
@@ -267,8 +286,7 @@ def _register_linear(backend: str):
         dh, dw, db = ctx.saved_tensors
         d_weight = _scaled(dw, g).to(ctx.dtypes[1])
         d_bias = None if db is None else _scaled(db, g).to(ctx.dtypes[1])
-        d_hidden = _scaled(dh, g)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
+        return reduced.grads(_scaled(dh, g), d_weight, d_bias)
 
     reduced.register_autograd(reduced_backward, setup_context=reduced_setup)
     for op in ("fwd", "reduced"):  # hidden, weight, bias in the autocast dtype, as F.linear (_autocast.py)
@@ -281,6 +299,6 @@ LINEAR = {backend: _register_linear(backend) for backend in ("cpu", "triton")}
 
 # The cross-entropy ops take the logits in their own dtype; registered without casts, so that what they
 # compute inside (a backward run inside an autocast block included) is what they compute outside one.
-for _name in ("cross_entropy_cpu_fwd", "cross_entropy_cpu_bwd", "cross_entropy_triton_fwd", "cross_entropy_triton_bwd",
-              "cross_entropy_triton_reduced"):
-    _autocast.register(f"masklm_kernels::{_name}", positions=())
+for _op in (cross_entropy_cpu_fwd, cross_entropy_cpu_bwd, cross_entropy_triton_fwd, cross_entropy_triton_bwd,
+            cross_entropy_triton_reduced):
+    _autocast.register(_op.name, positions=())

@@ -24,6 +24,7 @@ import triton.language as tl
 from .._backends import split_fp32
 from .._common import acc_dtype
 from .._triton_launch import BlockConfig, Launch
+from .inputs import LossOptions
 
 # Vocabulary block per step of a sweep. A row of BERT's 30522 logits takes 8 steps; 4096 fp32 values over 8
 # warps are 16 registers per thread and per live array, far from spilling (benchmarks.compile_report checks
@@ -89,9 +90,8 @@ def block_v(V: int) -> int:
     return min(MAX_BLOCK_V, triton.next_power_of_2(V))
 
 
-def launch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-           loss: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor | None = None,
-           weight: torch.Tensor | None = None) -> Launch:
+def launch(logits: torch.Tensor, labels: torch.Tensor, opts: LossOptions, loss: torch.Tensor, lse: torch.Tensor,
+           grad: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> Launch:
     """The launch over the rows of logits (N, V) (unit stride along V); see `rows`."""
     N, V = logits.shape
     write_grad = grad is not None
@@ -99,18 +99,18 @@ def launch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_
         assert grad.shape == logits.shape and grad.stride(1) == 1 and weight is not None
     else:
         grad, weight = logits, loss  # never read or written
-    eps, z = split_fp32(label_smoothing), split_fp32(z_loss)
+    eps, z = split_fp32(opts.label_smoothing), split_fp32(opts.z_loss)
     bv = block_v(V)
     return Launch(_ce_rows, (N,), (logits, logits.stride(0), labels, grad, grad.stride(0), weight,
-                                   weight.stride(0) if weight.dim() else 0, loss, lse, V, ignore_index, *eps, *z),
+                                   weight.stride(0) if weight.dim() else 0, loss, lse, V, opts.ignore_index, *eps, *z),
                   dict(BLOCK_V=bv, WRITE_GRAD=write_grad,
                        ACC=tl.float64 if logits.dtype == torch.float64 else tl.float32),
                   BlockConfig(1, bv, NUM_WARPS, 1),
                   label=f"V block {bv} w{NUM_WARPS}" + (" loss+grad" if write_grad else " loss"))
 
 
-def rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-         grad: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rows(logits: torch.Tensor, labels: torch.Tensor, opts: LossOptions, grad: torch.Tensor | None = None,
+         weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row loss (N,), lse (N,)) in the accumulation dtype for logits (N, V) with unit stride along V.
 
     With `grad` (N, V) (which may be `logits` itself) the same launch writes weight_i * d loss_i / d logits
@@ -120,7 +120,7 @@ def rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_sm
     loss = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
     lse = torch.empty_like(loss)
     if logits.shape[0]:
-        launch(logits, labels, ignore_index, label_smoothing, z_loss, loss, lse, grad, weight)()
+        launch(logits, labels, opts, loss, lse, grad, weight)()
     return loss, lse
 
 

@@ -296,7 +296,7 @@ def test_python_arguments_are_the_schema_the_cpp_kernels_register_under(op, args
 
 def test_the_extension_is_loaded_on_first_use_and_compiles_from_a_fresh_process():
     """Importing the package does not import `_C`; a compiled function whose first masking call is traced
-    (nothing has loaded `_C` yet) runs and equals eager."""
+    (nothing has loaded `_C` yet) runs and equals eager; so does a first call straight through torch.ops."""
     from masklm_kernels import _ext
 
     if not _ext.available():
@@ -314,5 +314,20 @@ want = fn(ids, torch.tensor(2))
 assert all(torch.equal(g, w) for g, w in zip(got, want))
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    direct = """
+import sys, torch
+import masklm_kernels
+from masklm_kernels import mask_tokens
+from masklm_kernels.masking.api import prepare_mask_tokens_args
+ids = torch.randint(5, 100, (3, 17))
+args = prepare_mask_tokens_args(ids, mask_token_id=4, vocab_size=100, seed=1)
+assert "masklm_kernels._C" not in sys.modules
+got = torch.ops.masklm_kernels.mask_tokens.default(*args)  # straight through torch.ops: loads the kernels
+assert "masklm_kernels._C" in sys.modules
+want = mask_tokens(ids, mask_token_id=4, vocab_size=100, seed=1, backend="cpu")
+assert all(torch.equal(g, w) for g, w in zip(got, want))
+print("ok")
+"""
+    for snippet in (code, direct):
+        out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -104,7 +104,7 @@ def test_triton_compile_report_covers_every_launchable_configuration():
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=compile_triton._compiler_process) as p:
         todo = p.submit(compile_triton.tasks, [90]).result()  # what compile_all compiles (real JIT functions)
     launch_names = ("_attn_fwd", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq")  # build_launches' order
-    compiled = {(launch_names[i], launch.cfg, launch.bound()["F"].BD) for d, h, v, i, _ in todo
+    compiled = {(launch_names[i], launch.cfg, launch.bound()["F"].BD.value) for d, h, v, i, _ in todo
                 for launch in compile_triton.build_launches(d, h, v)[i:i + 1]
                 if launch.cfg is not None and v not in compile_triton.LOSS_VARIANTS}
     names = {"fwd": "_attn_fwd", "dkdv": "_bwd_dkdv", "dq": "_bwd_dq"}

@@ -1,4 +1,5 @@
-// torch glue of the masking ops: schemas, argument checks, and dispatch to the CPU / CUDA launchers.
+// torch glue of the masking ops: argument checks, and dispatch to the CPU / CUDA launchers (the schemas are
+// defined in Python, masklm_kernels/masking/ops.py).
 // The Python API (masklm_kernels/masking/api.py) validates user input with friendly messages and
 // normalises it; the TORCH_CHECKs here guard the op boundary for direct torch.ops callers.
 #include <torch/library.h>

@@ -17,6 +17,7 @@ import triton.language as tl
 from .._triton_launch import Launch
 from .inputs import Mask
 from .triton_common import (
+    Lens,
     _col_stats,
     _cols_ok,
     _dot,
@@ -36,12 +37,12 @@ from .triton_common import (
 from .triton_host import Problem, block_config, tile_counter
 
 
-@triton.jit(do_not_specialize=["lens"])
-def _bwd_preprocess(O, DO, DELTA, so_, sd_, sl_, meta, lens, F: tl.constexpr, BM: tl.constexpr):
+@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
+def _bwd_preprocess(O, DO, DELTA, so_, sd_, sl_, meta, SQ, SK, TQ, TK, F: tl.constexpr, BM: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    q0, sq, k0, sk = _seq_info(meta.CU_Q, meta.CU_K, b, lens.SQ, lens.SK, lens.TQ, lens.TK, F.VARLEN)
+    q0, sq, k0, sk = _seq_info(meta.CU_Q, meta.CU_K, b, SQ, SK, TQ, TK, F.VARLEN)
     rows = pid_m * BM + tl.arange(0, BM)
     dcol = tl.arange(0, F.BD)
     row_in = rows < sq
@@ -52,15 +53,15 @@ def _bwd_preprocess(O, DO, DELTA, so_, sd_, sl_, meta, lens, F: tl.constexpr, BM
     tl.store(_plane(DELTA, sl_, b, h, q0) + rows.to(tl.int64) * sl_[2], delta, mask=row_in)
 
 
-@triton.jit(do_not_specialize=["lens"])
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, lens, F: tl.constexpr,
+@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, SQ, SK, TQ, TK, F: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr):
     """dK, dV of one key tile; DK and DV share k's strides (they are allocated like k), DO q's layout
     with its own strides, DELTA lse's."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
-    r = _row(meta, lens, F, b)
+    r = _row(meta, Lens(SQ, SK, TQ, TK), F, b)
     n0 = pid_n * BN
     if n0 >= r.sk:
         return
@@ -119,14 +120,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, 
         _store_counts(COUNTS, pid_n, b, hk, count, masked)
 
 
-@triton.jit(do_not_specialize=["lens"])
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, lens, F: tl.constexpr,
+@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, SQ, SK, TQ, TK, F: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr):
     """dQ of one query tile; DQ shares q's strides."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    r = _row(meta, lens, F, b)
+    r = _row(meta, Lens(SQ, SK, TQ, TK), F, b)
     m0 = pid_m * BM
     if m0 >= r.sq:
         return
@@ -185,7 +186,7 @@ PRE_BLOCK_M = 64
 def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv) -> list[Launch]:
     """The preprocess, dK/dV and dQ launches, in order."""
     seq = prob.strides
-    meta, lens, flags = prob.bundles(False)
+    meta = prob.meta
     pre = Launch(_bwd_preprocess, (triton.cdiv(prob.SQ, PRE_BLOCK_M), prob.B, prob.HQ),
                  (out, dout, delta, seq(out), seq(dout), prob.lse_strides(), *prob.layout_bundles()),
                  dict(BM=PRE_BLOCK_M))
@@ -193,7 +194,7 @@ def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv)
     strides = (seq(q), seq(k), seq(v), seq(dout), prob.lse_strides())
     for name, kernel, grads, rows, heads in (("dkdv", _bwd_dkdv, (dk, dv), prob.SK, prob.HKV),
                                              ("dq", _bwd_dq, (dq,), prob.SQ, prob.HQ)):
-        cfg = block_config(name, prob.D, q.dtype, flags.MASK_KIND != 0)
+        cfg = block_config(name, prob.D, q.dtype, prob.flags.MASK_KIND != 0)
         grid = (triton.cdiv(rows, cfg.block_n if name == "dkdv" else cfg.block_m), prob.B, heads)
         counts = tile_counter(name, cfg, grid[0] * grid[1] * grid[2], q.device)
         args = (q, k, v, dout, lse, delta, *grads, counts if counts is not None else meta.CU_Q, *strides,

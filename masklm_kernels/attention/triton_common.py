@@ -18,8 +18,9 @@ element on every computed tile and never makes a tile skippable.
 
 Kernel arguments. Every attention kernel takes the same three bundles (named tuples, so that a kernel
 states its signature once and an option is added in one place): `Meta`, the runtime values (metadata
-pointers, dense-mask strides, head counts, scale); `Lens`, the sequence sizes (never specialised: one
-compilation serves every length); and `Flags`, the compile-time switches (one constexpr argument). The
+pointers, dense-mask strides, head counts, scale); the sequence sizes SQ, SK, TQ, TK, plain arguments that
+are never specialised (one compilation serves every length; Triton would specialise a tuple's elements),
+which the kernels bundle as `Lens`; and `Flags`, the compile-time switches (one constexpr argument). The
 prologue `_row` derives from them what a program needs of its batch row (`Row`, as FlashAttention's
 SeqlenInfo), and the helpers below take that `Row` and the `Flags`.
 

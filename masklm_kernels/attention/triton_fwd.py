@@ -18,6 +18,7 @@ from .._common import acc_dtype
 from .._triton_launch import Launch
 from .inputs import Mask
 from .triton_common import (
+    Lens,
     _col_stats,
     _cols_ok,
     _dot,
@@ -35,14 +36,14 @@ from .triton_common import (
 from .triton_host import Problem, block_config, tile_counter
 
 
-@triton.jit(do_not_specialize=["lens"])
-def _attn_fwd(Q, K, V, O, LSE, COUNTS, sq_, sk_, sv_, so_, sl_, meta, lens, F: tl.constexpr,
+@triton.jit(do_not_specialize=["SQ", "SK", "TQ", "TK"])
+def _attn_fwd(Q, K, V, O, LSE, COUNTS, sq_, sk_, sv_, so_, sl_, meta, SQ, SK, TQ, TK, F: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr):
     """Arguments: the tensors, their (batch, head, token) strides, then the bundles of triton_common.py."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    r = _row(meta, lens, F, b)
+    r = _row(meta, Lens(SQ, SK, TQ, TK), F, b)
     m0 = pid_m * BM
     if m0 >= r.sq:  # packed layout: the grid covers max_seqlen_q
         return

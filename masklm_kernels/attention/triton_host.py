@@ -245,19 +245,21 @@ class Problem:
         """lse / delta layout: (B, HQ, SQ) padded, (HQ, total_q) packed."""
         return (0, self.total_q, 1) if self.varlen else (self.HQ * self.SQ, self.SQ, 1)
 
-    def bundles(self, count: bool) -> tuple[Meta, Lens, Flags]:
-        """The kernels' last non-tile arguments; `count`: compile in the tile counters (record_tiles)."""
-        return self.meta, self.lens, self.flags._replace(COUNT=count)
+    def bundles(self, count: bool) -> tuple:
+        """The kernels' last non-tile arguments: meta, the four sizes (plain arguments, so that
+        do_not_specialize keeps one compilation for every length: Triton specialises a tuple's elements),
+        flags; `count`: compile in the tile counters (record_tiles)."""
+        return self.meta, *self.lens, _device_flags(self.flags._replace(COUNT=count))
 
-    def layout_bundles(self) -> tuple[Meta, Lens, Flags]:
-        """The bundles with the mask switches at neutral values, for kernels that only read the layout (the
-        backward's preprocess): one compilation serves every mask."""
+    def layout_bundles(self) -> tuple:
+        """`bundles` with the mask switches and values a kernel that only reads the layout (the backward's
+        preprocess) does not use at neutral values: one compilation serves every mask and head grouping."""
         neutral = _flags_of(self.flags.ACC, self.flags.UPCAST, self.flags.PRECISION, self.flags.BD, False, False, False,
                             False, 0, True, 0, self.flags.VARLEN)
         stand_in = self.meta.CU_Q  # an int32 tensor of every call: the pointers' types do not vary either
         meta = self.meta._replace(QLEN=stand_in, KVLEN=stand_in, PREFIX=stand_in, SPANS=stand_in, MASK=stand_in,
-                                  smb=0, smh=0, smi=0, smj=0)
-        return meta, self.lens, neutral
+                                  smb=0, smh=0, smi=0, smj=0, HQ=1, GROUP=1)
+        return meta, *self.lens, _device_flags(neutral)
 
     @classmethod
     def from_padded(cls, q, k, mask: Mask, scale: float) -> Problem:
@@ -299,6 +301,12 @@ class Problem:
 def _meta(q, cu_q, cu_k, qlen, kvlen, prefix, spans, dense, dense_strides, HQ, HKV, D, scale) -> Meta:
     (hi, lo), (l2_hi, l2_lo) = split_fp32(scale), split_fp32(1.0 / math.log(2.0))
     return Meta(cu_q, cu_k, qlen, kvlen, prefix, spans, dense, *dense_strides, HQ, HQ // HKV, D, hi, lo, l2_hi, l2_lo)
+
+
+def _device_flags(flags: Flags) -> Flags:
+    """The Flags as the kernels take them: each field a `tl.constexpr` (Triton 3.6 hands the kernel a
+    constexpr tuple's plain fields as Python values, which its calls and shape lists refuse)."""
+    return Flags(*(tl.constexpr(v) for v in flags))
 
 
 def _flags(q, D, causal, has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind, varlen) -> Flags:

@@ -5,7 +5,8 @@
   torch.compile traces through them before the extension is loaded; `masklm_kernels._C` registers only
   the CPU and CUDA kernels (csrc/masking/masking_ops.cpp; a kernel whose C++ signature disagrees with the
   schema fails to register when `_C` is imported). `_C` is imported on first use (`native_op`, and the
-  backends' requirement checks), not with the package.
+  backends' requirement checks), not with the package; until then each op's kernel for every device is
+  one that loads `_C` and calls the op again, so `torch.ops` callers need nothing more.
 * `masklm_kernels::mask_tokens_reference` / `masklm_kernels::mass_mask_reference`: the NumPy
   specification wrapped as custom ops with the same schema, so every backend is reachable the same way.
 """
@@ -54,13 +55,32 @@ def _mask_tokens_spec(*args):
 _MASK_TOKENS_RETURNS = tuple[torch.Tensor, torch.Tensor]
 _MASS_MASK_RETURNS = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
+def _loading_kernel(name: str):
+    """The ops' kernel for every device until `_C` is loaded (CompositeExplicitAutograd: a device kernel,
+    once registered, takes precedence): loads `_C` and calls the op again, so that calling it through
+    `torch.ops` (or running a saved graph that holds it) works before any public function has loaded it."""
+    qualname = f"masklm_kernels::{name}"
+
+    def kernel(*args):
+        if not _ext.available():
+            raise RuntimeError(f"{qualname}: the C++ extension is not available: {_ext.load_error()}")
+        key = args[0].device.type.upper()
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
+            raise RuntimeError(f"{qualname}: masklm_kernels._C has no {key} kernel (built without it)")
+        return getattr(torch.ops.masklm_kernels, name).default(*args)
+
+    return kernel
+
+
+_LIB = torch.library.Library("masklm_kernels", "FRAGMENT")  # kept alive: it owns the definitions below
 _NATIVE = (("mask_tokens", inputs.MaskTokensArgs, _MASK_TOKENS_RETURNS, _fake_mask_tokens),
            ("mass_mask", inputs.MassMaskArgs, _MASS_MASK_RETURNS, _fake_mass_mask))
 for _name, _args_type, _returns, _fake in _NATIVE:
     # "int", not the inferred "SymInt": the C++ kernels take int64_t, and these are host-side constants
     _schema = torch.library.infer_schema(_prototype(_args_type, _returns), mutates_args=()).replace("SymInt", "int")
-    torch.library.define(f"masklm_kernels::{_name}", _schema)
-    torch.library.register_fake(f"masklm_kernels::{_name}")(_fake)
+    _LIB.define(f"{_name}{_schema}")
+    _LIB.impl(_name, _loading_kernel(_name), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"masklm_kernels::{_name}", lib=_LIB)(_fake)
 
 mask_tokens_reference = _reference_op("masklm_kernels::mask_tokens_reference", inputs.MaskTokensArgs,
                                       _mask_tokens_spec, _MASK_TOKENS_RETURNS)

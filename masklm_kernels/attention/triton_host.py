@@ -68,18 +68,20 @@ _CONFIGS = {
                        (64, _C(16, 64, 8, 3)), (128, _C(16, 16, 8, 3))],
 }
 # (kernel, width, dense, head-dim block) -> config, for Triton before 3.9: the first candidate from the
-# entry above down that `benchmarks.tile_search` found spill-free under Triton 3.6 (which spilled 8-1100 B
-# with those entries; the fp32 dense-mask tiles the most).
+# entry above down (then from the top) that `benchmarks.tile_search` found spill-free under Triton 3.6 (which
+# spilled 8-1100 B with those entries; the fp32 dense-mask tiles the most).
 _BEFORE_TRITON_3_9 = {
     ("dkdv", 16, False, 32): _C(32, 128, 8, 1),
     ("dkdv", 16, False, 128): _C(32, 64, 8, 1),
     ("dkdv", 32, False, 32): _C(16, 32, 4, 3),
     ("dkdv", 32, False, 64): _C(64, 16, 8, 1),
+    ("dkdv", 32, True, 16): _C(32, 128, 8, 3),
     ("dkdv", 32, True, 128): _C(16, 16, 8, 3),
     ("dq", 32, False, 16): _C(32, 64, 8, 3),
     ("dq", 16, True, 64): _C(128, 16, 8, 3),
     ("fwd", 16, False, 64): _C(64, 128, 8, 2),
     ("fwd", 16, True, 256): _C(32, 16, 8, 3),
+    ("fwd", 32, False, 16): _C(64, 64, 8, 1),
     ("fwd", 32, False, 32): _C(32, 64, 8, 3),
     ("fwd", 32, False, 128): _C(16, 32, 8, 3),
     ("fwd", 32, True, 128): _C(16, 32, 8, 3),

@@ -12,7 +12,9 @@ code --, fp32; fp64 runs under the interpreter only) x head-dim block (16, 32, 6
 maps to one) x mask variant
 (`plain`: no mask; `metadata`: causal, q/kv/prefix lengths and two "inside" spans -- the most live state of
 the metadata paths; `dense`: that plus a float attn_mask, which selects the dense-mask block configuration;
-`varlen`: packed layout, causal). Identical compilations are done once.
+`varlen`: packed layout, causal; `dropout` and `dense_dropout`: `metadata` and `dense` with attention
+dropout keyed by sample ids, the Philox keep mask regenerated per tile, which select the dropout block
+configuration). Identical compilations are done once.
 
 The loss kernel (masklm_kernels/losses/triton_ce.py) is compiled at its largest vocabulary block (V >=
 MAX_BLOCK_V; smaller vocabularies take a smaller power-of-two block, with less live state), loss only and
@@ -32,7 +34,7 @@ from benchmarks.ptxas import format_rows, parse_ptxas, usage_problems
 
 DTYPE_NAMES = ("bf16", "fp32")  # fp64 runs under the interpreter only (api.py refuses it on CUDA)
 HEAD_DIMS = (16, 32, 64, 128, 256)
-VARIANTS = ("plain", "metadata", "dense", "varlen")
+VARIANTS = ("plain", "metadata", "dense", "varlen", "dropout", "dense_dropout")
 LOSS_VARIANTS = ("loss", "loss+grad")
 
 
@@ -78,15 +80,19 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
         lse = torch.empty(HQ, B * S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     else:
         q, k = torch.empty(B, HQ, S, head_dim, dtype=dt), torch.empty(B, HKV, S, head_dim, dtype=dt)
-        from masklm_kernels.attention.inputs import Mask
+        from masklm_kernels.attention.inputs import NO_DROPOUT, Dropout, Mask
 
-        mask = Mask()
-        if variant in ("metadata", "dense"):
+        mask, dropout = Mask(), NO_DROPOUT
+        dense = variant in ("dense", "dense_dropout")
+        if variant in ("metadata", "dense", "dropout", "dense_dropout"):
             lens = torch.full((B,), S, dtype=torch.int64)
             mask = Mask(causal=True, kv_lengths=lens, q_lengths=lens, prefix_lengths=lens,
                         spans=torch.zeros(B, 2, 2, dtype=torch.int64), span_mode="inside",
-                        attn_mask=torch.zeros(B, 1, S, S, dtype=torch.float32) if variant == "dense" else None)
-        prob = triton_host.Problem.from_padded(q, k, mask, 0.125)
+                        attn_mask=torch.zeros(B, 1, S, S, dtype=torch.float32) if dense else None)
+        if variant in ("dropout", "dense_dropout"):
+            scalar = torch.zeros((), dtype=torch.int64)
+            dropout = Dropout(0.1, scalar, scalar, torch.zeros(B, dtype=torch.int64))
+        prob = triton_host.Problem.from_padded(q, k, mask, 0.125, dropout)
         lse = torch.empty(B, HQ, S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     fwd = triton_fwd.forward_launch(prob, q, k, k, q, lse)
     return [fwd, *triton_bwd.backward_launches(prob, q, q, k, k, q, lse, lse, q, k, k)]

@@ -1,11 +1,11 @@
-"""Search of the attention tile table: for each (kernel, operand width, dense mask, head-dim block) entry,
+"""Search of the attention tile table: for each (kernel, operand width, tile kind, head-dim block) entry,
 the first configuration of `triton_host.tile_candidates` (in order of preference), starting from the one
 the table holds now, that compiles ahead of time without a register spill for sm_80 and sm_90 in every
 mask variant and head-dim block the entry serves, under the Triton installed here.
 
     python -m benchmarks.tile_search                  # every entry of the table
     python -m benchmarks.tile_search --failing        # only the entries that spill now
-    python -m benchmarks.tile_search --entry fwd,32,dense,64 --json found.json
+    python -m benchmarks.tile_search --entry fwd,32,dense,64 --json found.json   # kind: plain|dense|dropout
 
 The table (`triton_host._CONFIGS`) holds one configuration per entry that is spill-free under every
 Triton version the library supports: run this under each (CI's venvs: scripts/run_tests.sh) and keep, per
@@ -28,26 +28,27 @@ KERNEL_INDEX = {"fwd": 0, "dkdv": 2, "dq": 3}  # position in compile_triton.buil
 ARCHS = (80, 90)
 
 
-def variants(dense: bool) -> tuple[str, ...]:
-    """The mask variants an entry serves: the dense-mask entries the dense variant, the others the rest."""
-    return ("dense",) if dense else ("plain", "metadata", "varlen")
+def variants(kind: str) -> tuple[str, ...]:
+    """The compile variants (compile_triton.VARIANTS) an entry of a tile kind serves."""
+    return {"plain": ("plain", "metadata", "varlen"), "dense": ("dense",),
+            "dropout": ("dropout", "dense_dropout")}[kind]
 
 
 def head_blocks(entry) -> list[int]:
     """The head-dim blocks the entry serves: those above the previous entry's, up to its own."""
     from masklm_kernels.attention import triton_host
 
-    kernel, width, dense, bd = entry
-    bounds = [b for b, _ in triton_host._CONFIGS[(kernel, width, dense)]]
+    kernel, width, kind, bd = entry
+    bounds = [b for b, _ in triton_host._CONFIGS[(kernel, width, kind)]]
     lo = max([b for b in bounds if b < bd], default=0)
     return [h for h in compile_triton.HEAD_DIMS if lo < h <= bd]
 
 
-def entries() -> list[tuple[str, int, bool, int]]:
-    """(kernel, width, dense, head-dim block) of every entry of the table (fp64 borrows none)."""
+def entries() -> list[tuple[str, int, str, int]]:
+    """(kernel, width, kind, head-dim block) of every entry of the table (fp64 borrows none)."""
     from masklm_kernels.attention import triton_host
 
-    return [(kernel, width, dense, bd) for (kernel, width, dense), rows in triton_host._CONFIGS.items()
+    return [(kernel, width, kind, bd) for (kernel, width, kind), rows in triton_host._CONFIGS.items()
             for bd, _ in rows]
 
 
@@ -89,7 +90,7 @@ def search(entry, pool, start_at_current: bool = True):
     preference order and then from the top; compiled a batch at a time, as many as the pool has workers."""
     from masklm_kernels.attention import triton_host
 
-    kernel, width, dense, bd = entry
+    kernel, width, kind, bd = entry
     cands = triton_host.tile_candidates(kernel)
     if start_at_current:
         cur = current(entry)
@@ -97,11 +98,11 @@ def search(entry, pool, start_at_current: bool = True):
         cands = [cur, *cands[i + 1:], *cands[:i]]
     cands = [c for c in cands if c.block_m * c.block_n * bd <= 128 * 64 * 256]  # register file bound
     blocks = head_blocks(entry)
-    per = len(blocks) * len(variants(dense)) * len(ARCHS)
+    per = len(blocks) * len(variants(kind)) * len(ARCHS)
     batch = max(1, pool._max_workers // per)
     for i in range(0, len(cands), batch):
         chunk = cands[i:i + batch]
-        tasks = [(kernel, width, h, v, c, a) for c in chunk for h in blocks for v in variants(dense) for a in ARCHS]
+        tasks = [(kernel, width, h, v, c, a) for c in chunk for h in blocks for v in variants(kind) for a in ARCHS]
         results = list(pool.map(_spills, tasks))
         for j, c in enumerate(chunk):
             if all(sp == 0 for sp, _ in results[j * per:(j + 1) * per]):
@@ -124,13 +125,18 @@ def failing(pool) -> list:
 
 
 def _parse_entry(text: str):
-    kernel, width, dense, bd = text.split(",")
-    return kernel, int(width), dense == "dense", int(bd)
+    kernel, width, kind, bd = text.split(",")
+    from masklm_kernels.attention.triton_host import TILE_KINDS
+
+    if kind not in TILE_KINDS:
+        raise argparse.ArgumentTypeError(f"tile kind must be one of {TILE_KINDS}, got {kind!r}")
+    return kernel, int(width), kind, int(bd)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tile_search", description=description(__doc__))
-    p.add_argument("--entry", action="append", type=_parse_entry, help="kernel,width,dense|plain,head-dim block")
+    p.add_argument("--entry", action="append", type=_parse_entry,
+                   help="kernel,width,plain|dense|dropout,head-dim block")
     p.add_argument("--failing", action="store_true", help="only the entries whose configuration spills now")
     p.add_argument("--from-top", action="store_true", help="start at the most preferred candidate")
     p.add_argument("--json", help="write the findings here as well")
@@ -145,7 +151,7 @@ def main(argv=None) -> int:
         todo = args.entry or (failing(pool) if args.failing else entries())
         for e in todo:
             c = search(e, pool, start_at_current=not args.from_top)
-            key = f"{e[0]},{e[1]},{'dense' if e[2] else 'plain'},{e[3]}"
+            key = f"{e[0]},{e[1]},{e[2]},{e[3]}"
             found[key] = None if c is None else dataclasses.astuple(c)
             print(f"triton {triton.__version__}  {key:22s} now {dataclasses.astuple(current(e))}"
                   f"  first spill-free {found[key]}", flush=True)

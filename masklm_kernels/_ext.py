@@ -46,3 +46,28 @@ def load_error() -> str | None:
 def has_cuda_kernels() -> bool:
     """True when `_C` was built with the CUDA sources (the ops have a CUDA kernel registered)."""
     return _state()[2]
+
+
+@torch.compiler.assume_constant_result
+def has_kernel(name: str, device_type: str) -> bool:
+    """`_C` is loaded and registers a `device_type` ("CPU", "CUDA") kernel for `masklm_kernels::<name>` (an
+    extension built before the op existed does not). A constant of a torch.compile trace."""
+    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"masklm_kernels::{name}", device_type)
+
+
+def loading_kernel(name: str):
+    """The kernel for every device of the C++ op `masklm_kernels::<name>` until `_C` is loaded (registered
+    as CompositeExplicitAutograd: a device kernel, once registered, takes precedence): loads `_C` and calls
+    the op again, so that calling it through `torch.ops` (or running a saved graph that holds it) works
+    before any public function has loaded it."""
+    qualname = f"masklm_kernels::{name}"
+
+    def kernel(*args):
+        if not available():
+            raise RuntimeError(f"{qualname}: the C++ extension is not available: {load_error()}")
+        key = args[0].device.type.upper()
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
+            raise RuntimeError(f"{qualname}: masklm_kernels._C has no {key} kernel (built without it)")
+        return getattr(torch.ops.masklm_kernels, name).default(*args)
+
+    return kernel

@@ -8,9 +8,9 @@ makes this program exit non-zero by itself.
 
 Kernels: masking (every mode: token, exact, whole-word, spans, per-row and per-token rates; MASS
 fragments), attention forward and backward for every mask kind (none, causal, padding, prefix-LM, spans
-inside and outside, bool and float dense masks, GQA, Sq != Sk) and the packed varlen layout, the masked
-cross-entropy (gradient buffer and in place) and the fused linear cross-entropy (with and without the
-labelled-row bound). Sizes are odd on purpose: partial tiles on every side.
+inside and outside, bool and float dense masks, GQA, Sq != Sk, attention dropout) and the packed varlen
+layout (with and without dropout), the masked cross-entropy (gradient buffer and in place) and the fused
+linear cross-entropy (with and without the labelled-row bound). Sizes are odd on purpose: partial tiles on every side.
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
              "prefix_lm": dict(causal=True, prefix_lengths=torch.randint(0, Sk, (Bq,), generator=g)),
              "spans_inside": dict(causal=True, spans=spans, span_mode="inside"),
              "spans_outside": dict(spans=spans[:, 0], span_mode="outside", kv_lengths=kv_len),
-             "bool_mask": dict(attn_mask=bool_mask), "float_mask": dict(attn_mask=float_mask)}
+             "bool_mask": dict(attn_mask=bool_mask), "float_mask": dict(attn_mask=float_mask),
+             "causal_dropout": dict(causal=True, kv_lengths=kv_len, dropout_p=0.2, dropout_seed=7, dropout_offset=3)}
     for kind, kw in kinds.items():
         for gqa in (True, False):
             base = qkv(Sq, Sk) if gqa else qkv(Sq, Sk, Hq, Hq)
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
         for backend in ("triton", "reference"):
             t = [x.to(dev, dtype if backend == "triton" else torch.float64, copy=True).requires_grad_() for x in base]
             out = fused_attention_varlen(*t, cu.to(dev), cu.to(dev), int(seqs.max()), int(seqs.max()),
-                                         causal=causal, backend=backend)
+                                         causal=causal, backend=backend,
+                                         dropout_p=0.2 if causal else 0.0, dropout_seed=5)  # with and without
             out.backward(dout.to(out))
             res.append((out, *(x.grad for x in t)))
         check(f"attention varlen causal={causal}", res[0], res[1], tol)

@@ -274,14 +274,17 @@ def test_auto_differentiates_a_float_attn_mask_through_the_reference():
 
 def test_op_schemas_are_derived_from_the_mask_description():
     """The padded ops' schema is q, k, v (dout ... lse for the backward), `inputs.Mask`'s fields in order,
-    then the scale: adding a Mask field changes every op with it."""
+    the scale, then the dropout arguments (one per `inputs.Dropout` field, defaulting to off): adding a
+    field changes every op with it."""
     import dataclasses
 
-    from masklm_kernels.attention.inputs import Mask
+    from masklm_kernels.attention.inputs import Dropout, Mask
 
     fields = [f.name for f in dataclasses.fields(Mask)]
+    dropout = ["dropout_p", "dropout_seed", "dropout_offset", "sample_ids"]
+    assert len(dropout) == len(dataclasses.fields(Dropout))
     for backend in ("cpu", "triton"):
         fwd = getattr(torch.ops.masklm_kernels, f"attention_{backend}_fwd").default._schema
         bwd = getattr(torch.ops.masklm_kernels, f"attention_{backend}_bwd").default._schema
-        assert [a.name for a in fwd.arguments] == ["q", "k", "v", *fields, "scale"]
-        assert [a.name for a in bwd.arguments] == ["dout", "q", "k", "v", "out", "lse", *fields, "scale"]
+        assert [a.name for a in fwd.arguments] == ["q", "k", "v", *fields, "scale", *dropout]
+        assert [a.name for a in bwd.arguments] == ["dout", "q", "k", "v", "out", "lse", *fields, "scale", *dropout]

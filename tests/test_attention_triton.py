@@ -347,8 +347,8 @@ def test_block_configs_cover_every_head_dim():
             for D in range(16, 257, 8):
                 if triton_host.unsupported(dtype, D):
                     continue
-                for dense in (False, True):
-                    cfg = triton_host.block_config(kernel, D, dtype, dense)
+                for dense, dropout in ((False, False), (True, False), (False, True), (True, True)):
+                    cfg = triton_host.block_config(kernel, D, dtype, dense, dropout)
                     assert cfg.block_m >= 16 and cfg.block_n >= 16 and math.log2(cfg.block_m).is_integer()
 
 

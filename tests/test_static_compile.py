@@ -113,7 +113,8 @@ def test_triton_compile_report_covers_every_launchable_configuration():
             for D in HEAD_DIMS:
                 if triton_host.unsupported(dtype, D):
                     continue  # refused on CUDA tensors (api.py), never launched there
-                for dense in (False, True):
-                    cfg = triton_host.block_config(kernel, D, dtype, dense)
+                for dense, dropout in ((False, False), (True, False), (False, True), (True, True)):
+                    cfg = triton_host.block_config(kernel, D, dtype, dense, dropout)
                     key = (name, cfg, triton_host.head_block(D))
-                    assert key in compiled, f"{kernel} D={D} {dtype} dense={dense}: {cfg} is never compiled"
+                    assert key in compiled, \
+                        f"{kernel} D={D} {dtype} dense={dense} dropout={dropout}: {cfg} is never compiled"

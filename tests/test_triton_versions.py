@@ -14,13 +14,15 @@ from masklm_kernels.attention.triton_host import BlockConfig  # noqa: E402
 
 
 def test_every_table_entry_is_a_candidate_and_every_replacement_replaces_an_entry():
-    for (kernel, width, dense), rows in triton_host._CONFIGS.items():
+    kinds = {kind for _, _, kind in triton_host._CONFIGS}
+    assert kinds == set(triton_host.TILE_KINDS)
+    for (kernel, width, kind), rows in triton_host._CONFIGS.items():
         cands = triton_host.tile_candidates(kernel)
         assert len(set(cands)) == len(cands)
         for max_bd, cfg in rows:
-            assert cfg in cands, (kernel, width, dense, max_bd, cfg)
-    for (kernel, width, dense, max_bd), cfg in triton_host._BEFORE_TRITON_3_9.items():
-        assert max_bd in dict(triton_host._CONFIGS[(kernel, width, dense)]), (kernel, width, dense, max_bd)
+            assert cfg in cands, (kernel, width, kind, max_bd, cfg)
+    for (kernel, width, kind, max_bd), cfg in triton_host._BEFORE_TRITON_3_9.items():
+        assert max_bd in dict(triton_host._CONFIGS[(kernel, width, kind)]), (kernel, width, kind, max_bd)
         assert cfg in triton_host.tile_candidates(kernel)
 
 

@@ -11,7 +11,8 @@ from .._backends import Backend, select_backend, triton_cpu_reason, triton_insta
 from .._common import FLOAT_DTYPES, acc_dtype
 from .._validation import check_int, check_range, check_tensor, values_checkable
 from . import ops, reference
-from .inputs import Mask
+from .dropout import cpu_reasons, dropout_args
+from .inputs import Dropout, Mask
 from .masks import SPAN_MODES
 
 DTYPES = FLOAT_DTYPES
@@ -44,7 +45,7 @@ def _triton_inputs(x: dict) -> list[str]:
 # auto order: cpu first, so that CPU tensors take the cpu backend even under Triton's interpreter
 BACKENDS = (
     Backend("cpu", ("cpu",), description="ATen CPU flash kernel per (row, query block), invisible key blocks skipped",
-            input_check=_no_mask_grad),
+            input_check=lambda x: _no_mask_grad(x) + cpu_reasons(x)),
     Backend("triton", ("cuda", "cpu"), requirement=triton_requirement, input_check=_triton_inputs,
             description="flash-attention kernels, tiles with no visible pair skipped (CPU: interpreter only)"),
     Backend("reference", ("cpu", "cuda"), description="dense PyTorch specification (builds B x H x Sq x Sk)"),
@@ -124,7 +125,8 @@ def _attn_mask(mask, shape, device):
 
 
 def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_lengths=None, spans=None,
-                    span_mode="inside", attn_mask=None, scale=None, backend="auto"):
+                    span_mode="inside", attn_mask=None, scale=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
+                    sample_ids=None, generator=None, backend="auto"):
     """Masked attention with masks computed on the fly from O(B) metadata; forward and backward.
 
     Args:
@@ -140,11 +142,26 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
         span_mode: "inside" (keys in a span, rows in a span: MASS decoder) or "outside" (keys in no span).
         attn_mask: broadcastable to (B, Hq, Sq, Sk); bool (True = visible) is AND-ed, float is added.
         scale: score scale, default 1 / sqrt(D).
+        dropout_p: attention-probability dropout in [0, 1) (FlashAttention-2's semantics: on the normalised
+            probabilities, kept ones scaled by 1 / (1 - p); the backward regenerates the mask, nothing of
+            size Sq x Sk is stored). Pass 0 in eval mode. fp16 inputs: p below 1 - 2^-16 (the scaled
+            probabilities must stay finite in fp16). Which pairs are kept is a pure function of the seed, the
+            offset, the sample ids and the positions (docs/SEMANTICS.md, "Attention dropout"):
+        dropout_seed, dropout_offset: ints or 0-dim integer tensors (CPU or q's device; host values reach
+            the device through a fill kernel, no copy or synchronisation); seed None draws one from
+            `generator` (default torch's default CPU generator). Same seed, offset and sample ids: same mask,
+            on every backend and device. A model gives each attention call of a step its own offset (e.g.
+            step x layers + layer); only its low 32 bits count. Pass device tensors to capture the call in a
+            CUDA graph, and to compile it once for every offset.
+        sample_ids: (B,) int sample keys (default: the batch row): under data parallelism pass each row's
+            global sample id, and N ranks drop what one rank would.
+        generator: torch.Generator the seed is drawn from when dropout_seed is None.
         backend: "auto" (triton on CUDA tensors, cpu on CPU tensors; reference for what neither supports:
             a float attn_mask that requires grad, fp64 on CUDA, fp32 with D > 128 on CUDA), "triton", "cpu" or
             "reference".
 
-    Returns (B, Hq, Sq, D) in q's dtype. Rows with no visible key are 0, with zero gradients.
+    Returns (B, Hq, Sq, D) in q's dtype. Rows with no visible key are 0, with zero gradients (dropout or
+    not; masked pairs stay 0). `dropout.dropout_mask` returns the keep mask a call used.
 
     On CUDA tensors the values of lengths and spans are not range-checked (that would synchronise the
     host); the kernels clip lengths to [0, S] and treat a span with start >= end as empty.
@@ -160,6 +177,7 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
         vis = masks.visibility(B, Sq, Sk, causal=..., kv_lengths=..., ...) & bool_attn_mask
         F.scaled_dot_product_attention(q, k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1),
                                        attn_mask=vis, scale=scale)
+        # dropout: probs = softmax(scores masked by vis) * keep / (1 - p), keep = dropout_mask(...)
     """
     q, k, v = cast_inputs(q, k, v)  # under autocast: its dtype, as SDPA (the policy: _autocast.py)
     _check_qkv(q, k, v)
@@ -180,15 +198,24 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
     attn_mask = _attn_mask(attn_mask, (B, Hq, Sq, Sk), dev)
     mask = Mask(kv_lengths=kv_lengths, q_lengths=q_lengths, prefix_lengths=prefix_lengths, spans=spans,
                 attn_mask=attn_mask, causal=causal, span_mode=span_mode)
+    drop = dropout_args(dropout_p, dropout_seed, dropout_offset, sample_ids, generator, B, dev)
     facts = dict(device=dev, dtype=q.dtype, head_dim=D, mask_grad=attn_mask is not None and attn_mask.requires_grad,
-                 batch=B, heads=Hq)
+                 batch=B, heads=Hq, dropout=drop.active)
     chosen = select_backend("fused_attention", BACKENDS, backend, dev, facts)
     if chosen.name != "reference":
-        out, _ = ops.FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), *mask.op_args(), scale)
+        out, _ = ops.FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), *mask.op_args(), scale,
+                                          *drop.op_args())
         return out
     with no_autocast(dev):  # the specification computes in `compute_dtype` whatever autocast says
         return reference.attention(q, k, v, **mask.visibility_kwargs(), attn_mask=mask.attn_mask, scale=scale,
-                                   compute_dtype=acc_dtype(q))
+                                   compute_dtype=acc_dtype(q), **_reference_dropout(drop))
+
+
+def _reference_dropout(drop: Dropout) -> dict:
+    if not drop.active:
+        return {}
+    return dict(dropout_p=drop.p, dropout_seed=int(drop.seed), dropout_offset=int(drop.offset),
+                sample_ids=drop.sample_ids)
 
 
 def _cu_seqlens(name: str, t, device, total: int, max_seqlen: int) -> torch.Tensor:
@@ -208,7 +235,8 @@ def _cu_seqlens(name: str, t, device, total: int, max_seqlen: int) -> torch.Tens
 
 
 def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                           scale=None, backend="auto"):
+                           scale=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0, sample_ids=None,
+                           generator=None, backend="auto"):
     """Attention over packed variable-length sequences (FlashAttention's varlen layout); forward and backward.
 
     Args:
@@ -219,6 +247,8 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             values above the token count are taken as the token count.
         causal: key j visible to query i of the same sequence when j <= i + (len_k - len_q) (bottom-right).
         scale: score scale, default 1 / sqrt(D).
+        dropout_p, dropout_seed, dropout_offset, generator: as `fused_attention`; sequence b is keyed by
+            sample_ids[b] (a (B,) int tensor; default b), so a sequence drops the same pairs packed or padded.
         backend: "auto" (triton on CUDA tensors, cpu on CPU tensors), "triton", "cpu" or "reference".
 
     Returns (total_q, Hq, D) in q's dtype; a query with no visible key (e.g. an empty key sequence) gives 0.
@@ -250,13 +280,15 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_q.shape[0]} and {cu_k.shape[0]}")
     scale = _scale(scale, q.shape[-1])
+    drop = dropout_args(dropout_p, dropout_seed, dropout_offset, sample_ids, generator, cu_q.shape[0] - 1, dev)
     chosen = select_backend("fused_attention_varlen", BACKENDS, backend, dev,
                             dict(device=dev, dtype=q.dtype, head_dim=q.shape[-1], batch=cu_q.shape[0] - 1,
-                                 heads=q.shape[1]))
+                                 heads=q.shape[1], dropout=drop.active))
     if chosen.name != "reference":
         out, _ = ops.VARLEN_FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k,
-                                                 max_seqlen_q, max_seqlen_k, causal, scale)
+                                                 max_seqlen_q, max_seqlen_k, causal, scale, *drop.op_args())
         return out
     compute = acc_dtype(q)
     with no_autocast(dev):
-        return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale, compute_dtype=compute)
+        return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale, compute_dtype=compute,
+                                          **_reference_dropout(drop))

@@ -12,13 +12,17 @@ O(H x BLOCK_Q x Sk) per piece, plus a (B, BLOCK_Q, Sk) bool visibility per query
 Rows with no visible key: the kernel returns 0 for them and gives them zero gradients; pieces leave out
 the rows of their block that have none (padding rows, rows outside an "inside" span). Without any mask,
 or with a plain causal mask and Sq == Sk, one call of the kernel covers the whole batch.
+
+With attention dropout the same pieces are computed by cpu_dropout.py instead (ATen's kernel draws its
+dropout from torch's generator, which the other backends cannot reproduce).
 """
 from __future__ import annotations
 
 import torch
 
 from .._common import acc_dtype
-from .inputs import Mask
+from .cpu_dropout import piece_backward, piece_forward, piece_keep
+from .inputs import NO_DROPOUT, Dropout, Mask
 from .masks import visibility
 
 # Query rows per piece. Measured on 2 cores (B=8, H=8, S=512, D=64, fp32, fwd+bwd): 64 rows was 10-35%
@@ -106,38 +110,57 @@ def _whole_batch(q, k, mask: Mask):
     return False
 
 
-def forward(q, k, v, mask: Mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _samples(drop: Dropout, B: int) -> torch.Tensor:
+    """(B,) int64 CPU sample keys of the dropout mask."""
+    return drop.sample_ids.cpu() if drop.sample_ids is not None else torch.arange(B)
+
+
+def forward(q, k, v, mask: Mask, scale: float, dropout: Dropout = NO_DROPOUT) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq), the kernel's log-sum-exp)."""
     B, Hq, Sq, D = q.shape
     lse_dtype = acc_dtype(q)
-    is_causal = _whole_batch(q, k, mask)
+    is_causal = None if dropout.active else _whole_batch(q, k, mask)
     if is_causal is not None:
         out, lse = _FLASH(q, k, v, 0.0, is_causal, scale=scale)
         return out.contiguous(), lse.to(lse_dtype).contiguous()  # ATen returns them (B, S, H)-strided
     out = torch.zeros_like(q)
     lse = torch.zeros(B, Hq, Sq, dtype=lse_dtype)
+    samples = _samples(dropout, B) if dropout.active else None
     for b, i0, i1, keys, bias in _pieces(q, k, mask):
-        o, l = _FLASH(q[b:b + 1, :, i0:i1], _keys(k, b, keys), _keys(v, b, keys), 0.0, False,
-                      attn_mask=bias, scale=scale)
+        if dropout.active:
+            keepz = piece_keep(dropout, samples[b:b + 1], Hq, i0, i1, keys, lse_dtype)
+            o, l = piece_forward(q[b, :, i0:i1].to(lse_dtype), _keys(k, b, keys)[0].to(lse_dtype),
+                                 _keys(v, b, keys)[0].to(lse_dtype), bias[0], keepz, scale)
+        else:
+            o, l = _FLASH(q[b:b + 1, :, i0:i1], _keys(k, b, keys), _keys(v, b, keys), 0.0, False,
+                          attn_mask=bias, scale=scale)
         out[b:b + 1, :, i0:i1] = o
         lse[b:b + 1, :, i0:i1] = l
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, mask: Mask, scale: float):
+def backward(dout, q, k, v, out, lse, mask: Mask, scale: float, dropout: Dropout = NO_DROPOUT):
     """Gradients (dq, dk, dv) in the inputs' dtypes; rows with no visible key contribute nothing.
     dk and dv sum over the query pieces in fp32 (fp64 for fp64 inputs)."""
-    is_causal = _whole_batch(q, k, mask)
+    is_causal = None if dropout.active else _whole_batch(q, k, mask)
     if is_causal is not None:
         return tuple(g.contiguous() for g in _FLASH_BWD(dout, q, k, v, out, lse, 0.0, is_causal, scale=scale))
     acc = acc_dtype(q)
     dq = torch.zeros_like(q)
     dk = torch.zeros(k.shape, dtype=acc)
     dv = torch.zeros(v.shape, dtype=acc)
+    samples = _samples(dropout, q.shape[0]) if dropout.active else None
     for b, i0, i1, keys, bias in _pieces(q, k, mask):
-        g_q, g_k, g_v = _FLASH_BWD(dout[b:b + 1, :, i0:i1], q[b:b + 1, :, i0:i1], _keys(k, b, keys),
-                                   _keys(v, b, keys), out[b:b + 1, :, i0:i1], lse[b:b + 1, :, i0:i1],
-                                   0.0, False, attn_mask=bias, scale=scale)
+        if dropout.active:
+            keepz = piece_keep(dropout, samples[b:b + 1], q.shape[1], i0, i1, keys, acc)
+            g_q, g_k, g_v = piece_backward(*(t[b, :, i0:i1].to(acc) for t in (dout, q)), _keys(k, b, keys)[0].to(acc),
+                                           _keys(v, b, keys)[0].to(acc), out[b, :, i0:i1].to(acc), lse[b, :, i0:i1],
+                                           bias[0], keepz, scale)
+            g_q, g_k, g_v = g_q[None], g_k[None], g_v[None]
+        else:
+            g_q, g_k, g_v = _FLASH_BWD(dout[b:b + 1, :, i0:i1], q[b:b + 1, :, i0:i1], _keys(k, b, keys),
+                                       _keys(v, b, keys), out[b:b + 1, :, i0:i1], lse[b:b + 1, :, i0:i1],
+                                       0.0, False, attn_mask=bias, scale=scale)
         dq[b:b + 1, :, i0:i1] = g_q
         if isinstance(keys, slice):
             dk[b:b + 1, :, keys] += g_k
@@ -162,24 +185,36 @@ def _row(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return t[a:b].transpose(0, 1).unsqueeze(0).contiguous()
 
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
+def _sequence_dropout(drop: Dropout, index: int) -> Dropout:
+    """The dropout of packed sequence `index` as a batch of one: keyed by its sample id."""
+    if not drop.active:
+        return drop
+    sample = drop.sample_ids[index:index + 1].cpu() if drop.sample_ids is not None else torch.tensor([index])
+    return Dropout(drop.p, drop.seed, drop.offset, sample)
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
+                   dropout: Dropout = NO_DROPOUT):
     """(out (total_q, Hq, D), lse (Hq, total_q)); causal is bottom-right aligned per sequence."""
     out = torch.zeros_like(q)
     lse = torch.zeros(q.shape[1], q.shape[0], dtype=acc_dtype(q))
-    for q0, q1, k0, k1 in _sequences(cu_q, cu_k):
+    for n, (q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k)):
         if q1 > q0:
-            o, l = forward(_row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1), Mask(causal=causal), scale)
+            o, l = forward(_row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1), Mask(causal=causal), scale,
+                           _sequence_dropout(dropout, n))
             out[q0:q1] = o[0].transpose(0, 1)
             lse[:, q0:q1] = l[0]
     return out, lse
 
 
-def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
+                    dropout: Dropout = NO_DROPOUT):
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for q0, q1, k0, k1 in _sequences(cu_q, cu_k):
+    for n, (q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k)):
         if q1 > q0:
             g_q, g_k, g_v = backward(_row(dout, q0, q1), _row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1),
-                                     _row(out, q0, q1), lse[None, :, q0:q1].contiguous(), Mask(causal=causal), scale)
+                                     _row(out, q0, q1), lse[None, :, q0:q1].contiguous(), Mask(causal=causal), scale,
+                                     _sequence_dropout(dropout, n))
             dq[q0:q1] = g_q[0].transpose(0, 1)
             dk[k0:k1] = g_k[0].transpose(0, 1)
             dv[k0:k1] = g_v[0].transpose(0, 1)

@@ -1,7 +1,8 @@
 """torch.library registration of the attention backends: for each of `cpu` and `triton`, forward and
 backward custom ops with fake implementations, joined by `register_autograd`, so that torch.compile
 traces through them -- for the padded layout (`attention_<backend>_fwd/_bwd`, whose schema is derived
-from `inputs.Mask`) and the packed varlen layout (`attention_varlen_<backend>_fwd/_bwd`). Under autocast
+from `inputs.Mask`) and the packed varlen layout (`attention_varlen_<backend>_fwd/_bwd`), both ending
+with `inputs.Dropout`'s fields. Under autocast
 the forward ops take q, k, v in the autocast dtype (_autocast.py).
 
 The backend modules are imported when an op first runs: triton is an optional dependency, and the
@@ -31,9 +32,12 @@ def _impl(backend: str, name: str):
 
 _QKV = (("q", torch.Tensor), ("k", torch.Tensor), ("v", torch.Tensor))
 _GRAD_IN = (("dout", torch.Tensor), *_QKV, ("out", torch.Tensor), ("lse", torch.Tensor))
-# Mask fields that are tensors (saved for the backward with save_for_backward) and the others (kept on ctx)
-_TENSOR_FIELDS = tuple(i for i, p in enumerate(op_inputs.op_signature((), None).parameters.values())
-                       if p.name != "scale" and p.annotation is not bool and p.annotation is not str)
+_FWD_RETURNS = tuple[torch.Tensor, torch.Tensor]
+_BWD_RETURNS = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# The packed layout's arguments between q, k, v and the Dropout fields (the padded layout's: inputs.Mask's
+# fields and the scale, inputs.op_signature's default).
+_VARLEN_MIDDLE = {"cu_seqlens_q": torch.Tensor, "cu_seqlens_k": torch.Tensor, "max_seqlen_q": int,
+                  "max_seqlen_k": int, "causal": bool, "scale": float}
 
 
 def _custom_op(name: str, signature, impl, device_types):
@@ -46,52 +50,74 @@ def _custom_op(name: str, signature, impl, device_types):
     return torch.library.custom_op(name, op, mutates_args=(), device_types=device_types)
 
 
-def _split(args, n_leading: int):
-    """(leading args, Mask, scale) of a padded op's positional arguments."""
-    lead, rest = args[:n_leading], args[n_leading:]
-    return lead, op_inputs.Mask.from_op_args(rest[:op_inputs.N_MASK_ARGS]), rest[op_inputs.N_MASK_ARGS]
+def _padded_middle(middle) -> tuple:
+    """(Mask, scale) from the padded layout's middle arguments."""
+    return op_inputs.Mask.from_op_args(middle[:op_inputs.N_MASK_ARGS]), middle[op_inputs.N_MASK_ARGS]
 
 
-def _register_padded(backend: str):
-    """(fwd, bwd) ops for (B, H, S, D) inputs: q, k, v, the `inputs.Mask` fields in order, the scale."""
-    name = f"masklm_kernels::attention_{backend}"
+def _padded_lse(q):
+    return q.new_empty(q.shape[:3], dtype=acc_dtype(q))
+
+
+def _varlen_lse(q):
+    return q.new_empty((q.shape[1], q.shape[0]), dtype=acc_dtype(q))
+
+
+def _register(backend: str, layout: str):
+    """(fwd, bwd) custom ops of one layout: the padded (B, H, S, D) one (`attention_<backend>_fwd/_bwd`:
+    q, k, v, the `inputs.Mask` fields in order, the scale, the `inputs.Dropout` fields) or the packed
+    (total, H, D) one (`attention_varlen_<backend>_fwd/_bwd`: q, k, v, int32 cu_seqlens, max_seqlen,
+    causal, scale, the Dropout fields). The backend functions take (q, k, v, <middle>, Dropout), the padded
+    middle as (Mask, scale)."""
+    padded = layout == "padded"
+    name = f"masklm_kernels::attention_{backend}" if padded else f"masklm_kernels::attention_varlen_{backend}"
+    middle_types = None if padded else _VARLEN_MIDDLE
+    n_middle = len(op_inputs.op_signature((), None, middle_types).parameters) - op_inputs.N_DROPOUT_ARGS
+    pack = _padded_middle if padded else tuple
+    prefix = "" if padded else "varlen_"
+
+    def split(args, n_leading: int):
+        """(leading args, middle args as the backends take them, Dropout)."""
+        lead, middle = args[:n_leading], args[n_leading:n_leading + n_middle]
+        return lead, pack(middle), op_inputs.Dropout.from_op_args(args[n_leading + n_middle:])
 
     def fwd_impl(*args):
-        (q, k, v), mask, scale = _split(args, 3)
-        return _impl(backend, "forward")(q, k, v, mask, scale)
+        lead, middle, dropout = split(args, 3)
+        return _impl(backend, f"{prefix}forward")(*lead, *middle, dropout)
 
-    fwd = _custom_op(f"{name}_fwd", op_inputs.op_signature(_QKV, tuple[torch.Tensor, torch.Tensor]), fwd_impl,
+    fwd = _custom_op(f"{name}_fwd", op_inputs.op_signature(_QKV, _FWD_RETURNS, middle_types), fwd_impl,
                      _DEVICE_TYPES[backend])
+    lse_like = _padded_lse if padded else _varlen_lse
 
     @fwd.register_fake
     def _(q, k, v, *rest):
-        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc_dtype(q))
+        return torch.empty_like(q), lse_like(q)
 
     def bwd_impl(*args):
-        (dout, q, k, v, out, lse), mask, scale = _split(args, 6)
-        return _impl(backend, "backward")(dout.contiguous(), q, k, v, out, lse, mask, scale)
+        (dout, *lead), middle, dropout = split(args, 6)
+        return _impl(backend, f"{prefix}backward")(dout.contiguous(), *lead, *middle, dropout)
 
-    bwd = _custom_op(f"{name}_bwd", op_inputs.op_signature(_GRAD_IN, tuple[torch.Tensor, torch.Tensor, torch.Tensor]),
-                     bwd_impl, _DEVICE_TYPES[backend])
+    bwd = _custom_op(f"{name}_bwd", op_inputs.op_signature(_GRAD_IN, _BWD_RETURNS, middle_types), bwd_impl,
+                     _DEVICE_TYPES[backend])
 
     @bwd.register_fake
     def _(dout, q, k, v, *rest):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def setup_context(ctx, inputs, output):  # torch passes `inputs` by keyword
-        (q, k, v), mask, scale = _split(inputs, 3)
-        fields = mask.op_args()
-        ctx.save_for_backward(q, k, v, *output, *(fields[i] for i in _TENSOR_FIELDS))
-        ctx.fields = tuple(None if i in _TENSOR_FIELDS else f for i, f in enumerate(fields))  # the flags
-        ctx.scale = scale
+        q, k, v, *rest = inputs
+        # tensors (optional ones included) go through save_for_backward, the rest (flags, sizes) on ctx
+        is_tensor = [isinstance(a, torch.Tensor) for a in rest]
+        ctx.save_for_backward(q, k, v, *output, *(a for a, t in zip(rest, is_tensor) if t))
+        ctx.rest = tuple(None if t else a for a, t in zip(rest, is_tensor))
+        ctx.is_tensor = is_tensor
 
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *saved = ctx.saved_tensors
-        fields = list(ctx.fields)
-        for i, t in zip(_TENSOR_FIELDS, saved):
-            fields[i] = t
-        dq, dk, dv = bwd(dout, q, k, v, out, lse, *fields, ctx.scale)
-        return (dq, dk, dv) + (None,) * (op_inputs.N_MASK_ARGS + 1)
+        saved = iter(saved)
+        rest = [next(saved) if t else a for a, t in zip(ctx.rest, ctx.is_tensor)]
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, *rest)
+        return (dq, dk, dv) + (None,) * len(rest)
 
     fwd.register_autograd(backward, setup_context=setup_context)
     _autocast.register(f"{name}_fwd", positions=(0, 1, 2))  # q, k, v
@@ -99,54 +125,10 @@ def _register_padded(backend: str):
     return fwd, bwd
 
 
-def _register_varlen(backend: str):
-    """(fwd, bwd) ops for packed (total, H, D) inputs delimited by int32 cu_seqlens."""
-
-    @torch.library.custom_op(f"masklm_kernels::attention_varlen_{backend}_fwd", mutates_args=(),
-                             device_types=_DEVICE_TYPES[backend])
-    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _impl(backend, "varlen_forward")(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                causal, scale)
-
-    @fwd.register_fake
-    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=acc_dtype(q))
-
-    @torch.library.custom_op(f"masklm_kernels::attention_varlen_{backend}_bwd", mutates_args=(),
-                             device_types=_DEVICE_TYPES[backend])
-    def bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-            max_seqlen_k: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _impl(backend, "varlen_backward")(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                 max_seqlen_q, max_seqlen_k, causal, scale)
-
-    @bwd.register_fake
-    def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.max_q, ctx.max_k, ctx.causal, ctx.scale = max_q, max_k, causal, scale
-
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None
-
-    fwd.register_autograd(backward, setup_context=setup_context)
-    _autocast.register(f"masklm_kernels::attention_varlen_{backend}_fwd", positions=(0, 1, 2))  # q, k, v
-    _autocast.register(f"masklm_kernels::attention_varlen_{backend}_bwd", positions=())
-    return fwd, bwd
-
-
-attention_cpu_fwd, attention_cpu_bwd = _register_padded("cpu")
-attention_triton_fwd, attention_triton_bwd = _register_padded("triton")
-attention_varlen_cpu_fwd, attention_varlen_cpu_bwd = _register_varlen("cpu")
-attention_varlen_triton_fwd, attention_varlen_triton_bwd = _register_varlen("triton")
+attention_cpu_fwd, attention_cpu_bwd = _register("cpu", "padded")
+attention_triton_fwd, attention_triton_bwd = _register("triton", "padded")
+attention_varlen_cpu_fwd, attention_varlen_cpu_bwd = _register("cpu", "varlen")
+attention_varlen_triton_fwd, attention_varlen_triton_bwd = _register("triton", "varlen")
 
 #: backend name -> forward op (padded, varlen); the autograd formula is registered on each.
 FORWARD = {"cpu": attention_cpu_fwd, "triton": attention_triton_fwd}

@@ -7,14 +7,42 @@ give 0 and zero gradients, never NaN.
 
 Visibility rules: masks.py (`visibility`); on top of them `attn_mask`, broadcastable to
 (B, Hq, Sq, Sk): bool is AND-ed; float is added to the scores, and a `-inf` entry makes the pair invisible.
+
+Dropout (`dropout_keep`): the keep rule written out in NumPy from docs/SEMANTICS.md ("Attention
+dropout"), applied to the normalised probabilities, survivors scaled by 1 / (1 - p).
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from ..masking.reference import philox4x32_10
 from .masks import visibility
+
+# Counter domain of attention dropout's per-(row, head) keys (the masking ops' domains are 0-4).
+DROPOUT_DOMAIN = 16
+
+
+def dropout_keep(batch: int, heads: int, seq_q: int, seq_k: int, *, p: float, seed: int, offset: int = 0,
+                 sample_ids=None) -> torch.Tensor:
+    """(B, H, Sq, Sk) bool: the pairs attention dropout keeps. Pair (b, h, i, j) is kept when word 0 of
+    Philox4x32-10 at counter (j, i, 0, 0) under key(b, h) is >= floor(p * 2^32); key(b, h) is words 0 and 1
+    of Philox4x32-10 at counter (h | 16 << 24, offset mod 2^32, sample lo, sample hi) under (seed lo,
+    seed hi), sample = sample_ids[b] (default b). Everything modulo 2^64 / 2^32."""
+    threshold = min(math.floor(p * 4294967296.0), 4294967295)
+    seed, offset = int(seed) % 2**64, int(offset) % 2**64
+    samples = list(range(batch)) if sample_ids is None else [int(x) % 2**64 for x in sample_ids]
+    j, i = np.meshgrid(np.arange(seq_k, dtype=np.uint64), np.arange(seq_q, dtype=np.uint64))
+    zero = np.zeros_like(i)
+    keep = np.zeros((batch, heads, seq_q, seq_k), dtype=bool)
+    for b, sample in enumerate(samples):
+        for h in range(heads):
+            w0, w1, _, _ = philox4x32_10((h | DROPOUT_DOMAIN << 24, offset & 0xFFFFFFFF, sample & 0xFFFFFFFF,
+                                          sample >> 32), (seed & 0xFFFFFFFF, seed >> 32))
+            keep[b, h] = philox4x32_10((j, i, zero, zero), (int(w0), int(w1)))[0] >= threshold
+    return torch.from_numpy(keep)
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, kv_lengths=None, q_lengths=None,
@@ -61,11 +89,13 @@ def _valid(B, Sq, Sk, kv_lengths, q_lengths, spans, span_mode, device) -> torch.
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, kv_lengths=None,
               q_lengths=None, prefix_lengths=None, spans=None, span_mode: str = "inside", attn_mask=None,
-              scale: float | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+              scale: float | None = None, compute_dtype: torch.dtype | None = None, dropout_p: float = 0.0,
+              dropout_seed=0, dropout_offset=0, sample_ids=None) -> torch.Tensor:
     """Masked attention, (B, Hq, Sq, D) in q's dtype; computed in `compute_dtype` (default q's dtype).
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA / MQA: each group of Hq / Hkv
-    query heads shares one key/value head).
+    query heads shares one key/value head). dropout_p > 0: the probabilities that `dropout_keep` drops
+    are 0, the others scaled by 1 / (1 - dropout_p).
     """
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -79,6 +109,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     vc = vc.masked_fill(~_valid(B, Sq, Sk, kv_lengths, q_lengths, spans, span_mode, q.device).any(dim=-2)[..., None],
                         0.0)
     row_visible = (probs != 0).any(dim=-1, keepdim=True)
+    if dropout_p > 0:
+        keep = dropout_keep(B, Hq, Sq, Sk, p=dropout_p, seed=int(dropout_seed), offset=int(dropout_offset),
+                            sample_ids=None if sample_ids is None else sample_ids.tolist()).to(q.device)
+        probs = probs * keep / (1.0 - dropout_p)
     # masked_fill, not a product: its backward gives those rows a zero gradient whatever d_out holds there
     return torch.matmul(probs, vc).masked_fill(~row_visible, 0.0).to(q.dtype)
 
@@ -110,13 +144,18 @@ def tiles_full(vis: torch.Tensor, block_q: int, block_k: int) -> int:
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, *, causal: bool = False, scale: float | None = None,
-                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     compute_dtype: torch.dtype | None = None, dropout_p: float = 0.0, dropout_seed=0,
+                     dropout_offset=0, sample_ids=None) -> torch.Tensor:
     """Packed layout (q: (total_q, Hq, D), k/v: (total_k, Hkv, D)): sequence b, tokens
     cu_seqlens[b]:cu_seqlens[b + 1], attends within itself, as a batch row of `attention` of its own
-    (causal bottom-right aligned per sequence). Reads cu_seqlens on the host."""
+    (causal bottom-right aligned per sequence; dropout keyed by sample_ids[b], default b). Reads
+    cu_seqlens on the host."""
     bounds = zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
                  cu_seqlens_k[1:].tolist())
     row = lambda t, a, b: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731 - (1, H, len, D)
+    samples = range(cu_seqlens_q.shape[0] - 1) if sample_ids is None else sample_ids.tolist()
     outs = [attention(row(q, a, b), row(k, c, d), row(v, c, d), causal=causal, scale=scale,
-                      compute_dtype=compute_dtype)[0].transpose(0, 1) for a, b, c, d in bounds]
+                      compute_dtype=compute_dtype, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                      dropout_offset=dropout_offset, sample_ids=torch.tensor([s]))[0].transpose(0, 1)
+            for (a, b, c, d), s in zip(bounds, samples)]
     return torch.cat(outs) if outs else q.new_zeros(q.shape)

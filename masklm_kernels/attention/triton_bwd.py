@@ -7,6 +7,8 @@
 
 Both main kernels visit exactly the tiles that hold a visible pair (triton_common.py) and recompute the
 probabilities from the forward's log-sum-exp (+inf on rows with no visible key: their P is 0).
+With dropout (Flags.DROPOUT) each tile regenerates the forward's keep mask Z (scaled by 1 / (1 - p)):
+dV += (P o Z)^T dO, dP = (dO V^T) o Z, dS = P o (dP - delta), delta = rowsum(dO o O) as without.
 """
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ import triton
 import triton.language as tl
 
 from .._triton_launch import Launch
-from .inputs import Mask
+from .inputs import NO_DROPOUT, Dropout, Mask
 from .triton_common import (
     Lens,
     _col_stats,
     _cols_ok,
     _dot,
+    _dropout_keep,
+    _dropout_key,
+    _dropout_rescale,
     _key_range,
     _plane,
     _query_range,
@@ -78,6 +83,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, 
     v = _tokens(_plane(V, sv_, b, hk, r.k0), cols, sv_[2], dcol, col_ok, d_in)
     j_min, cols_full = _col_stats(n0, r, BN, F)
     m_start, m_end = _query_range(j_min, r, BM, F)
+    if F.DROPOUT != 0:
+        rescale = _dropout_rescale(meta, F)
 
     dk = tl.zeros([BN, F.BD], F.ACC)
     dv = tl.zeros([BN, F.BD], F.ACC)
@@ -90,6 +97,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, 
         lse_ptr = _plane(LSE, sl_, b, h, r.q0)
         delta_ptr = _plane(DELTA, sl_, b, h, r.q0)
         mask_ptr = meta.MASK + b.to(tl.int64) * meta.smb + h.to(tl.int64) * meta.smh
+        if F.DROPOUT != 0:
+            dkey = _dropout_key(meta, b, h, F)
         for m0 in range(m_start, m_end, BM):
             i_max, rows_full = _row_stats(m0, r, BM, F)
             visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, r, BM, BN, F)
@@ -106,8 +115,13 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, 
                 s = _tile_scores(s, full, rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None],
                                  col_in[:, None] & row_in[None, :], r, mask_ptr, meta, F)
                 p = tl.math.exp2(s - lse2[None, :])
-                dv = _dot(p.to(do.dtype), do, dv, F.UPCAST, F.PRECISION)
                 dp = _dot(v, tl.trans(do), tl.zeros([BN, BM], F.ACC), F.UPCAST, F.PRECISION)
+                if F.DROPOUT != 0:
+                    keep = _dropout_keep(dkey, rows[None, :], cols[:, None], meta)
+                    dv = _dot(tl.where(keep, p * rescale, 0.0).to(do.dtype), do, dv, F.UPCAST, F.PRECISION)
+                    dp = tl.where(keep, dp * rescale, 0.0)
+                else:
+                    dv = _dot(p.to(do.dtype), do, dv, F.UPCAST, F.PRECISION)
                 ds = p * (dp - delta[None, :])
                 dk = _dot(ds.to(q.dtype), q, dk, F.UPCAST, F.PRECISION)
                 count += 1
@@ -151,6 +165,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, 
 
     i_max, rows_full = _row_stats(m0, r, BM, F)
     n_lo, n_end = _key_range(i_max, m0, r, BN, F)
+    if F.DROPOUT != 0:
+        dkey = _dropout_key(meta, b, h, F)
+        rescale = _dropout_rescale(meta, F)
     dq = tl.zeros([BM, F.BD], F.ACC)
     count = pid_m * 0
     masked = pid_m * 0
@@ -168,6 +185,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, 
                              row_in[:, None] & col_in[None, :], r, mask_ptr, meta, F)
             p = tl.math.exp2(s - lse2[:, None])
             dp = _dot(do, vt, tl.zeros([BM, BN], F.ACC), F.UPCAST, F.PRECISION)
+            if F.DROPOUT != 0:
+                dp = tl.where(_dropout_keep(dkey, rows[:, None], cols[None, :], meta), dp * rescale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, F.UPCAST, F.PRECISION)
             count += 1
@@ -194,7 +213,7 @@ def backward_launches(prob: Problem, dout, q, k, v, out, lse, delta, dq, dk, dv)
     strides = (seq(q), seq(k), seq(v), seq(dout), prob.lse_strides())
     for name, kernel, grads, rows, heads in (("dkdv", _bwd_dkdv, (dk, dv), prob.SK, prob.HKV),
                                              ("dq", _bwd_dq, (dq,), prob.SQ, prob.HQ)):
-        cfg = block_config(name, prob.D, q.dtype, prob.flags.MASK_KIND != 0)
+        cfg = block_config(name, prob.D, q.dtype, prob.flags.MASK_KIND != 0, prob.flags.DROPOUT != 0)
         grid = (triton.cdiv(rows, cfg.block_n if name == "dkdv" else cfg.block_m), prob.B, heads)
         counts = tile_counter(name, cfg, grid[0] * grid[1] * grid[2], q.device)
         args = (q, k, v, dout, lse, delta, *grads, counts if counts is not None else meta.CU_Q, *strides,
@@ -213,9 +232,11 @@ def launch_backward(prob: Problem, dout, q, k, v, out, lse):
     return dq, dk, dv
 
 
-def backward(dout, q, k, v, out, lse, mask: Mask, scale: float):
-    return launch_backward(Problem.from_padded(q, k, mask, scale), dout, q, k, v, out, lse)
+def backward(dout, q, k, v, out, lse, mask: Mask, scale: float, dropout: Dropout = NO_DROPOUT):
+    return launch_backward(Problem.from_padded(q, k, mask, scale, dropout), dout, q, k, v, out, lse)
 
 
-def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
-    return launch_backward(Problem.from_varlen(q, k, cu_q, cu_k, max_q, max_k, causal, scale), dout, q, k, v, out, lse)
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
+                    dropout: Dropout = NO_DROPOUT):
+    prob = Problem.from_varlen(q, k, cu_q, cu_k, max_q, max_k, causal, scale, dropout)
+    return launch_backward(prob, dout, q, k, v, out, lse)

@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
+from .inputs import DROPOUT_DOMAIN as DROPOUT_DOMAIN_VALUE
+
 
 class Meta(NamedTuple):
     """Runtime arguments of every kernel (triton_host.Problem builds them once per call)."""
@@ -54,6 +56,12 @@ class Meta(NamedTuple):
     scale_lo: Any
     log2e_hi: Any
     log2e_lo: Any
+    DSEED: Any  # dropout: 0-dim int64 seed and offset, (B,) int64 sample keys (or dummies; the Flags say)
+    DOFFSET: Any
+    DSAMPLE: Any
+    drop_thr: Any  # keep threshold floor(p 2^32) - 2^31 (the random word is compared as int32 after the same shift)
+    drop_rs_hi: Any  # 1 / (1 - p) as an fp32 (hi, lo) pair
+    drop_rs_lo: Any
 
 
 class Lens(NamedTuple):
@@ -79,6 +87,7 @@ class Flags(NamedTuple):
     MASK_KIND: int  # dense attn_mask: 0 none, 1 bool, 2 float
     VARLEN: bool  # packed layout
     COUNT: bool  # write the tile counters (record_tiles)
+    DROPOUT: int  # attention dropout: 0 off, 1 keyed by the batch row, 2 by the sample ids of DSAMPLE
     ACC: Any  # accumulator dtype (tl.float32, tl.float64 for fp64)
     UPCAST: bool  # dots in fp32 (the interpreter's bf16 dots are wrong)
     PRECISION: str  # tl.dot input precision
@@ -357,6 +366,43 @@ def _tile_scores(s, full, i2, j2, row_ok2, col_ok2, in2, r, mask_ptr, meta, F):
             vis = vis & m_vis
         s = tl.where(vis, s, float("-inf"))
     return s
+
+
+DROPOUT_DOMAIN = tl.constexpr(DROPOUT_DOMAIN_VALUE)
+
+
+@triton.jit
+def _dropout_key(meta, b, h, F):
+    """Philox key (as one uint64, lo | hi << 32) of the dropout mask of batch row b and query head h:
+    words 0, 1 of Philox at counter (h | DOMAIN << 24, offset, sample lo, sample hi) under the seed
+    (inputs.Dropout; the same arithmetic as csrc/attention/dropout.h)."""
+    seed = tl.load(meta.DSEED)
+    offset = tl.load(meta.DOFFSET)
+    if F.DROPOUT == 2:
+        sample = tl.load(meta.DSAMPLE + b)
+    else:
+        sample = b.to(tl.int64)
+    c0 = (h | (DROPOUT_DOMAIN << 24)).to(tl.uint32)
+    w0, w1, _, _ = tl.random.philox(seed, c0, offset.to(tl.uint32), sample.to(tl.uint32), (sample >> 32).to(tl.uint32))
+    return w0.to(tl.uint64) | (w1.to(tl.uint64) << 32)
+
+
+@triton.jit
+def _dropout_keep(key, i2, j2, meta):
+    """Kept pairs of a tile (i2 / j2: broadcastable 2-D row / column views, either orientation): word 0 of
+    Philox at counter (j, i, 0, 0) under `key` >= floor(p 2^32), compared as int32 after flipping the top
+    bit of both sides (an unsigned compare without 64-bit arithmetic)."""
+    c0 = (j2 + i2 * 0).to(tl.uint32)
+    c1 = (i2 + j2 * 0).to(tl.uint32)
+    zero = c0 * 0
+    w, _, _, _ = tl.random.philox(key, c0, c1, zero, zero)
+    return (w.to(tl.int32, bitcast=True) ^ -2147483648) >= meta.drop_thr
+
+
+@triton.jit
+def _dropout_rescale(meta, F):
+    """1 / (1 - p) in the accumulator's precision."""
+    return tl.cast(meta.drop_rs_hi, F.ACC) + tl.cast(meta.drop_rs_lo, F.ACC)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._backends import split_fp32, triton_interpreting
 from .._triton_launch import BlockConfig
-from .inputs import Mask
+from .inputs import NO_DROPOUT, Dropout, Mask
 from .triton_common import Flags, Lens, Meta
 
 # ------------------------------------------------------------------------------------------------
@@ -32,7 +32,10 @@ def head_block(head_dim: int) -> int:
 
 
 _C = BlockConfig
-# (kernel, operand width, dense attn_mask) -> [(largest head-dim block, config), ...]. Each entry is the
+# (kernel, operand width, tile kind) -> [(largest head-dim block, config), ...]; the kind (`tile_kind`) is
+# "plain", "dense" (a dense attn_mask) or "dropout" (attention dropout, with or without a dense mask: the
+# Philox state of a tile, four 32-bit words per element through ten rounds, costs registers, hence
+# smaller tiles). Each entry is the
 # first tile of `tile_candidates` (order of preference: larger tiles, then warps, then deeper pipelines)
 # that compiled without a register spill for sm_80 and sm_90, in every mask variant and head-dim block it
 # serves, under the newest Triton (3.9), found by `python -m benchmarks.tile_search`; `_BEFORE_TRITON_3_9`
@@ -45,46 +48,59 @@ _C = BlockConfig
 # the looped-over side is narrow. None of this is timed on a GPU yet: the GPU check's tile sweep
 # (benchmarks.tile_sweep) is what retunes it.
 _CONFIGS = {
-    ("fwd", 16, False): [(64, _C(128, 64, 4, 3)), (128, _C(128, 64, 8, 3)), (256, _C(64, 64, 8, 2))],
-    ("fwd", 16, True): [(16, _C(128, 32, 8, 2)), (32, _C(128, 32, 4, 3)), (64, _C(64, 64, 8, 2)),
+    ("fwd", 16, "plain"): [(64, _C(128, 64, 4, 3)), (128, _C(128, 64, 8, 3)), (256, _C(64, 64, 8, 2))],
+    ("fwd", 16, "dense"): [(16, _C(128, 32, 8, 2)), (32, _C(128, 32, 4, 3)), (64, _C(64, 64, 8, 2)),
                         (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
-    ("fwd", 32, False): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 1)),
+    ("fwd", 32, "plain"): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 1)),
                          (64, _C(32, 32, 8, 3)), (128, _C(32, 16, 8, 2))],
-    ("fwd", 32, True): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 2)),
+    ("fwd", 32, "dense"): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 2)),
                         (64, _C(32, 32, 8, 3)), (128, _C(32, 16, 8, 2))],
-    ("dkdv", 16, False): [(32, _C(32, 128, 4, 3)), (64, _C(16, 128, 8, 2)),
+    ("dkdv", 16, "plain"): [(32, _C(32, 128, 4, 3)), (64, _C(16, 128, 8, 2)),
                           (128, _C(32, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
-    ("dkdv", 16, True): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)),
+    ("dkdv", 16, "dense"): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)),
                          (128, _C(16, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
-    ("dkdv", 32, False): [(16, _C(16, 16, 8, 1)), (32, _C(16, 32, 8, 1)),
+    ("dkdv", 32, "plain"): [(16, _C(16, 16, 8, 1)), (32, _C(16, 32, 8, 1)),
                           (64, _C(16, 32, 4, 1)), (128, _C(16, 64, 8, 2))],
-    ("dkdv", 32, True): [(16, _C(16, 16, 4, 3)), (32, _C(16, 32, 8, 2)),
+    ("dkdv", 32, "dense"): [(16, _C(16, 16, 4, 3)), (32, _C(16, 32, 8, 2)),
                          (64, _C(16, 32, 8, 1)), (128, _C(16, 64, 8, 2))],
-    ("dq", 16, False): [(64, _C(128, 32, 8, 2)), (128, _C(32, 64, 8, 3)), (256, _C(16, 16, 4, 1))],
-    ("dq", 16, True): [(64, _C(64, 64, 8, 3)), (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
-    ("dq", 32, False): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)),
+    ("dq", 16, "plain"): [(64, _C(128, 32, 8, 2)), (128, _C(32, 64, 8, 3)), (256, _C(16, 16, 4, 1))],
+    ("dq", 16, "dense"): [(64, _C(64, 64, 8, 3)), (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
+    ("dq", 32, "plain"): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)),
                         (64, _C(16, 64, 8, 3)), (128, _C(16, 16, 8, 3))],
-    ("dq", 32, True): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)),
+    ("dq", 32, "dense"): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)),
                        (64, _C(16, 64, 8, 3)), (128, _C(16, 16, 8, 3))],
+    ("fwd", 16, "dropout"): [(16, _C(128, 16, 4, 3)), (32, _C(128, 32, 4, 3)), (64, _C(64, 64, 8, 2)),
+                             (128, _C(16, 128, 8, 3)), (256, _C(32, 16, 8, 3))],
+    ("fwd", 32, "dropout"): [(16, _C(128, 16, 4, 3)), (32, _C(64, 32, 8, 2)),
+                             (64, _C(32, 16, 4, 3)), (128, _C(16, 16, 4, 3))],
+    ("dkdv", 16, "dropout"): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)),
+                              (128, _C(32, 32, 8, 3)), (256, _C(16, 32, 8, 1))],
+    ("dkdv", 32, "dropout"): [(16, _C(16, 16, 4, 3)), (32, _C(32, 16, 8, 3)),
+                              (64, _C(16, 32, 8, 1)), (128, _C(16, 64, 8, 2))],
+    ("dq", 16, "dropout"): [(64, _C(128, 16, 8, 3)), (128, _C(32, 64, 8, 3)), (256, _C(16, 32, 8, 3))],
+    ("dq", 32, "dropout"): [(16, _C(32, 64, 8, 3)), (32, _C(32, 64, 8, 3)),
+                            (64, _C(16, 64, 8, 3)), (128, _C(16, 16, 8, 3))],
 }
-# (kernel, width, dense, head-dim block) -> config, for Triton before 3.9: the first candidate from the
+TILE_KINDS = ("plain", "dense", "dropout")
+# (kernel, width, kind, head-dim block) -> config, for Triton before 3.9: the first candidate from the
 # entry above down (then from the top) that `benchmarks.tile_search` found spill-free under Triton 3.6 (which
 # spilled 8-1100 B with those entries; the fp32 dense-mask tiles the most).
 _BEFORE_TRITON_3_9 = {
-    ("dkdv", 16, False, 32): _C(32, 128, 8, 1),
-    ("dkdv", 16, False, 128): _C(32, 64, 8, 1),
-    ("dkdv", 32, False, 32): _C(16, 32, 4, 3),
-    ("dkdv", 32, False, 64): _C(64, 16, 8, 1),
-    ("dkdv", 32, True, 16): _C(32, 128, 8, 3),
-    ("dkdv", 32, True, 128): _C(16, 16, 8, 3),
-    ("dq", 32, False, 16): _C(32, 64, 8, 3),
-    ("dq", 16, True, 64): _C(128, 16, 8, 3),
-    ("fwd", 16, False, 64): _C(64, 128, 8, 2),
-    ("fwd", 16, True, 256): _C(32, 16, 8, 3),
-    ("fwd", 32, False, 16): _C(64, 64, 8, 1),
-    ("fwd", 32, False, 32): _C(32, 64, 8, 3),
-    ("fwd", 32, False, 128): _C(16, 32, 8, 3),
-    ("fwd", 32, True, 128): _C(16, 32, 8, 3),
+    ("dkdv", 16, "plain", 32): _C(32, 128, 8, 1),
+    ("dkdv", 16, "plain", 128): _C(32, 64, 8, 1),
+    ("dkdv", 32, "plain", 32): _C(16, 32, 4, 3),
+    ("dkdv", 32, "plain", 64): _C(64, 16, 8, 1),
+    ("dkdv", 32, "dense", 16): _C(32, 128, 8, 3),
+    ("dkdv", 32, "dense", 128): _C(16, 16, 8, 3),
+    ("dkdv", 32, "dropout", 128): _C(16, 16, 8, 3),
+    ("dq", 32, "plain", 16): _C(32, 64, 8, 3),
+    ("dq", 16, "dense", 64): _C(128, 16, 8, 3),
+    ("fwd", 16, "plain", 64): _C(64, 128, 8, 2),
+    ("fwd", 16, "dense", 256): _C(32, 16, 8, 3),
+    ("fwd", 32, "plain", 16): _C(64, 64, 8, 1),
+    ("fwd", 32, "plain", 32): _C(32, 64, 8, 3),
+    ("fwd", 32, "plain", 128): _C(16, 32, 8, 3),
+    ("fwd", 32, "dense", 128): _C(16, 32, 8, 3),
 }
 
 
@@ -93,13 +109,19 @@ def _triton_before(major: int, minor: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)  # on every launch: the version test and the row lookup once per entry
-def table_entry(kernel: str, width: int, dense: bool, max_bd: int) -> BlockConfig:
+def table_entry(kernel: str, width: int, kind: str, max_bd: int) -> BlockConfig:
     """The table's configuration for one entry under the installed Triton."""
     if _triton_before(3, 9):
-        cfg = _BEFORE_TRITON_3_9.get((kernel, width, dense, max_bd))
+        cfg = _BEFORE_TRITON_3_9.get((kernel, width, kind, max_bd))
         if cfg is not None:
             return cfg
-    return dict(_CONFIGS[(kernel, width, dense)])[max_bd]
+    return dict(_CONFIGS[(kernel, width, kind)])[max_bd]
+
+
+def tile_kind(dense_mask: bool, dropout: bool) -> str:
+    """The table's kind of a launch: dropout takes precedence (its tiles also serve a dense mask)."""
+    return "dropout" if dropout else "dense" if dense_mask else "plain"
+
 # fp64 (Triton's interpreter only) borrows the fp32 tiles, and head dims up to 256.
 _FP64_WIDE = {"fwd": _C(32, 16, 4, 2), "dkdv": _C(16, 32, 4, 1), "dq": _C(32, 16, 4, 2)}
 
@@ -128,9 +150,10 @@ def unsupported(dtype: torch.dtype, head_dim: int) -> str | None:
     return None
 
 
-def block_config(kernel: str, head_dim: int, dtype: torch.dtype, dense_mask: bool = False) -> BlockConfig:
-    """Tile shape and launch options of `kernel` ("fwd", "dkdv", "dq") for a head dim, dtype and whether
-    a dense attn_mask is applied."""
+def block_config(kernel: str, head_dim: int, dtype: torch.dtype, dense_mask: bool = False,
+                 dropout: bool = False) -> BlockConfig:
+    """Tile shape and launch options of `kernel` ("fwd", "dkdv", "dq") for a head dim, dtype, whether a
+    dense attn_mask is applied and whether attention dropout is."""
     if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"unknown kernel {kernel!r}")
     forced = _FORCED_TILES.get().get(kernel)
@@ -138,9 +161,10 @@ def block_config(kernel: str, head_dim: int, dtype: torch.dtype, dense_mask: boo
         return forced
     width = 16 if dtype in (torch.float16, torch.bfloat16) else 32
     bd = head_block(head_dim)
-    for max_bd, _ in _CONFIGS[(kernel, width, dense_mask)]:
+    kind = tile_kind(dense_mask, dropout)
+    for max_bd, _ in _CONFIGS[(kernel, width, kind)]:
         if bd <= max_bd:
-            return table_entry(kernel, width, dense_mask, max_bd)
+            return table_entry(kernel, width, kind, max_bd)
     if dtype == torch.float64 or (dtype == torch.float32 and triton_interpreting()):
         return _FP64_WIDE[kernel]  # the interpreter has no registers to spill
     raise ValueError(unsupported(dtype, head_dim) or f"head_dim {head_dim} is above 256")
@@ -254,17 +278,18 @@ class Problem:
         return self.meta, *self.lens, _device_flags(self.flags._replace(COUNT=count))
 
     def layout_bundles(self) -> tuple:
-        """`bundles` with the mask switches and values a kernel that only reads the layout (the backward's
-        preprocess) does not use at neutral values: one compilation serves every mask and head grouping."""
-        neutral = _flags_of(self.flags.ACC, self.flags.UPCAST, self.flags.PRECISION, self.flags.BD, False, False, False,
-                            False, 0, True, 0, self.flags.VARLEN)
+        """`bundles` with the mask and dropout switches and values a kernel that only reads the layout (the
+        backward's preprocess) does not use at neutral values: one compilation serves every mask, dropout
+        and head grouping."""
+        neutral = self.flags._replace(CAUSAL=False, HAS_QLEN=False, HAS_KVLEN=False, HAS_PREFIX=False, NSPANS=0,
+                                      NSP=2, INSIDE=True, CONTIGUOUS=True, MASK_KIND=0, COUNT=False, DROPOUT=0)
         stand_in = self.meta.CU_Q  # an int32 tensor of every call: the pointers' types do not vary either
         meta = self.meta._replace(QLEN=stand_in, KVLEN=stand_in, PREFIX=stand_in, SPANS=stand_in, MASK=stand_in,
-                                  smb=0, smh=0, smi=0, smj=0, HQ=1, GROUP=1)
+                                  smb=0, smh=0, smi=0, smj=0, HQ=1, GROUP=1, **_dropout_meta(NO_DROPOUT, stand_in))
         return meta, *self.lens, _device_flags(neutral)
 
     @classmethod
-    def from_padded(cls, q, k, mask: Mask, scale: float) -> Problem:
+    def from_padded(cls, q, k, mask: Mask, scale: float, dropout: Dropout = NO_DROPOUT) -> Problem:
         """q (B, Hq, Sq, D), k (B, Hkv, Sk, D) and the typed mask of the padded layout."""
         B, HQ, SQ, D = q.shape
         HKV, SK = k.shape[1], k.shape[2]
@@ -284,25 +309,37 @@ class Problem:
             dense_strides, kind = dense.expand(B, HQ, SQ, SK).stride(), 1 if attn_mask.dtype == torch.bool else 2
         lengths = [getattr(mask, key) for key in ("q_lengths", "kv_lengths", "prefix_lengths")]
         meta = _meta(q, dummy, dummy, *(dummy if t is None else t for t in lengths),
-                     dummy if spans is None else spans.contiguous(), dense, dense_strides, HQ, HKV, D, scale)
-        flags = _flags(q, D, mask.causal, *(t is not None for t in lengths), nspans, inside, kind, False)
+                     dummy if spans is None else spans.contiguous(), dense, dense_strides, HQ, HKV, D, scale, dropout)
+        flags = _flags(q, D, mask.causal, *(t is not None for t in lengths), nspans, inside, kind, False, dropout)
         return cls(B, HQ, HKV, SQ, SK, D, False, meta, Lens(SQ, SK, 0, 0), flags)
 
     @classmethod
-    def from_varlen(cls, q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> Problem:
+    def from_varlen(cls, q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
+                    dropout: Dropout = NO_DROPOUT) -> Problem:
         """The packed layout: q (total_q, Hq, D), k (total_k, Hkv, D) and their cu_seqlens."""
         total_q, HQ, D = q.shape
         HKV = k.shape[1]
         dummy = q.new_empty(0, dtype=torch.int32)
-        meta = _meta(q, cu_q, cu_k, dummy, dummy, dummy, dummy, dummy, (0, 0, 0, 0), HQ, HKV, D, scale)
-        flags = _flags(q, D, causal, False, False, False, 0, True, 0, True)
+        meta = _meta(q, cu_q, cu_k, dummy, dummy, dummy, dummy, dummy, (0, 0, 0, 0), HQ, HKV, D, scale, dropout)
+        flags = _flags(q, D, causal, False, False, False, 0, True, 0, True, dropout)
         return cls(cu_q.shape[0] - 1, HQ, HKV, max_q, max_k, D, True, meta, Lens(max_q, max_k, total_q, k.shape[0]),
                    flags, total_q)
 
 
-def _meta(q, cu_q, cu_k, qlen, kvlen, prefix, spans, dense, dense_strides, HQ, HKV, D, scale) -> Meta:
+def _meta(q, cu_q, cu_k, qlen, kvlen, prefix, spans, dense, dense_strides, HQ, HKV, D, scale, dropout) -> Meta:
     (hi, lo), (l2_hi, l2_lo) = split_fp32(scale), split_fp32(1.0 / math.log(2.0))
-    return Meta(cu_q, cu_k, qlen, kvlen, prefix, spans, dense, *dense_strides, HQ, HQ // HKV, D, hi, lo, l2_hi, l2_lo)
+    return Meta(cu_q, cu_k, qlen, kvlen, prefix, spans, dense, *dense_strides, HQ, HQ // HKV, D, hi, lo, l2_hi, l2_lo,
+                **_dropout_meta(dropout, cu_q))
+
+
+def _dropout_meta(dropout: Dropout, dummy) -> dict:
+    """Meta's dropout fields (`dummy`, an int32 tensor, stands in for the absent tensors)."""
+    if not dropout.active:
+        return dict(DSEED=dummy, DOFFSET=dummy, DSAMPLE=dummy, drop_thr=0, drop_rs_hi=1.0, drop_rs_lo=0.0)
+    rs_hi, rs_lo = split_fp32(dropout.rescale)
+    return dict(DSEED=dropout.seed, DOFFSET=dropout.offset,
+                DSAMPLE=dropout.sample_ids if dropout.sample_ids is not None else dummy,
+                drop_thr=dropout.threshold - 2**31, drop_rs_hi=rs_hi, drop_rs_lo=rs_lo)
 
 
 def _device_flags(flags: Flags) -> Flags:
@@ -311,15 +348,10 @@ def _device_flags(flags: Flags) -> Flags:
     return Flags(*(tl.constexpr(v) for v in flags))
 
 
-def _flags(q, D, causal, has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind, varlen) -> Flags:
-    return _flags_of(tl.float64 if q.dtype == torch.float64 else tl.float32,
-                     triton_interpreting() and q.dtype == torch.bfloat16, dot_precision(q.dtype), head_block(D), causal,
-                     has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind, varlen)
-
-
-def _flags_of(acc, upcast, precision, bd, causal, has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind,
-              varlen) -> Flags:
-    return Flags(BD=bd, CAUSAL=causal, HAS_QLEN=has_qlen, HAS_KVLEN=has_kvlen, HAS_PREFIX=has_prefix, NSPANS=nspans,
-                 NSP=max(2, triton.next_power_of_2(max(nspans, 1))), INSIDE=inside,
+def _flags(q, D, causal, has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind, varlen, dropout) -> Flags:
+    return Flags(BD=head_block(D), CAUSAL=causal, HAS_QLEN=has_qlen, HAS_KVLEN=has_kvlen, HAS_PREFIX=has_prefix,
+                 NSPANS=nspans, NSP=max(2, triton.next_power_of_2(max(nspans, 1))), INSIDE=inside,
                  CONTIGUOUS=nspans == 0 or (inside and nspans == 1), MASK_KIND=mask_kind, VARLEN=varlen, COUNT=False,
-                 ACC=acc, UPCAST=upcast, PRECISION=precision)
+                 DROPOUT=0 if not dropout.active else (2 if dropout.sample_ids is not None else 1),
+                 ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
+                 UPCAST=triton_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype))

@@ -55,23 +55,6 @@ def _mask_tokens_spec(*args):
 _MASK_TOKENS_RETURNS = tuple[torch.Tensor, torch.Tensor]
 _MASS_MASK_RETURNS = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-def _loading_kernel(name: str):
-    """The ops' kernel for every device until `_C` is loaded (CompositeExplicitAutograd: a device kernel,
-    once registered, takes precedence): loads `_C` and calls the op again, so that calling it through
-    `torch.ops` (or running a saved graph that holds it) works before any public function has loaded it."""
-    qualname = f"masklm_kernels::{name}"
-
-    def kernel(*args):
-        if not _ext.available():
-            raise RuntimeError(f"{qualname}: the C++ extension is not available: {_ext.load_error()}")
-        key = args[0].device.type.upper()
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
-            raise RuntimeError(f"{qualname}: masklm_kernels._C has no {key} kernel (built without it)")
-        return getattr(torch.ops.masklm_kernels, name).default(*args)
-
-    return kernel
-
-
 _LIB = torch.library.Library("masklm_kernels", "FRAGMENT")  # kept alive: it owns the definitions below
 _NATIVE = (("mask_tokens", inputs.MaskTokensArgs, _MASK_TOKENS_RETURNS, _fake_mask_tokens),
            ("mass_mask", inputs.MassMaskArgs, _MASS_MASK_RETURNS, _fake_mass_mask))
@@ -79,7 +62,7 @@ for _name, _args_type, _returns, _fake in _NATIVE:
     # "int", not the inferred "SymInt": the C++ kernels take int64_t, and these are host-side constants
     _schema = torch.library.infer_schema(_prototype(_args_type, _returns), mutates_args=()).replace("SymInt", "int")
     _LIB.define(f"{_name}{_schema}")
-    _LIB.impl(_name, _loading_kernel(_name), "CompositeExplicitAutograd")
+    _LIB.impl(_name, _ext.loading_kernel(_name), "CompositeExplicitAutograd")
     torch.library.register_fake(f"masklm_kernels::{_name}", lib=_LIB)(_fake)
 
 mask_tokens_reference = _reference_op("masklm_kernels::mask_tokens_reference", inputs.MaskTokensArgs,

@@ -39,8 +39,11 @@ def parse(argv=None) -> Args:
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--dropout", type=float, default=None,
-                   help="dropout rate of the config (default 0.1): hidden dropout is applied, attention-probability "
-                        "dropout is not (the fused attention has none; the model warns once)")
+                   help="hidden dropout rate (default: the config's 0.1), and attention-probability dropout's unless "
+                        "--attention-dropout is given")
+    p.add_argument("--attention-dropout", type=float, default=None,
+                   help="attention-probability dropout rate, applied inside the fused attention kernels (default: "
+                        "--dropout, else the config's 0.1)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save", default=None, help="checkpoint path written at the end (atomically)")
     p.add_argument("--save-every", type=int, default=None, metavar="N",
@@ -58,8 +61,10 @@ def parse(argv=None) -> Args:
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1 or a.seq_len < 8:
         p.error("--steps and --batch-size must be >= 1, --seq-len >= 8")
-    if a.dropout is not None and not 0.0 <= a.dropout < 1.0:
-        p.error("--dropout must be in [0, 1)")
+    for name in ("dropout", "attention_dropout"):
+        value = getattr(a, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1)")
     if not a.ddp_timeout > 0:
         p.error("--ddp-timeout must be > 0 seconds")
     if a.save_every is not None and (a.save_every < 1 or not a.save):
@@ -79,6 +84,7 @@ def parse(argv=None) -> Args:
                 implementation=a.implementation, device=device, seed=a.seed, text_file=a.text_file,
                 vocab_size=a.vocab_size, lr=a.lr, log_every=a.log_every, save=a.save, save_every=a.save_every,
                 resume=a.resume, allow_changed=allow, stop_after=a.stop_after, dropout=a.dropout,
+                attention_dropout=a.attention_dropout,
                 ddp_timeout=a.ddp_timeout)
     args.summary_json, args.compare = a.summary_json, a.compare
     return args

@@ -171,3 +171,19 @@ def test_atomic_open_leaves_the_old_file_on_an_exception(tmp_path):
 def test_settings_cover_what_a_checkpoint_stores():
     names = {f.name for f in dataclasses.fields(Args)}
     assert set(checkpoint.MODEL_SETTINGS + checkpoint.RUN_SETTINGS) <= names
+
+
+def test_the_attention_dropout_rate_trained_with_is_a_setting(corpus):
+    """Saved as the rate in effect (from --attention-dropout, else --dropout, else the config's); a checkpoint
+    without it predates attention dropout (it trained with none), so resuming one with dropout on is a
+    changed setting, named."""
+    args = _args(corpus)
+    assert checkpoint.settings(dataclasses.replace(args, dropout=0.2))["attention_dropout"] == 0.2
+    assert checkpoint.settings(dataclasses.replace(args, dropout=0.2, attention_dropout=0.0))["attention_dropout"] == 0
+    now = checkpoint.settings(dataclasses.replace(args, dropout=None))
+    assert now["attention_dropout"] == 0.1
+    old = {k: v for k, v in now.items() if k != "attention_dropout"}
+    with pytest.raises(CheckpointError, match=r"attention_dropout: checkpoint 0.0, now 0.1"):
+        checkpoint._check_settings("old.pt", old, now, set())
+    checkpoint._check_settings("old.pt", old, now, {"attention_dropout"})
+    checkpoint._check_settings("old.pt", old, {**now, "attention_dropout": 0.0}, set())

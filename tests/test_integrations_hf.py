@@ -5,6 +5,7 @@ gives the unpatched model's loss and gradients (dropout off, float64), also unde
 the model; bad inputs and unsupported models are refused. Trainer runs end to end: test_integrations_trainer.py."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -180,16 +181,38 @@ def test_output_contract(kind, attention_calls):
     assert patch_model(model, logits="never")(input_ids=ids, attention_mask=mask, labels=labels).logits is None
 
 
-def test_training_with_attention_dropout_warns_once():
-    model = patch_model(make_model("bert", dropout=0.1))
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_attention_dropout_is_applied_in_training_only(kind, monkeypatch):
+    """The config's attention dropout reaches the fused kernels in train() (each layer a seed of its own
+    from torch's generator: torch.manual_seed reproduces a step) and is off in eval(), where the patched
+    model equals the unpatched one."""
+    from masklm_kernels import attention
+
+    unpatched = make_model(kind, dropout=0.1)
+    model = patch_model(copy.deepcopy(unpatched))
     ids, mask, labels = make_batch(4, 0)
-    with pytest.warns(UserWarning, match="attention-probability dropout"):
-        model(input_ids=ids, attention_mask=mask, labels=labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model(input_ids=ids, attention_mask=mask, labels=labels)  # once per model
-        model.eval()
-        make_model("bert").eval()(input_ids=ids, attention_mask=mask)
+    seen = []
+    original = attention.api.fused_attention_varlen
+
+    def spy(*a, **kw):
+        seen.append(kw.get("dropout_p"))
+        return original(*a, **kw)
+
+    monkeypatch.setattr(attention.api, "fused_attention_varlen", spy)
+    monkeypatch.setattr(attention, "fused_attention_varlen", spy)
+    torch.manual_seed(3)
+    first = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert seen == [0.1, 0.1], f"dropout_p per layer in train(): {seen}"
+    torch.manual_seed(3)
+    assert float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) == float(first)
+    assert float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) != float(first)
+    seen.clear()
+    model.eval()
+    unpatched.eval()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert seen == [0.0, 0.0]
+    assert_close(out, unpatched(input_ids=ids, attention_mask=mask, labels=labels).loss, atol=1e-10, rtol=1e-9,
+                 msg="eval loss")
 
 
 def test_patch_refuses_what_it_cannot_run():

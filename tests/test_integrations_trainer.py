@@ -3,8 +3,9 @@ same weights on the same batches twice, unpatched and patched (`patch_model`), a
 every step and the final weights. Set-ups: default, gradient checkpointing (non-reentrant, Hugging Face's
 default, and reentrant), bf16 autocast, gradient accumulation, evaluation with `compute_metrics`; on a
 GPU also fp16 (autocast and GradScaler) and bf16 on CUDA.
-Dropout is off (the patched attention has no probability dropout); plain SGD, so that weight differences
-are gradient differences. Tolerances: fp32 1e-5 relative on the loss; bf16 / fp16 2e-2."""
+Dropout is off (the patched attention draws its own dropout masks, not torch's: equal only without them);
+plain SGD, so that weight differences are gradient differences. Tolerances: fp32 1e-5 relative on the
+loss; bf16 / fp16 2e-2."""
 from __future__ import annotations
 
 import copy

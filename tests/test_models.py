@@ -17,7 +17,8 @@ V = 97
 
 def _pair(cls, seed, **overrides):
     torch.manual_seed(seed)
-    cfg = model_config("tiny", vocab_size=V, hidden_dropout_prob=0.0, **overrides)
+    cfg = model_config("tiny", vocab_size=V, **{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                                                **overrides})
     ref = cls(cfg, implementation="reference").double()
     fused = cls(cfg, implementation="fused").double()
     fused.load_state_dict(ref.state_dict())
@@ -113,29 +114,48 @@ def test_from_hf_equals_hugging_face_bert():
             assert_close(mine[target].grad, p.grad, **F64, msg=f"grad {name}")
 
 
+def _mass_batch(seed, B=5, S=15):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (B, S), generator=g)
+    lengths = torch.tensor([15, 11, 4, 1, 0])[:B]
+    return (*mass_mask(ids, lengths=lengths, mask_token_id=4, vocab_size=V, seed=seed),), dict(lengths=lengths)
+
+
+def _mlm_batch(seed, B=4, S=17):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (B, S), generator=g)
+    labels = torch.where(torch.rand(B, S, generator=g) < 0.3, ids, -100)
+    return (ids, labels), dict(lengths=torch.tensor([17, 9, 1, 0])[:B])
+
+
 @pytest.mark.parametrize("kind", ["mlm", "mass"])
-def test_training_with_attention_dropout_warns_once(kind):
-    """The fused attention applies no attention-probability dropout: a model whose config asks for it
-    says so once when it trains (never in eval mode)."""
-    import warnings
+def test_attention_dropout_fused_equals_reference(kind):
+    """With attention dropout on (train mode) the two implementations still compute the same function: the
+    fused kernels and the plain-PyTorch attention draw the same keep masks from (seed, step, sample ids).
+    A new step draws new masks; eval() turns dropout off."""
+    cls, batch = (BertMLM, _mlm_batch) if kind == "mlm" else (MassModel, _mass_batch)
+    extra = {} if kind == "mlm" else dict(num_decoder_layers=1)
+    ref, fused = _pair(cls, 4, attention_probs_dropout_prob=0.3, **extra)
+    args, kw = batch(4)
+    keys = dict(dropout_seed=11, dropout_step=2, sample_ids=torch.tensor([40, 41, 42, 43, 44])[:args[0].shape[0]])
+    outs = _compare(ref, fused, *args, **kw, **keys)
+    other_step = fused(*args, **kw, **{**keys, "dropout_step": 3})["loss"]
+    assert abs(float(other_step.detach()) - float(outs[1]["loss"].detach())) > 1e-6, "a new step draws new masks"
+    ref_off, fused_off = _pair(cls, 4, attention_probs_dropout_prob=0.0, **extra)
+    fused.eval()
+    fused_off.load_state_dict(fused.state_dict())
+    assert_close(fused(*args, **kw, **keys)["loss"], fused_off.eval()(*args, **kw)["loss"], **F64, msg="eval: off")
 
-    from masklm_kernels.models import BertMLM, MassModel, model_config
 
-    def make():
-        return (BertMLM if kind == "mlm" else MassModel)(model_config("tiny", vocab_size=50,
-                                                                      attention_probs_dropout_prob=0.1))
-
-    ids = torch.randint(5, 50, (2, 8))
-    spans = torch.tensor([[1, 4], [2, 6]])
-    lengths = torch.tensor([8, 8])
-    call = (lambda m: m(ids, ids)) if kind == "mlm" else (lambda m: m(ids, ids, ids, spans, lengths=lengths))
-    model = make()
-    with pytest.warns(UserWarning, match="without attention-probability dropout"):
-        call(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        call(model)  # once per model
-        call(make().eval())  # never in eval mode
+def test_attention_dropout_follows_torch_manual_seed_without_a_seed():
+    ref, fused = _pair(BertMLM, 5, attention_probs_dropout_prob=0.3)
+    args, kw = _mlm_batch(5)
+    torch.manual_seed(9)
+    a = fused(*args, **kw)["loss"]
+    torch.manual_seed(9)
+    b = fused(*args, **kw)["loss"]
+    c = fused(*args, **kw)["loss"]
+    assert float(a) == float(b) and float(a) != float(c)
 
 
 @pytest.mark.parametrize("implementation", ["fused", "reference"])

@@ -84,21 +84,23 @@ def test_cli_argument_errors(corpus):
 @pytest.mark.parametrize("task", ["mlm", "mass"])
 def test_torchrun_two_processes_match_one(task, corpus, tmp_path):
     """DDP on CPU (gloo): with masks keyed by global sample ids and the loss scaled to the global mean, the
-    2-process run's step-1 loss is the 1-process run's, and so are the later steps (up to summation order)."""
+    2-process run's step-1 loss is the 1-process run's, and so are the later steps (up to summation order).
+    Attention dropout is on: its masks are keyed by the global sample ids too (hidden dropout, torch's own
+    per-process RNG, is off)."""
     import os
     import subprocess
     import sys
 
     out = tmp_path / "summary.json"
     argv = ["--task", task, "--steps", "3", "--batch-size", "8", "--seq-len", "32", "--model", "tiny", "--text-file",
-            corpus, "--vocab-size", "200", "--lr", "3e-3", "--dropout", "0", "--device", "cpu",
-            "--summary-json", str(out)]
+            corpus, "--vocab-size", "200", "--lr", "3e-3", "--dropout", "0", "--attention-dropout", "0.1",
+            "--device", "cpu", "--summary-json", str(out)]
     env = dict(os.environ, MASKLM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "masklm_kernels.train", *argv], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads(out.read_text())
-    one = train(_args(corpus, task=task, steps=3, dropout=0.0))
+    one = train(_args(corpus, task=task, steps=3, dropout=0.0, attention_dropout=0.1))
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["first_loss"] == pytest.approx(one["first_loss"], rel=1e-6)
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)

@@ -24,6 +24,11 @@ count visible pairs only (4 * D flops per visible pair forward, 2.5x that backwa
 convention), so a kernel that skips invisible work is not credited for it; `pct_of_roofline` compares
 them with the measured dense-matmul rate. On CUDA, `extra` records the tiles each Triton kernel computed
 and the tiles holding a visible pair.
+
+Dropout (`causal_pad`, p = 0.1, cases with "dropout": 0.1): `ours` with `dropout_p` against
+`sdpa_dense` with the same dropout_p (SDPA draws its mask from torch's generator; on CPU that is its math
+path) and against our own no-dropout record of the same shapes (label `no_dropout`: what dropout costs).
+Modes fwd and fwd_bwd.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ MODES = ("fwd", "bwd", "fwd_bwd")
 FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # of the forward's 4 * D per visible pair
 DATA_SEED = 4321
 FLEX_CPU_BACKWARD = "FlexAttention has no CPU backward (torch raises NotImplementedError): forward only on CPU"
+DROPOUT_P = 0.1
+DROPOUT_SEED = 1234
 
 
 def _metadata(kind: str, B: int, S: int, g: torch.Generator) -> dict:
@@ -160,6 +167,25 @@ def _varlen_cases(tensors, lengths: torch.Tensor, case_base: dict, flops: float,
     return out
 
 
+def _dropout_cases(tensors, meta: dict, dense: torch.Tensor, device: str, flops: float, base: dict) -> list[Case]:
+    """`ours` and `sdpa_dense` with dropout_p = DROPOUT_P, compared with each other and with our no-dropout
+    record of the same case."""
+    from masklm_kernels import fused_attention
+
+    ours = functools.partial(fused_attention, **meta, dropout_p=DROPOUT_P, dropout_seed=DROPOUT_SEED, backend="auto")
+    sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=dense, dropout_p=DROPOUT_P)
+    out = []
+    for mode in ("fwd", "fwd_bwd"):
+        case = {**base, "mode": mode, "dropout": DROPOUT_P}
+        out.append(_case("sdpa_dense", sdpa, tensors, mode, case, device, flops * FLOPS_FACTOR[mode],
+                         notes=f"dense (B,1,S,S) bool mask, built untimed; dropout_p={DROPOUT_P}"))
+        out.append(_case("ours", ours, tensors, mode, case, device, flops * FLOPS_FACTOR[mode],
+                         peers={"sdpa_dense": (OP, "sdpa_dense", case),
+                                "no_dropout": (OP, "ours", {**base, "mode": mode})},
+                         notes=f"backend=auto, dropout_p={DROPOUT_P} (keep masks regenerated in the backward)"))
+    return out
+
+
 def _tiles(ours, tensors, vis: torch.Tensor) -> dict:
     """Tiles each Triton kernel computed vs tiles holding a visible pair (one forward + backward)."""
     from masklm_kernels.attention import reference
@@ -252,6 +278,8 @@ def cases(device: str, size: str) -> list[Case]:
                                  peers={n: (OP, n, case) for n in (*peers_fn, *skipped)},
                                  notes="backend=auto: triton on CUDA, cpu (blockwise) on CPU"))
             if kind == "causal_pad":
+                out += _dropout_cases(tensors, meta, dense, device, 4.0 * D * pairs, {"B": B, "H": H, "S": S, "D": D,
+                                                                                      "mask": kind})
                 out += _varlen_cases(tensors, meta["kv_lengths"], case_base={"B": B, "H": H, "S": S, "D": D,
                                                                              "mask": kind}, flops=4.0 * D * pairs,
                                      device=device)

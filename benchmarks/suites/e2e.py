@@ -8,7 +8,9 @@
 Batches: right padding with lengths uniform in [S/2, S] (25% padding on average), 15% of the real tokens
 masked with `mask_tokens`. CPU: L4 / H256 / V30522, B16, S128, fp32 (a BERT-mini-sized step that a
 2-core machine times in seconds). CUDA: BERT-base (L12 / H768), B8, S512, bf16 weights. Smoke: L1 / H32 /
-V1000, B2, S32, fp32. Dropout off (the fused attention has no attention dropout).
+V1000, B2, S32, fp32. Dropout off, and for the Hugging Face pair also BERT's own 0.1 (hidden and
+attention-probability dropout; case "dropout": 0.1): the patched model applies the attention dropout inside
+its fused kernels, the unpatched one in SDPA (its math path on CPU).
 """
 from __future__ import annotations
 
@@ -59,34 +61,40 @@ def cases(device: str, size: str) -> list[Case]:
     have_hf = importlib.util.find_spec("transformers") is not None
     reason = None if have_hf else "transformers is not installed (pip install transformers)"
     hf_model = None
-    if have_hf:
-        import transformers
+    for dropout in (0.0, 0.1):
+        hf_case = case if dropout == 0 else {**case, "dropout": dropout}
+        if have_hf:
+            import transformers
 
-        torch.manual_seed(0)
-        cfg = transformers.BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=heads,
-                                      intermediate_size=inter, max_position_embeddings=max(512, S),
-                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        hf_model = transformers.BertForMaskedLM(cfg).to(device, dtype).train()
-    for name in ("hf_unpatched", "hf_patched"):
-        fn = None
-        if hf_model is not None:
-            from masklm_kernels.integrations.huggingface import patch_model
+            torch.manual_seed(0)
+            cfg = transformers.BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=heads,
+                                          intermediate_size=inter, max_position_embeddings=max(512, S),
+                                          hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+            model = transformers.BertForMaskedLM(cfg).to(device, dtype).train()
+            if hf_model is None:
+                hf_model = model  # the dropout-free one: the library's own models below start from its weights
+        for name in ("hf_unpatched", "hf_patched"):
+            fn = None
+            if have_hf:
+                from masklm_kernels.integrations.huggingface import patch_model
 
-            m = copy.deepcopy(hf_model)
-            if name == "hf_patched":
-                patch_model(m)
-            opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
-            fn = functools.partial(_step, m, opt, lambda mod: mod(input_ids=ids, attention_mask=mask,
-                                                                   labels=labels).loss)
-        peers = {"hf_unpatched": ("e2e_train_step", "hf_unpatched", case)} if name == "hf_patched" else {}
-        out.append(Case("e2e_train_step", name, case, fn=fn, device=device, tokens=tokens, skip=reason, peers=peers))
+                m = copy.deepcopy(model)
+                if name == "hf_patched":
+                    patch_model(m)
+                opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+                fn = functools.partial(_step, m, opt, lambda mod: mod(input_ids=ids, attention_mask=mask,
+                                                                       labels=labels).loss)
+            peers = {"hf_unpatched": ("e2e_train_step", "hf_unpatched", hf_case)} if name == "hf_patched" else {}
+            out.append(Case("e2e_train_step", name, hf_case, fn=fn, device=device, tokens=tokens, skip=reason,
+                            peers=peers))
     if hf_model is not None:
         ref = from_hf(hf_model, implementation="reference")
     else:
         from masklm_kernels.models import model_config
 
         ref = BertMLM(model_config("base", hidden_size=H, num_hidden_layers=L, num_attention_heads=heads,
-                                   intermediate_size=inter, hidden_dropout_prob=0.0), implementation="reference")
+                                   intermediate_size=inter, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                      implementation="reference")
         ref = ref.to(device, dtype)
     for name in ("reference", "fused"):
         m = copy.deepcopy(ref)

@@ -29,16 +29,19 @@ What changes:
 * Mixed precision: the ops follow `torch.autocast` (attention and the head in its dtype, the loss in
   fp32), so `Trainer(bf16=True)` / `fp16=True` work unchanged.
 
-Not applied: attention-probability dropout (`attention_probs_dropout_prob`, DistilBERT's
-`attention_dropout`): the fused kernels have none; training a patched model with it warns once. Parity
-with the unpatched model holds with it off. Decoder / cross-attention configurations are refused.
+* Attention-probability dropout (`attention_probs_dropout_prob`, DistilBERT's `attention_dropout`) is
+  applied inside the fused kernels in train() and off in eval(), each call with a seed drawn from torch's
+  generator (as nn.Dropout: `torch.manual_seed` reproduces a run). Its masks are the library's
+  (counter-based), not torch's, so outputs equal the unpatched model's exactly with it off (eval, or p = 0)
+  and in distribution with it on. `output_attentions` returns the probabilities before dropout.
+
+Decoder / cross-attention configurations are refused.
 """
 from __future__ import annotations
 
 import contextvars
 import inspect
 import types
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -141,12 +144,13 @@ def _attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs
     heads = getattr(self, fam.heads)
     q, k, v = (getattr(self, n)(hidden_states).view(B, S, heads, -1) for n in fam.qkv)
     probs = None
+    p = self._masklm_dropout if self.training else 0.0
     if layout.cu_seqlens is not None:
         cu, n = layout.cu_seqlens, layout.max_seqlen
-        out = fused_attention_varlen(q[0], k[0], v[0], cu, cu, n, n).reshape(B, S, -1)
+        out = fused_attention_varlen(q[0], k[0], v[0], cu, cu, n, n, dropout_p=p).reshape(B, S, -1)
     else:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = fused_attention(q, k, v, kv_lengths=layout.lengths).transpose(1, 2).reshape(B, S, -1)
+        out = fused_attention(q, k, v, kv_lengths=layout.lengths, dropout_p=p).transpose(1, 2).reshape(B, S, -1)
         if layout.probs:
             acc = torch.float32 if q.element_size() < 4 else q.dtype  # fp16 / bf16 inputs: softmax in fp32
             with no_autocast(q.device):  # the specification computes in `acc`
@@ -206,11 +210,6 @@ def _model_forward(self, *args, **kwargs):
         raise ValueError(f"patched model: packed inputs ({', '.join(packed)}) are not supported; pass the padded "
                          "batch and its 2-D attention_mask (the patched model packs it itself)")
     hidden, attentions = _flag(self, named, "output_hidden_states"), _flag(self, named, "output_attentions")
-    if self.training and state.dropout > 0 and not state.warned:
-        state.warned = True
-        warnings.warn(f"{type(self).__name__} patched by masklm_kernels trains without attention-probability "
-                      f"dropout (p={state.dropout} in its config): the fused attention kernels do not apply it",
-                      stacklevel=2)
     token = _CALL.set(_Call(_lengths(named.get("attention_mask")), padded=hidden or attentions, probs=attentions))
     try:
         if labels is None:
@@ -262,7 +261,6 @@ class _State:
     var_kwargs: str | None
     dropout: float
     modules: list
-    warned: bool = False
 
 
 def patch_model(model, *, logits: str = "eval"):
@@ -302,6 +300,7 @@ def patch_model(model, *, logits: str = "eval"):
     state = _State(fam, logits, signature, var_kwargs, float(fam.dropout(cfg) or 0.0), modules)
     for m in modules[:-2]:
         m._masklm_family = fam
+        m._masklm_dropout = state.dropout
         m._masklm_original_forward = m.forward
         m.forward = types.MethodType(_attention_forward, m)
     encoder._masklm_original_forward = encoder.forward
@@ -333,7 +332,7 @@ def unpatch(model):
     if state is None:
         return model
     for m in state.modules:
-        for attr in ("forward", "_masklm_original_forward", "_masklm_family"):
+        for attr in ("forward", "_masklm_original_forward", "_masklm_family", "_masklm_dropout"):
             m.__dict__.pop(attr, None)
     setattr(model, _PATCHED, None)
     return model

@@ -3,14 +3,15 @@ so that weights map one to one). Attention takes an `attend(q, k, v)` callable: 
 mask is applied (the library's fused kernels from O(B) metadata, or a dense mask in plain PyTorch), and the
 layers stay the same for both implementations.
 
-Attention-probability dropout is not applied (the fused kernels have none; the reference skips it too, so
-that both implementations compute the same function); hidden dropout is. A model that trains with
-`attention_probs_dropout_prob > 0` in its config says so once (`warn_unapplied_attention_dropout`).
+Attention-probability dropout (`attention_probs_dropout_prob`, in train() only) is the library's: inside
+the fused kernels, and in the plain-PyTorch attention the same keep masks (`dropout_mask`), so that both
+implementations compute the same function. `AttentionDropout` numbers a forward's attention calls: call c
+of step t draws offset t x calls + c under one seed, keyed by each row's sample id (under data
+parallelism the global one: N ranks drop what one rank would).
 """
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable
 
 import torch
@@ -22,17 +23,30 @@ from .config import ModelConfig
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def warn_unapplied_attention_dropout(model: nn.Module) -> None:
-    """Once per model: a warning when it trains with a positive attention-probability dropout in its
-    config, which the fused attention does not apply (silent while torch.compile traces)."""
-    p = model.config.attention_probs_dropout_prob
-    if not model.training or p <= 0 or getattr(model, "_warned_attention_dropout", False) or \
-            torch.compiler.is_compiling():
-        return
-    model._warned_attention_dropout = True
-    warnings.warn(f"{type(model).__name__} trains without attention-probability dropout "
-                  f"(attention_probs_dropout_prob={p} in its config): the fused attention does not apply it",
-                  stacklevel=3)
+class AttentionDropout:
+    """Attention-probability dropout of one forward pass (p = 0: off).
+
+    seed: int or 0-dim tensor; None draws one from torch's default generator (as nn.Dropout draws from it:
+    torch.manual_seed reproduces a run). step: the training step (int or 0-dim tensor); `calls`: attention
+    calls per forward, so that every call of every step has its own offset. sample_ids: (B,) or None (the
+    batch row)."""
+
+    def __init__(self, p: float, calls: int, seed=None, step=0, sample_ids=None):
+        self.p, self.calls, self.step, self.sample_ids, self.count = float(p), calls, step, sample_ids, 0
+        if self.p > 0 and seed is None:
+            seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+        self.seed = seed
+
+    def next(self) -> dict:
+        """The dropout arguments of the forward's next attention call ({} when off)."""
+        if self.p <= 0:
+            return {}
+        offset = self.step * self.calls + self.count
+        self.count += 1
+        return dict(dropout_p=self.p, dropout_seed=self.seed, dropout_offset=offset, sample_ids=self.sample_ids)
+
+
+NO_DROPOUT = AttentionDropout(0.0, 1)
 
 
 class Embeddings(nn.Module):
@@ -134,36 +148,46 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 # attend callables
 # ------------------------------------------------------------------------------------------------
 
-def dense_attend(visible: torch.Tensor) -> Attend:
+def dense_attend(visible: torch.Tensor, dropout: AttentionDropout = NO_DROPOUT) -> Attend:
     """Plain PyTorch attention for padded (B, S, nh, D) tensors and a boolean `visible` mask broadcastable to
-    (B, nh, Sq, Sk); query rows with no visible key give 0 (as the library's kernels, never NaN)."""
+    (B, nh, Sq, Sk); query rows with no visible key give 0 (as the library's kernels, never NaN). Dropout:
+    the keep mask the fused kernels draw, built densely (`dropout_mask`)."""
+    from ..attention.dropout import dropout_mask
 
     def attend(q, k, v):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         p = torch.where(visible.any(-1, keepdim=True), p, torch.zeros_like(p))
+        drop = dropout.next()
+        if drop:
+            B, H, Sq, Sk = p.shape
+            keep = dropout_mask(B, H, Sq, Sk, **drop, device=q.device)
+            p = p * keep / (1.0 - drop["dropout_p"])
         return (p @ v).transpose(1, 2)
 
     return attend
 
 
-def padded_fused_attend(**meta) -> Attend:
+def padded_fused_attend(dropout: AttentionDropout = NO_DROPOUT, **meta) -> Attend:
     """The library's `fused_attention` for padded (B, S, nh, D) tensors with O(B) mask metadata."""
     from ..attention import fused_attention
 
     def attend(q, k, v):
-        out = fused_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **meta)
+        out = fused_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **meta, **dropout.next())
         return out.transpose(1, 2)
 
     return attend
 
 
-def varlen_fused_attend(cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int, causal: bool = False) -> Attend:
-    """The library's `fused_attention_varlen` for packed (total, nh, D) tensors."""
+def varlen_fused_attend(cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int, causal: bool = False,
+                        dropout: AttentionDropout = NO_DROPOUT) -> Attend:
+    """The library's `fused_attention_varlen` for packed (total, nh, D) tensors (sequence b keyed by the
+    dropout's sample_ids[b])."""
     from ..attention import fused_attention_varlen
 
     def attend(q, k, v):
-        return fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=causal)
+        return fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=causal,
+                                      **dropout.next())
 
     return attend

@@ -16,13 +16,15 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Layer, LMHead, dense_attend, init_weights, padded_fused_attend, warn_unapplied_attention_dropout
-from .mlm import Encoder, check_implementation, lm_loss
+from .layers import Layer, LMHead, dense_attend, init_weights, padded_fused_attend
+from .mlm import Encoder, check_implementation, lm_loss, model_dropout
 
 
 class MassModel(nn.Module):
     """forward(encoder_input_ids, decoder_input_ids, labels, spans, *, lengths) -> dict(loss, logits of the
-    labelled rows when return_logits). All (B, S) except spans (B, 2) and lengths (B,): mass_mask's outputs."""
+    labelled rows when return_logits). All (B, S) except spans (B, 2) and lengths (B,): mass_mask's outputs.
+    Attention dropout: `sample_ids`, `dropout_seed`, `dropout_step` as BertMLM's (calls in order: the
+    encoder's layers, then each decoder layer's self- and cross-attention)."""
 
     def __init__(self, cfg: ModelConfig, implementation: str = "fused"):
         super().__init__()
@@ -33,23 +35,25 @@ class MassModel(nn.Module):
         self.cls = LMHead(cfg)
         self.apply(init_weights)
 
-    def forward(self, encoder_input_ids, decoder_input_ids, labels, spans, *, lengths, return_logits=False):
-        warn_unapplied_attention_dropout(self)
+    def forward(self, encoder_input_ids, decoder_input_ids, labels, spans, *, lengths, return_logits=False,
+                sample_ids=None, dropout_seed=None, dropout_step=0):
         B, S = encoder_input_ids.shape
         dev = encoder_input_ids.device
         lengths = lengths.to(device=dev, dtype=torch.int64)
         positions = torch.arange(S, device=dev).expand(B, S)
+        drop = model_dropout(self, len(self.encoder.layer) + 2 * len(self.decoder), dropout_seed, dropout_step,
+                             sample_ids)
         if self.implementation == "fused":
-            enc_attend = padded_fused_attend(kv_lengths=lengths)
-            self_attend = padded_fused_attend(causal=True, spans=spans, span_mode="inside")
-            cross_attend = padded_fused_attend(kv_lengths=lengths, spans=spans, span_mode="outside")
+            enc_attend = padded_fused_attend(drop, kv_lengths=lengths)
+            self_attend = padded_fused_attend(drop, causal=True, spans=spans, span_mode="inside")
+            cross_attend = padded_fused_attend(drop, kv_lengths=lengths, spans=spans, span_mode="outside")
         else:
             i, j = positions[:, :, None], positions[:, None, :]
             start, end = spans[:, 0, None, None], spans[:, 1, None, None]
             in_span_j = (j >= start) & (j < end)
-            enc_attend = dense_attend((j < lengths[:, None, None])[:, None])
-            self_attend = dense_attend((in_span_j & (i >= start) & (i < end) & (j <= i))[:, None])
-            cross_attend = dense_attend(((j < lengths[:, None, None]) & ~in_span_j)[:, None])
+            enc_attend = dense_attend((j < lengths[:, None, None])[:, None], drop)
+            self_attend = dense_attend((in_span_j & (i >= start) & (i < end) & (j <= i))[:, None], drop)
+            cross_attend = dense_attend(((j < lengths[:, None, None]) & ~in_span_j)[:, None], drop)
         memory = self.encoder(encoder_input_ids, positions, enc_attend)
         x = self.encoder.embeddings(decoder_input_ids, positions)  # embeddings shared with the encoder
         for layer in self.decoder:

@@ -19,13 +19,13 @@ from .._validation import check_range
 from ..padding import cu_seqlens, lengths_from_mask, pad, token_indices
 from .config import ModelConfig
 from .layers import (
+    AttentionDropout,
     Embeddings,
     Layer,
     LMHead,
     dense_attend,
     init_weights,
     varlen_fused_attend,
-    warn_unapplied_attention_dropout,
 )
 
 IMPLEMENTATIONS = ("fused", "reference")
@@ -56,6 +56,12 @@ def lengths_from(input_ids: torch.Tensor, lengths, attention_mask) -> torch.Tens
     return lengths.clamp(0, input_ids.shape[1])
 
 
+def model_dropout(model: nn.Module, calls: int, seed, step, sample_ids) -> AttentionDropout:
+    """The attention dropout of one forward of `model` (its config's rate in train(), off in eval())."""
+    p = model.config.attention_probs_dropout_prob if model.training else 0.0
+    return AttentionDropout(p, calls, seed, step, sample_ids)
+
+
 class Encoder(nn.Module):
     """Embeddings and the layers, for packed tokens (fused) or a padded batch (reference)."""
 
@@ -78,6 +84,10 @@ class BertMLM(nn.Module):
       logits (n_labelled, V) in row-major order of the labelled positions). Labels at padding positions
       are ignored.
     * without labels (inference, e.g. fill-mask): dict(logits (B, S, V)), zeros at padding positions.
+
+    Attention-probability dropout (the config's, in train() only): `dropout_seed` (None: drawn from torch's
+    generator), `dropout_step` (the training step) and `sample_ids` ((B,) global sample ids; default the row)
+    key its masks, so that a data-parallel run drops what a single-process run would.
     """
 
     def __init__(self, cfg: ModelConfig, implementation: str = "fused"):
@@ -91,8 +101,8 @@ class BertMLM(nn.Module):
     def decoder_weight(self) -> torch.Tensor:
         return self.bert.embeddings.word_embeddings.weight  # tied, as BERT's
 
-    def forward(self, input_ids, labels=None, *, lengths=None, attention_mask=None, return_logits=False):
-        warn_unapplied_attention_dropout(self)
+    def forward(self, input_ids, labels=None, *, lengths=None, attention_mask=None, return_logits=False,
+                sample_ids=None, dropout_seed=None, dropout_step=0):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, seq) tensor, got {getattr(input_ids, 'shape', input_ids)}")
         B, S = input_ids.shape
@@ -101,16 +111,18 @@ class BertMLM(nn.Module):
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
         lengths = lengths_from(input_ids, lengths, attention_mask)
         positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        drop = model_dropout(self, len(self.bert.layer), dropout_seed, dropout_step, sample_ids)
         if self.implementation == "fused":
             idx = token_indices(lengths, S)  # unpad once (host sync: the token count)
             cu = cu_seqlens(lengths)
-            x = self.bert(input_ids.flatten()[idx], positions.flatten()[idx], varlen_fused_attend(cu, cu, S, S))
+            x = self.bert(input_ids.flatten()[idx], positions.flatten()[idx],
+                          varlen_fused_attend(cu, cu, S, S, dropout=drop))
             if labels is None:
                 return {"logits": pad(self._logits(x), idx, B, S)}
             rows = labels.flatten()[idx]
         else:
             valid = positions < lengths[:, None]
-            x = self.bert(input_ids, positions, dense_attend(valid[:, None, None, :]))
+            x = self.bert(input_ids, positions, dense_attend(valid[:, None, None, :], drop))
             if labels is None:
                 return {"logits": self._logits(x).masked_fill(~valid[..., None], 0.0)}
             rows = labels.masked_fill(~valid, IGNORE_INDEX)

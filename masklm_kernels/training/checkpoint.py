@@ -30,7 +30,8 @@ from .._io import atomic_write_bytes
 FORMAT = "masklm_kernels-checkpoint"
 FORMAT_VERSION = 1
 MODEL_SETTINGS = ("task", "model", "vocab_size", "seq_len")
-RUN_SETTINGS = ("steps", "batch_size", "seed", "lr", "warmup", "dropout", "implementation", "text_file")
+RUN_SETTINGS = ("steps", "batch_size", "seed", "lr", "warmup", "dropout", "attention_dropout", "implementation",
+                "text_file")
 PAYLOAD_KEYS = ("model", "opt", "sched", "rng", "step", "first_loss", "settings", "library", "torch")
 
 
@@ -39,7 +40,20 @@ class CheckpointError(ValueError):
 
 
 def settings(args) -> dict:
-    return {name: getattr(args, name) for name in MODEL_SETTINGS + RUN_SETTINGS}
+    out = {name: getattr(args, name) for name in MODEL_SETTINGS + RUN_SETTINGS}
+    out["attention_dropout"] = attention_dropout(args)  # the rate trained with, whichever option set it
+    return out
+
+
+def attention_dropout(args) -> float:
+    """The attention-probability dropout rate a run trains with (what training.loop.build configures)."""
+    if args.attention_dropout is not None:
+        return args.attention_dropout
+    if args.dropout is not None:
+        return args.dropout
+    from ..models.config import ModelConfig
+
+    return ModelConfig.attention_probs_dropout_prob
 
 
 def save(path: str, args, *, step: int, first_loss: float | None, model, opt, sched) -> None:
@@ -98,6 +112,8 @@ def _check_settings(path: str, saved: dict, now: dict, allow: set) -> None:
                               f"(those are {', '.join(RUN_SETTINGS)})")
     if "backend" in saved and "implementation" not in saved:  # the setting's earlier name
         saved = {**saved, "implementation": saved["backend"]}
+    # a checkpoint without the setting predates attention dropout: its run trained without it
+    saved = {"attention_dropout": 0.0, **saved}
     for name in MODEL_SETTINGS:
         if saved.get(name) != now[name]:
             raise CheckpointError(f"checkpoint {path!r} was saved with {name}={saved.get(name)!r}, this run has "

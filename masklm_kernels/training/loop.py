@@ -35,7 +35,8 @@ class Args:
     resume: str | None = None
     allow_changed: tuple[str, ...] = ()  # run settings that may differ from the checkpoint's on resume
     stop_after: int | None = None  # stop (and save) after this many steps of a run planned for `steps`
-    dropout: float | None = None  # hidden and attention dropout (None: the config's 0.1)
+    dropout: float | None = None  # hidden dropout, and attention dropout unless attention_dropout (None: config's 0.1)
+    attention_dropout: float | None = None  # attention-probability dropout (None: as dropout)
     ddp_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds a collective waits for a stalled rank
 
 
@@ -49,14 +50,17 @@ def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train", 
     ids, lengths, sample_ids = ids.to(dev), lengths.to(dev), sample_ids.to(dev)
     seed = args.seed + (7919 if split == "eval" else 0)
     specials = [data.PAD_ID, data.CLS_ID, data.SEP_ID]
+    # attention dropout keyed like the masks: by seed, step and global sample id (the same on any number of ranks)
+    keys = dict(sample_ids=sample_ids, dropout_seed=seed, dropout_step=step)
     if args.task == "mlm":
         masked, labels = mask_tokens(ids, mask_token_id=data.MASK_ID, vocab_size=ds.vocab_size, lengths=lengths,
                                      special_token_ids=specials, sample_ids=sample_ids, seed=seed, step=step,
                                      random_token_range=(len(data.SPECIAL), ds.vocab_size))
-        return dict(args=(masked, labels), kwargs=dict(lengths=lengths), labels=labels, tokens=int(lengths.sum()))
+        return dict(args=(masked, labels), kwargs=dict(lengths=lengths, **keys), labels=labels,
+                    tokens=int(lengths.sum()))
     enc, dec, labels, spans = mass_mask(ids, lengths=lengths, mask_token_id=data.MASK_ID, vocab_size=ds.vocab_size,
                                         special_token_ids=specials, sample_ids=sample_ids, seed=seed, step=step)
-    return dict(args=(enc, dec, labels, spans), kwargs=dict(lengths=lengths), labels=labels,
+    return dict(args=(enc, dec, labels, spans), kwargs=dict(lengths=lengths, **keys), labels=labels,
                 tokens=int(lengths.sum()))
 
 
@@ -64,6 +68,8 @@ def build(args: Args, vocab_size: int):
     torch.manual_seed(args.seed)
     drop = {} if args.dropout is None else dict(hidden_dropout_prob=args.dropout,
                                                   attention_probs_dropout_prob=args.dropout)
+    if args.attention_dropout is not None:
+        drop["attention_probs_dropout_prob"] = args.attention_dropout
     cfg = model_config(args.model, vocab_size=vocab_size, max_position_embeddings=max(args.seq_len, 64), **drop)
     model = (BertMLM if args.task == "mlm" else MassModel)(cfg, implementation=args.implementation).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)

@@ -4,9 +4,11 @@
 // (masklm_kernels/attention/reference.py) keep the same pairs bit for bit. Two Philox4x32-10 levels:
 //   key(b, h)  = words 0, 1 of Philox(counter (h | kDropoutDomain << 24, offset, sample lo, sample hi),
 //                                     key (seed lo, seed hi))
-//   keep(i, j) = word 0 of Philox(counter (j, i, 0, 0), key(b, h)) >= threshold  (threshold = floor(p 2^32))
+//   keep(i, j) = word j mod 4 of Philox(counter (j div 4, i, 0, 0), key(b, h)) >= threshold
+//                (threshold = floor(p 2^32))
 // The first level is the masking ops' counter layout under a domain of its own (their streams never meet);
-// the second gives every pair of a 2^32 x 2^32 plane its own counter.
+// the second gives every pair of a 2^32 x 2^32 plane its own random word, four neighbouring keys sharing
+// one draw (as FlashAttention's dropout uses all four words of a Philox call).
 #pragma once
 #include "../common/hd.h"
 #include "../masking/philox.h"
@@ -27,7 +29,7 @@ MLK_HD DropoutKey dropout_key(uint64_t seed, uint64_t offset, uint64_t sample, u
 }
 
 MLK_HD bool dropout_keep(const DropoutKey& key, uint32_t i, uint32_t j, uint32_t threshold) {
-  return philox4x32_10(j, i, 0u, 0u, key.k0, key.k1).v[0] >= threshold;
+  return word_of(philox4x32_10(j >> 2, i, 0u, 0u, key.k0, key.k1), j & 3) >= threshold;
 }
 
 }  // namespace mlk

@@ -128,9 +128,9 @@ def forward(q, k, v, mask: Mask, scale: float, dropout: Dropout = NO_DROPOUT) ->
     samples = _samples(dropout, B) if dropout.active else None
     for b, i0, i1, keys, bias in _pieces(q, k, mask):
         if dropout.active:
-            keepz = piece_keep(dropout, samples[b:b + 1], Hq, i0, i1, keys, lse_dtype)
+            z = piece_keep(dropout, samples[b:b + 1], Hq, i0, i1, keys, lse_dtype)
             o, l = piece_forward(q[b, :, i0:i1].to(lse_dtype), _keys(k, b, keys)[0].to(lse_dtype),
-                                 _keys(v, b, keys)[0].to(lse_dtype), bias[0], keepz, scale)
+                                 _keys(v, b, keys)[0].to(lse_dtype), bias[0], z, scale)
         else:
             o, l = _FLASH(q[b:b + 1, :, i0:i1], _keys(k, b, keys), _keys(v, b, keys), 0.0, False,
                           attn_mask=bias, scale=scale)
@@ -152,10 +152,10 @@ def backward(dout, q, k, v, out, lse, mask: Mask, scale: float, dropout: Dropout
     samples = _samples(dropout, q.shape[0]) if dropout.active else None
     for b, i0, i1, keys, bias in _pieces(q, k, mask):
         if dropout.active:
-            keepz = piece_keep(dropout, samples[b:b + 1], q.shape[1], i0, i1, keys, acc)
+            z = piece_keep(dropout, samples[b:b + 1], q.shape[1], i0, i1, keys, acc)
             g_q, g_k, g_v = piece_backward(*(t[b, :, i0:i1].to(acc) for t in (dout, q)), _keys(k, b, keys)[0].to(acc),
                                            _keys(v, b, keys)[0].to(acc), out[b, :, i0:i1].to(acc), lse[b, :, i0:i1],
-                                           bias[0], keepz, scale)
+                                           bias[0], z, scale)
             g_q, g_k, g_v = g_q[None], g_k[None], g_v[None]
         else:
             g_q, g_k, g_v = _FLASH_BWD(dout[b:b + 1, :, i0:i1], q[b:b + 1, :, i0:i1], _keys(k, b, keys),

@@ -3,7 +3,7 @@ visible keys; cpu.py's `_pieces`) at a time, explicitly.
 
 ATen's CPU flash kernel draws its dropout from torch's generator, which no other backend can reproduce,
 so with dropout on a piece is computed with batched matmuls instead: scores, softmax from the row maxima,
-the piece's keep mask (`masklm_kernels::attention_dropout_keep`, C++ Philox, 16 columns per call: the rule
+the piece's keep mask (`masklm_kernels::attention_dropout_keep`, C++ Philox over 16 SIMD lanes: the rule
 every backend shares), P o keep / (1 - p) @ V. The backward recomputes the same scores and mask from the
 saved log-sum-exp:
 
@@ -27,44 +27,46 @@ def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def piece_keep(drop: Dropout, sample: torch.Tensor, heads: int, i0: int, i1: int, keys, dtype) -> torch.Tensor:
-    """(Hq, i1 - i0, n_keys) keep / (1 - p) in `dtype` for the piece's rows and keys (a slice or indices)."""
+    """(Hq, i1 - i0, n_keys) Z = keep / (1 - p) in `dtype` for the piece's rows and keys (a slice or indices)."""
     cols = torch.arange(keys.start, keys.stop) if isinstance(keys, slice) else keys
-    keep = keep_op()(drop.seed.cpu(), drop.offset.cpu(), sample, heads, i0, i1, cols, drop.threshold)[0]
-    return keep.to(dtype).mul_(drop.rescale)
+    return keep_op()(drop.seed.cpu(), drop.offset.cpu(), sample, heads, i0, i1, cols, drop.threshold, dtype,
+                     drop.rescale)[0]
 
 
-def _probs(qp, kp, bias, scale, lse=None):
-    """Scores of a piece (Hq, R, K) in the compute dtype, and P = exp(s - lse) (lse computed when None;
-    rows with no visible key get lse = +inf, so their P is 0)."""
+def _scores(qp, kp, bias, scale):
+    """Scaled scores of a piece (Hq, R, K) in the compute dtype, the additive mask added (-inf: invisible)."""
     hq, r, _ = qp.shape
-    hkv = kp.shape[0]
-    s = torch.matmul(_grouped(qp, hkv), kp.transpose(1, 2)).view(hq, r, -1).mul_(scale)
-    s = s + bias.to(s.dtype)
-    if lse is None:
-        lse = torch.logsumexp(s, dim=-1)
-        lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    return torch.exp(s - lse[..., None]), lse
+    s = torch.matmul(_grouped(qp, kp.shape[0]), kp.transpose(1, 2)).view(hq, r, -1).mul_(scale)
+    return s.add_(bias.to(s.dtype))
 
 
-def piece_forward(q, k, v, bias, keepz, scale: float):
-    """One piece: q (Hq, R, D), k, v (Hkv, K, D), bias (1 or Hq, R, K) additive (-inf: invisible), keepz
-    (Hq, R, K) = keep / (1 - p). Returns (out (Hq, R, D) in the compute dtype, lse (Hq, R))."""
-    p, lse = _probs(q, k, bias, scale)
-    hkv = k.shape[0]
-    out = torch.matmul(_grouped(p.mul_(keepz), hkv), v).view(q.shape)
-    return out, lse
+# Every (Hq, R, K) tensor pass costs as much as a small matmul here: the scalings (1 / l, the softmax
+# scale) are applied to the (R, D) or (K, D) results instead, 1 / (1 - p) comes with the keep mask (the C++
+# op writes Z directly), and exp runs once per pass.
+
+def piece_forward(q, k, v, bias, z, scale: float):
+    """One piece: q (Hq, R, D), k, v (Hkv, K, D), bias (1 or Hq, R, K) additive (-inf: invisible), z
+    (Hq, R, K) = keep / (1 - p). Returns (out (Hq, R, D) in the compute dtype, lse (Hq, R): +inf on rows with no visible
+    key, whose P is then 0 in the backward)."""
+    s = _scores(q, k, bias, scale)
+    m = s.amax(dim=-1, keepdim=True)
+    m = m.masked_fill_(m == float("-inf"), 0.0)  # rows with nothing visible: exp(-inf) = 0, no NaN
+    p = s.sub_(m).exp_()
+    l = p.sum(dim=-1, keepdim=True)
+    lse = torch.where(l > 0, m + l.log(), float("inf")).squeeze(-1)
+    out = torch.matmul(_grouped(p.mul_(z), k.shape[0]), v).view(q.shape)
+    return out.div_(l.clamp_min(torch.finfo(l.dtype).tiny)), lse
 
 
-def piece_backward(do, q, k, v, o, lse, bias, keepz, scale: float):
+def piece_backward(do, q, k, v, o, lse, bias, z, scale: float):
     """Gradients (dq (Hq, R, D), dk, dv (Hkv, K, D)) of one piece, in the compute dtype."""
     hkv = k.shape[0]
-    p, _ = _probs(q, k, bias, scale, lse)
-    pz = p * keepz
-    dog = _grouped(do, hkv)
-    dv = torch.matmul(_grouped(pz, hkv).transpose(1, 2), dog)
-    dp = torch.matmul(dog, v.transpose(1, 2)).view(p.shape).mul_(keepz)
+    p = _scores(q, k, bias, scale).sub_(lse[..., None]).exp_()
     delta = (do * o).sum(dim=-1, keepdim=True)
-    ds = p.mul_(dp.sub_(delta)).mul_(scale)
-    dq = torch.matmul(_grouped(ds, hkv), k).view(q.shape)
-    dk = torch.matmul(_grouped(ds, hkv).transpose(1, 2), _grouped(q, hkv))
+    dog = _grouped(do, hkv)
+    dv = torch.matmul(_grouped(p * z, hkv).transpose(1, 2), dog)
+    dp = torch.matmul(dog, v.transpose(1, 2)).view(p.shape)
+    ds = p.mul_(dp.mul_(z).sub_(delta))
+    dq = torch.matmul(_grouped(ds, hkv), k).view(q.shape).mul_(scale)
+    dk = torch.matmul(_grouped(ds, hkv).transpose(1, 2), _grouped(q, hkv)).mul_(scale)
     return dq, dk, dv

@@ -19,16 +19,17 @@ from .._validation import check_int, check_tensor, scalar_tensor
 from .inputs import NO_DROPOUT, Dropout, keep_threshold
 
 _LIB = torch.library.Library("masklm_kernels", "FRAGMENT")  # kept alive: it owns the definition below
-# keep[s, h, r, c] (S, heads, row_end - row_start, C) bool: sample sample_ids[s], head h, row row_start + r,
-# column cols[c]. CPU kernel: csrc/attention/dropout_ops.cpp.
+# keep[s, h, r, c] (S, heads, row_end - row_start, C): sample sample_ids[s], head h, row row_start + r,
+# column cols[c]; dtype bool (True: kept) or floating (`value` where kept, else 0: a probability's
+# multiplier, 1 / (1 - p), in one pass). CPU kernel: csrc/attention/dropout_ops.cpp.
 _LIB.define("attention_dropout_keep(Tensor seed, Tensor offset, Tensor sample_ids, int heads, int row_start, "
-            "int row_end, Tensor cols, int threshold) -> Tensor")
+            "int row_end, Tensor cols, int threshold, ScalarType dtype=bool, float value=1.) -> Tensor")
 _LIB.impl("attention_dropout_keep", _ext.loading_kernel("attention_dropout_keep"), "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("masklm_kernels::attention_dropout_keep", lib=_LIB)
-def _(seed, offset, sample_ids, heads, row_start, row_end, cols, threshold):
-    return cols.new_empty((sample_ids.shape[0], heads, row_end - row_start, cols.shape[0]), dtype=torch.bool)
+def _(seed, offset, sample_ids, heads, row_start, row_end, cols, threshold, dtype=torch.bool, value=1.0):
+    return cols.new_empty((sample_ids.shape[0], heads, row_end - row_start, cols.shape[0]), dtype=dtype)
 
 
 def keep_op():

@@ -57,8 +57,8 @@ class Mask:
 class Dropout:
     """Attention-probability dropout (validated; docs/SEMANTICS.md, "Attention dropout").
 
-    Pair (b, h, i, j) is kept when word 0 of Philox4x32-10 at counter (j, i, 0, 0) under the key of (b, h)
-    is >= `threshold`, the key being words 0 and 1 of Philox4x32-10 at counter (h | DOMAIN << 24,
+    Pair (b, h, i, j) is kept when word j mod 4 of Philox4x32-10 at counter (j div 4, i, 0, 0) under the key
+    of (b, h) is >= `threshold`, the key being words 0 and 1 of Philox4x32-10 at counter (h | DOMAIN << 24,
     offset mod 2^32, sample lo, sample hi) under the key (seed lo, seed hi); `sample` is sample_ids[b] (the
     batch row, or the packed sequence, when None). Integer arithmetic only: every backend keeps the same
     pairs, bit for bit. Kept probabilities are scaled by 1 / (1 - p)."""

@@ -27,9 +27,9 @@ DROPOUT_DOMAIN = 16
 
 def dropout_keep(batch: int, heads: int, seq_q: int, seq_k: int, *, p: float, seed: int, offset: int = 0,
                  sample_ids=None) -> torch.Tensor:
-    """(B, H, Sq, Sk) bool: the pairs attention dropout keeps. Pair (b, h, i, j) is kept when word 0 of
-    Philox4x32-10 at counter (j, i, 0, 0) under key(b, h) is >= floor(p * 2^32); key(b, h) is words 0 and 1
-    of Philox4x32-10 at counter (h | 16 << 24, offset mod 2^32, sample lo, sample hi) under (seed lo,
+    """(B, H, Sq, Sk) bool: the pairs attention dropout keeps. Pair (b, h, i, j) is kept when word j mod 4
+    of Philox4x32-10 at counter (j div 4, i, 0, 0) under key(b, h) is >= floor(p * 2^32); key(b, h) is words
+    0 and 1 of Philox4x32-10 at counter (h | 16 << 24, offset mod 2^32, sample lo, sample hi) under (seed lo,
     seed hi), sample = sample_ids[b] (default b). Everything modulo 2^64 / 2^32."""
     threshold = min(math.floor(p * 4294967296.0), 4294967295)
     seed, offset = int(seed) % 2**64, int(offset) % 2**64
@@ -41,7 +41,8 @@ def dropout_keep(batch: int, heads: int, seq_q: int, seq_k: int, *, p: float, se
         for h in range(heads):
             w0, w1, _, _ = philox4x32_10((h | DROPOUT_DOMAIN << 24, offset & 0xFFFFFFFF, sample & 0xFFFFFFFF,
                                           sample >> 32), (seed & 0xFFFFFFFF, seed >> 32))
-            keep[b, h] = philox4x32_10((j, i, zero, zero), (int(w0), int(w1)))[0] >= threshold
+            words = np.stack(philox4x32_10((j >> np.uint64(2), i, zero, zero), (int(w0), int(w1))))
+            keep[b, h] = np.take_along_axis(words, (j & np.uint64(3)).astype(np.int64)[None], 0)[0] >= threshold
     return torch.from_numpy(keep)
 
 

@@ -389,13 +389,18 @@ def _dropout_key(meta, b, h, F):
 
 @triton.jit
 def _dropout_keep(key, i2, j2, meta):
-    """Kept pairs of a tile (i2 / j2: broadcastable 2-D row / column views, either orientation): word 0 of
-    Philox at counter (j, i, 0, 0) under `key` >= floor(p 2^32), compared as int32 after flipping the top
-    bit of both sides (an unsigned compare without 64-bit arithmetic)."""
-    c0 = (j2 + i2 * 0).to(tl.uint32)
+    """Kept pairs of a tile (i2 / j2: broadcastable 2-D row / column views, either orientation): word j mod 4
+    of Philox at counter (j div 4, i, 0, 0) under `key` >= floor(p 2^32), compared as int32 after flipping
+    the top bit of both sides (an unsigned compare without 64-bit arithmetic). Each element draws its own
+    Philox call here (four neighbours compute the same one: a shuffle to share it would cost a layout
+    conversion of the tile)."""
+    j = j2 + i2 * 0
+    c0 = (j >> 2).to(tl.uint32)
     c1 = (i2 + j2 * 0).to(tl.uint32)
     zero = c0 * 0
-    w, _, _, _ = tl.random.philox(key, c0, c1, zero, zero)
+    w0, w1, w2, w3 = tl.random.philox(key, c0, c1, zero, zero)
+    sel = j & 3
+    w = tl.where(sel == 0, w0, tl.where(sel == 1, w1, tl.where(sel == 2, w2, w3)))
     return (w.to(tl.int32, bitcast=True) ^ -2147483648) >= meta.drop_thr
 
 

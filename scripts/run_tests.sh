@@ -50,7 +50,7 @@ VPY=$(bash scripts/compat_env.sh triton 3.6.0)
 phase "compat: triton 3.6.0, interpreter tests and the static compile check"
 "$VPY" -m pytest -q -p no:cacheprovider tests/test_attention_triton.py tests/test_losses_triton.py \
   tests/test_losses.py tests/test_losses_linear.py tests/test_attention_errors.py tests/test_info.py \
-  tests/test_triton_versions.py tests/test_attention_layouts.py tests/test_autocast.py \
+  tests/test_triton_versions.py tests/test_attention_layouts.py tests/test_attention_dropout.py tests/test_autocast.py \
   "tests/test_static_compile.py::test_triton_kernels_compile_without_spills" \
   "tests/test_static_compile.py::test_triton_compile_report_covers_every_launchable_configuration"
 

@@ -10,9 +10,10 @@ Triton's (dynamic) allocation.
 Configurations: kernel (fwd, preprocess, dkdv, dq) x dtype (bf16 -- fp16 has the same configurations and
 code --, fp32; fp64 runs under the interpreter only) x head-dim block (16, 32, 64, 128, 256: every supported D
 maps to one) x mask variant
-(`plain`: no mask; `metadata`: causal, q/kv/prefix lengths and two "inside" spans -- the most live state of
-the metadata paths; `dense`: that plus a float attn_mask, which selects the dense-mask block configuration;
-`varlen`: packed layout, causal; `dropout` and `dense_dropout`: `metadata` and `dense` with attention
+(`plain`: no mask; `metadata`: causal, q/kv/prefix lengths, two "inside" spans, a sliding window bounded on
+both sides and ALiBi slopes -- the most live state of the metadata paths; `dense`: that plus a float
+attn_mask, which selects the dense-mask block configuration; `varlen`: packed layout, causal, a left window
+and ALiBi; `dropout` and `dense_dropout`: `metadata` and `dense` with attention
 dropout keyed by sample ids, the Philox keep mask regenerated per tile, which select the dropout block
 configuration). Identical compilations are done once.
 
@@ -76,7 +77,8 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
     if variant == "varlen":
         q, k = torch.empty(B * S, HQ, head_dim, dtype=dt), torch.empty(B * S, HKV, head_dim, dtype=dt)
         cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
-        prob = triton_host.Problem.from_varlen(q, k, cu, cu, S, S, True, 0.125)
+        alibi = torch.zeros(B, HQ, dtype=torch.float32)
+        prob = triton_host.Problem.from_varlen(q, k, cu, cu, S, S, True, 64, 0, alibi, 0.125)
         lse = torch.empty(HQ, B * S, dtype=torch.float64 if dt == torch.float64 else torch.float32)
     else:
         q, k = torch.empty(B, HQ, S, head_dim, dtype=dt), torch.empty(B, HKV, S, head_dim, dtype=dt)
@@ -87,7 +89,8 @@ def build_launches(dtype_name: str, head_dim: int, variant: str):
         if variant in ("metadata", "dense", "dropout", "dense_dropout"):
             lens = torch.full((B,), S, dtype=torch.int64)
             mask = Mask(causal=True, kv_lengths=lens, q_lengths=lens, prefix_lengths=lens,
-                        spans=torch.zeros(B, 2, 2, dtype=torch.int64), span_mode="inside",
+                        spans=torch.zeros(B, 2, 2, dtype=torch.int64), span_mode="inside", window_left=64,
+                        window_right=64, alibi_slopes=torch.zeros(B, HQ, dtype=torch.float32),
                         attn_mask=torch.zeros(B, 1, S, S, dtype=torch.float32) if dense else None)
         if variant in ("dropout", "dense_dropout"):
             scalar = torch.zeros((), dtype=torch.int64)

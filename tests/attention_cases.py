@@ -6,7 +6,7 @@ specification), `dead_rows` and `dead_row_case` (rows with no visible key, one r
 `attention_case(seed)` with its defaults is the generator that test_attention_reference.py has always
 used (same draws, same cases); the keyword options widen it for the backends' tests: other sequence
 lengths and head dims, spans kept within [0, Sk] (what `fused_attention` accepts), attn_mask of every
-broadcast shape, forced zero-length rows.
+broadcast shape, forced zero-length rows, sliding windows and ALiBi slopes.
 """
 from __future__ import annotations
 
@@ -36,13 +36,16 @@ def mask_shape(template, **sizes) -> tuple[int, ...]:
 
 
 def attention_case(seed: int, *, label: str = "attention reference", seqs=(1, 7, 17), head_dims=(8, 40),
-                   spans_within_keys: bool = False, mask_shapes=None, zero_rows: bool = False):
+                   spans_within_keys: bool = False, mask_shapes=None, zero_rows: bool = False,
+                   positions: bool = False):
     """(q, k, v, kwargs) float64 with random mask metadata: causal, kv_lengths, q_lengths, prefix_lengths,
     spans ((B, 2) or (B, K, 2), either span_mode), a bool or float (-inf entries) attn_mask, scale.
 
     `mask_shapes`: templates (see MASK_SHAPES) to draw the attn_mask's shape from; default the original
     (1, Hq, Sq, Sk) for bool and (B, 1, Sq, Sk) for float masks. `zero_rows`: lengths get a zero-length
-    batch row half of the time (B >= 2)."""
+    batch row half of the time (B >= 2). `positions`: half of the cases get a sliding window (each side
+    unbounded a third of the time, else 0 to the sequence length), half ALiBi slopes ((Hq,) or (B, Hq));
+    drawn after everything else, so the other draws stay those of `positions=False`."""
     rng = rng_for(label, seed)
     B = int(rng.integers(1, 4))
     Hkv = int(rng.choice([1, 2]))
@@ -84,7 +87,23 @@ def attention_case(seed: int, *, label: str = "attention reference", seqs=(1, 7,
         kw["attn_mask"] = torch.from_numpy(m)
     if rng.integers(2):
         kw["scale"] = float(rng.uniform(0.05, 0.5))
+    if positions:
+        if rng.integers(2):
+            kw["window_size"] = tuple(-1 if rng.integers(3) == 0 else int(rng.integers(0, max(Sq, Sk) + 1))
+                                      for _ in range(2))
+        if rng.integers(2):
+            shape = (Hq,) if rng.integers(2) else (B, Hq)
+            kw["alibi_slopes"] = torch.from_numpy(rng.uniform(0.0, 1.0, size=shape)).float()
     return q, k, v, kw
+
+
+#: the mask arguments of `masks.visibility` (what decides the visible pairs)
+VISIBILITY_ARGS = ("causal", "kv_lengths", "q_lengths", "prefix_lengths", "spans", "span_mode", "window_size")
+
+
+def visibility_of(q, k, kw) -> torch.Tensor:
+    """(B, 1, Sq, Sk) bool: the pairs the O(B) metadata of `kw` shows (attn_mask aside)."""
+    return masks.visibility(q.shape[0], q.shape[2], k.shape[2], **{n: kw[n] for n in VISIBILITY_ARGS if n in kw})
 
 
 def fwd_bwd(fn, q, k, v, dout, **kw):
@@ -102,9 +121,7 @@ def ref64(q, k, v, **kw):
 def dead_rows(q, k, kw) -> torch.Tensor:
     """(B, Hq, Sq) bool: query rows with no visible key under `kw`, attn_mask included."""
     B, Hq, Sq, _ = q.shape
-    meta = {n: kw[n] for n in ("causal", "kv_lengths", "q_lengths", "prefix_lengths", "spans", "span_mode")
-            if n in kw}
-    vis = masks.visibility(B, Sq, k.shape[2], **meta)
+    vis = visibility_of(q, k, kw)
     m = kw.get("attn_mask")
     if m is not None:
         vis = vis & (m if m.dtype == torch.bool else m != float("-inf"))
@@ -141,25 +158,29 @@ def op_args(kind: str, dtype=torch.float32, requires_grad=False):
     q, k, v = (torch.randn(B, h, s, D, generator=g).to(dtype).requires_grad_(requires_grad)
                for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
     none4 = (None, None, None, None)
+    no_window = (-1, -1, None)  # window_left, window_right, alibi_slopes
     if kind == "plain":
-        return (q, k, v, *none4, None, False, "inside", 0.25)
+        return (q, k, v, *none4, None, False, "inside", *no_window, 0.25)
     if kind == "lengths":
         return (q, k, v, torch.tensor([23, 0]), torch.tensor([5, 19]), torch.tensor([3, 9]), None, None,
-                True, "inside", 0.3)
+                True, "inside", *no_window, 0.3)
     if kind == "spans":
         return (q, k, v, None, None, None, torch.tensor([[[1, 6], [9, 15]], [[0, 0], [2, 23]]]), None,
-                False, "inside", 0.25)
+                False, "inside", *no_window, 0.25)
     if kind == "spans_outside_bool_mask":
         return (q, k, v, torch.tensor([20, 23]), None, None, torch.tensor([[4, 8], [0, 3]]),
-                torch.rand(Sq, Sk, generator=g) < 0.7, True, "outside", 0.2)
+                torch.rand(Sq, Sk, generator=g) < 0.7, True, "outside", *no_window, 0.2)
     if kind == "float_mask":
         m = torch.randn(B, 1, Sq, Sk, generator=g)
         m[0, 0, 3] = float("-inf")
-        return (q, k, v, None, torch.tensor([19, 11]), None, None, m, False, "inside", 0.25)
+        return (q, k, v, None, torch.tensor([19, 11]), None, None, m, False, "inside", *no_window, 0.25)
+    if kind == "window_alibi":
+        return (q, k, v, torch.tensor([23, 9]), None, None, None, None, False, "inside", 5, 2,
+                torch.rand(B, Hq, generator=g), 0.25)
     raise KeyError(kind)
 
 
-OP_CASES = ["plain", "lengths", "spans", "spans_outside_bool_mask", "float_mask"]
+OP_CASES = ["plain", "lengths", "spans", "spans_outside_bool_mask", "float_mask", "window_alibi"]
 
 
 def compile_inputs(seed: int):

@@ -121,7 +121,7 @@ def memory_safety_cases() -> list[Case]:
         def run():
             q = torch.randn(total, 2, 16, dtype=torch.float64)
             cu = torch.tensor(cu_list, dtype=torch.int32)
-            out, _ = ops.VARLEN_FORWARD[backend](q, q, q, cu, cu, max_q, max_q, True, 0.25)
+            out, _ = ops.VARLEN_FORWARD[backend](q, q, q, cu, cu, max_q, max_q, True, -1, -1, None, 0.25)
             assert torch.isfinite(out).all(), "non-finite output from clamped metadata"
             return out
         return run

@@ -30,7 +30,7 @@ BLOCKS = ("default", 16, "16-gather")
 
 def _case(seed):
     return attention_case(seed, label="attention cpu backend", seqs=(1, 17, 113), head_dims=(40, 80),
-                          spans_within_keys=True, mask_shapes=MASK_SHAPES, zero_rows=True)
+                          spans_within_keys=True, mask_shapes=MASK_SHAPES, zero_rows=True, positions=True)
 
 
 @pytest.fixture(params=BLOCKS, ids=lambda b: f"block_q={b}")
@@ -71,6 +71,8 @@ def test_cases_cover_every_argument():
                      f"mask-dim{kw['attn_mask'].dim()}"}
         if bool(dead_rows(q, k, kw).any()):
             seen.add("dead rows")
+        if "window_size" in kw and kw["causal"]:
+            seen.add("window-causal")
         for n in ("kv_lengths", "q_lengths"):
             if n in kw and bool((kw[n] == 0).any()):
                 seen.add(f"zero {n}")
@@ -78,7 +80,7 @@ def test_cases_cover_every_argument():
             "Sq=1", "Sq=17", "Sq=113", "Sk=1", "Sk=17", "Sk=113", "Sq!=Sk", "MQA", "GQA",
             "spans2d-inside", "spans2d-outside", "spans3d-inside", "spans3d-outside", "mask-bool",
             "mask-float", "mask-dim1", "mask-dim2", "mask-dim3", "mask-dim4", "dead rows", "zero kv_lengths",
-            "zero q_lengths"}
+            "zero q_lengths", "window_size", "alibi_slopes", "window-causal"}
     assert want <= seen, f"not covered: {sorted(want - seen)}"
 
 
@@ -288,3 +290,22 @@ def test_op_schemas_are_derived_from_the_mask_description():
         bwd = getattr(torch.ops.masklm_kernels, f"attention_{backend}_bwd").default._schema
         assert [a.name for a in fwd.arguments] == ["q", "k", "v", *fields, "scale", *dropout]
         assert [a.name for a in bwd.arguments] == ["dout", "q", "k", "v", "out", "lse", *fields, "scale", *dropout]
+
+
+def test_a_sliding_window_computes_only_its_band(monkeypatch):
+    """Each piece (BLOCK_Q query rows) runs ATen's kernel on the keys its window reaches, not on all Sk: with
+    window (8, 8) over 256 keys and 64-row pieces, 64 + 16 keys per piece, and the result is the reference's."""
+    monkeypatch.setattr(cpu, "BLOCK_Q", 64)
+    calls = []
+    flash = cpu._FLASH
+
+    def recording(q, k, v, *args, **kw):
+        calls.append(k.shape[2])
+        return flash(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(cpu, "_FLASH", recording)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 256, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    out = _cpu(q, k, v, window_size=(8, 8))
+    assert len(calls) == 2 * 4 and max(calls) <= 64 + 16, calls
+    assert_close(out, ref64(q, k, v, window_size=(8, 8)), atol=1e-12, rtol=1e-10, msg="windowed cpu vs reference")

@@ -89,7 +89,7 @@ def test_keep_rate_within_a_binomial_bound(p):
 
 def _case(seed):
     return attention_case(seed, label="attention dropout", seqs=(1, 17, 40), head_dims=(16, 40),
-                          spans_within_keys=True, mask_shapes=MASK_SHAPES, zero_rows=True)
+                          spans_within_keys=True, mask_shapes=MASK_SHAPES, zero_rows=True, positions=True)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -240,8 +240,8 @@ def test_opcheck_with_dropout(backend):
     q, k, v = (torch.randn(2, h, 19, 16, generator=g).to(dev).requires_grad_() for h in (4, 2, 2))
     seed, offset = torch.tensor(3).to(dev), torch.tensor(8).to(dev)
     samples = torch.tensor([5, 2**35]).to(dev)
-    args = (q, k, v, torch.tensor([19, 7]).to(dev), None, None, None, None, True, "inside", 0.25, 0.2, seed, offset,
-            samples)
+    args = (q, k, v, torch.tensor([19, 7]).to(dev), None, None, None, None, True, "inside", 6, -1,
+            torch.rand(4, generator=g).expand(2, 4).contiguous().to(dev), 0.25, 0.2, seed, offset, samples)
     fwd = getattr(torch.ops.masklm_kernels, f"attention_{backend}_fwd")
     bwd = getattr(torch.ops.masklm_kernels, f"attention_{backend}_bwd")
     torch.library.opcheck(fwd.default, args)
@@ -252,7 +252,8 @@ def test_opcheck_with_dropout(backend):
     cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=dev)
     qv, kv_, vv = (t[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v))
     varlen = getattr(torch.ops.masklm_kernels, f"attention_varlen_{backend}_fwd")
-    torch.library.opcheck(varlen.default, (qv, kv_, vv, cu, cu, 12, 12, False, 0.25, 0.3, seed, offset, samples))
+    torch.library.opcheck(varlen.default, (qv, kv_, vv, cu, cu, 12, 12, False, -1, -1, None, 0.25, 0.3, seed, offset,
+                                           samples))
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -115,6 +115,17 @@ CASES = [
     case("causal-none", TypeError, r"causal must be a bool", causal=None),
     case("causal-str", TypeError, r"causal must be a bool", causal="yes"),
     case("causal-tensor", TypeError, r"causal must be a bool", causal=torch.tensor(True)),
+    # sliding window, ALiBi
+    case("window-int", TypeError, r"window_size must be a \(left, right\) pair", window_size=4),
+    case("window-triple", TypeError, r"window_size must be a \(left, right\) pair", window_size=(1, 2, 3)),
+    case("window-below-minus-one", ValueError, r"window_size\[0\]", window_size=(-2, 3)),
+    case("window-float", TypeError, r"window_size\[1\] must be an int", window_size=(3, 1.5)),
+    case("window-bool", TypeError, r"window_size\[0\] must be an int", window_size=(True, 1)),
+    case("alibi-shape", ValueError, r"alibi_slopes must have shape \(4,\) or \(2, 4\)", alibi_slopes=torch.ones(HKV)),
+    case("alibi-dtype", TypeError, r"alibi_slopes must be float32", alibi_slopes=torch.ones(HQ, dtype=torch.float64)),
+    case("alibi-list", TypeError, r"alibi_slopes must be a torch\.Tensor", alibi_slopes=[0.5] * HQ),
+    case("alibi-nan", ValueError, r"alibi_slopes must be finite", alibi_slopes=torch.full((B, HQ), float("nan"))),
+    case("alibi-device", ValueError, r"alibi_slopes.*device", alibi_slopes=torch.ones(HQ, device=META)),
     # backend
     case("backend-unknown", ValueError, r"backend must be one of.*'cpu'.*'triton'.*'reference'", backend="flash"),
     case("backend-none", TypeError, r"backend must be a string", backend=None),
@@ -184,6 +195,9 @@ VARLEN_CASES = [
     vcase("max-float", TypeError, r"max_seqlen_q must be an int", max_q=5.0),
     vcase("causal-int", TypeError, r"causal must be a bool", causal=1),
     vcase("scale-zero", ValueError, r"scale", scale=0.0),
+    vcase("window", ValueError, r"window_size\[1\]", window_size=(2, -5)),
+    vcase("alibi-batch", ValueError, r"alibi_slopes must have shape \(4,\) or \(2, 4\)",
+          alibi_slopes=torch.ones(3, HQ)),
     vcase("backend-unknown", ValueError, r"backend must be one of", backend="flash"),
 ]
 

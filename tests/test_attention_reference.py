@@ -17,7 +17,7 @@ from helpers import assert_close
 
 
 def _model(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_lengths=None, spans=None,
-           span_mode="inside", attn_mask=None, scale=None):
+           span_mode="inside", window_size=(-1, -1), alibi_slopes=None, attn_mask=None, scale=None):
     """One (b, h, i) at a time, each condition as the brief states it; float64 NumPy."""
     q, k, v = (t.double().numpy() for t in (q, k, v))
     B, Hq, Sq, D = q.shape
@@ -51,7 +51,13 @@ def _model(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_len
                         ok = False
                     if sp is not None and (in_span(b, j) != (span_mode == "inside")):
                         ok = False
+                    left, right = window_size
+                    if (left >= 0 and j < i + off - left) or (right >= 0 and j > i + off + right):
+                        ok = False
                     s = float(q[b, h, i] @ k[b, g, j]) * scale
+                    if alibi_slopes is not None:
+                        slope = alibi_slopes.reshape(-1, Hq)[b if alibi_slopes.dim() == 2 else 0, h]
+                        s -= float(slope) * abs(i + off - j)
                     if am is not None:
                         if am.dtype == bool:
                             ok = ok and bool(am[b, h, i, j])
@@ -69,7 +75,7 @@ def _model(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_len
 
 @pytest.mark.parametrize("seed", range(40))
 def test_reference_matches_elementwise_model(seed):
-    q, k, v, kw = attention_case(seed)
+    q, k, v, kw = attention_case(seed, positions=True)
     got = ref.attention(q, k, v, **kw)
     assert not torch.isnan(got).any()
     assert_close(got, _model(q, k, v, **kw), atol=1e-12, rtol=1e-10, msg=f"case {seed}: {sorted(kw)}")

@@ -25,6 +25,7 @@ from attention_cases import (
     fwd_bwd,
     op_args,
     ref64,
+    visibility_of,
 )
 from helpers import assert_close, assert_equal, assert_within_eager_error, sweep
 
@@ -50,7 +51,7 @@ def blocks(request, monkeypatch):
 
 def _case(seed, seqs=(1, 17, 113)):
     return attention_case(seed, label="attention triton backend", seqs=seqs, head_dims=(40, 80),
-                          spans_within_keys=True, mask_shapes=MASK_SHAPES, zero_rows=True)
+                          spans_within_keys=True, mask_shapes=MASK_SHAPES, zero_rows=True, positions=True)
 
 
 def _dev(x):
@@ -193,13 +194,18 @@ def test_backward_is_bit_identical_across_runs():
 # ------------------------------------------------------------------------------------------------
 
 def _single_span_case(seed):
-    """Metadata masks only (every kind and combination), spans one per row or "outside": the cases where
-    "every pair of the tile visible" is decided exactly (overlapping inside-spans are decided conservatively)."""
+    """Metadata masks only (every kind and combination, windows and ALiBi included), spans one per row or
+    "outside": the cases where "every pair of the tile visible" is decided exactly (overlapping inside-spans
+    are decided conservatively)."""
     q, k, v, kw = attention_case(seed, label="attention triton tiles", seqs=(1, 17, 70), head_dims=(16,),
-                                 spans_within_keys=True, zero_rows=True)
+                                 spans_within_keys=True, zero_rows=True, positions=True)
     kw.pop("attn_mask", None)
     if "spans" in kw and kw["span_mode"] == "inside" and kw["spans"].dim() == 3:
         kw["spans"] = kw["spans"][:, :1]
+    if "spans" in kw and kw["span_mode"] == "outside":
+        # a window over keys with gaps (the spans) is classified conservatively: a tile whose window part
+        # falls in a gap is computed (and fully masked)
+        kw.pop("window_size", None)
     return q, k, v, kw
 
 
@@ -209,8 +215,7 @@ def test_tiles_computed_are_exactly_the_tiles_with_a_visible_pair(seed, blocks):
     with triton_host.record_tiles() as launches:
         fwd_bwd(_triton, *_on_device(q, k, v, torch.randn(q.shape, dtype=q.dtype)), **kw)
     B, Hq, Sq, _ = q.shape
-    meta = {n: kw[n] for n in ("causal", "kv_lengths", "q_lengths", "prefix_lengths", "spans", "span_mode") if n in kw}
-    vis = masks.visibility(B, Sq, k.shape[2], **meta).expand(B, Hq, Sq, k.shape[2])
+    vis = visibility_of(q, k, kw).expand(B, Hq, Sq, k.shape[2])
     assert [launch.kernel for launch in launches] == ["fwd", "dkdv", "dq"]
     for launch in launches:
         needed = ref.tiles_needed(vis, launch.block_m, launch.block_n)
@@ -299,7 +304,9 @@ def test_opcheck(kind):
 
 def test_opcheck_varlen():
     q, k, v, cu_q, cu_k, mq, mk = _varlen_case(1)
-    args = (*_on_device(*(t.float().requires_grad_() for t in (q, k, v)), cu_q, cu_k), mq, mk, True, 0.2)
+    slopes = torch.rand(cu_q.shape[0] - 1, q.shape[1], generator=torch.Generator().manual_seed(2))
+    args = (*_on_device(*(t.float().requires_grad_() for t in (q, k, v)), cu_q, cu_k), mq, mk, True, 6, 0,
+            slopes.to(DEVICE), 0.2)
     torch.library.opcheck(torch.ops.masklm_kernels.attention_varlen_triton_fwd.default, args)
 
 
@@ -377,7 +384,7 @@ def test_varlen_custom_ops_opcheck_and_compile(backend):
     q, k, v, cu_q, cu_k = (t.to(dev) for t in (q.float(), k.float(), v.float(), cu_q, cu_k))
     op = getattr(torch.ops.masklm_kernels, f"attention_varlen_{backend}_fwd")
     torch.library.opcheck(op.default, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, mq, mk,
-                                       True, 0.2))
+                                       True, -1, -1, None, 0.2))
 
     def fn(q_, k_, v_, cu_q_, cu_k_):
         return fused_attention_varlen(q_, k_, v_, cu_q_, cu_k_, mq, mk, causal=True, backend=backend)

@@ -103,7 +103,7 @@ def test_float64_is_never_cast(backend):
 
 def test_raw_custom_ops_cast_as_the_public_functions():
     q, k, v = _leaves((1, 2, 9, 16), (1, 2, 9, 16), (1, 2, 9, 16), device="cpu", seed=6)
-    args = (None, None, None, None, None, True, "inside", 0.25)
+    args = (None, None, None, None, None, True, "inside", -1, -1, None, 0.25)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = torch.ops.masklm_kernels.attention_cpu_fwd(q, k, v, *args)
     want, _ = torch.ops.masklm_kernels.attention_cpu_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args)

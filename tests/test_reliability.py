@@ -158,7 +158,7 @@ def test_varlen_tokens_outside_every_sequence_read_zero_on_the_triton_op():
     q = torch.full((10, 2, 16), float("nan"), dtype=torch.float64)
     q[:9] = torch.randn(9, 2, 16, dtype=torch.float64)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
-    out, _ = ops.VARLEN_FORWARD["triton"](q, q, q, cu, cu, 5, 5, True, 0.25)
+    out, _ = ops.VARLEN_FORWARD["triton"](q, q, q, cu, cu, 5, 5, True, -1, -1, None, 0.25)
     assert (out[9] == 0).all() and torch.isfinite(out[:9]).all()
     ref = fused_attention_varlen(q[:9], q[:9], q[:9], cu, cu, 5, 5, causal=True, scale=0.25, backend="reference")
     torch.testing.assert_close(out[:9], ref)

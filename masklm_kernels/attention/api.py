@@ -124,9 +124,36 @@ def _attn_mask(mask, shape, device):
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
+def _window(window_size, seq_q: int, seq_k: int) -> tuple[int, int]:
+    """(left, right) from FlashAttention's `window_size`; a side reaching past every key is unbounded (-1)."""
+    if window_size is None:
+        return -1, -1
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a (left, right) pair of ints (-1: unbounded), got {window_size!r}")
+    sides = tuple(check_int(f"window_size[{n}]", w, lo=-1) for n, w in enumerate(window_size))
+    # |i + off - j| < Sq + Sk for every pair: a wider side constrains nothing (and stays within int32)
+    return tuple(-1 if w >= seq_q + seq_k else w for w in sides)
+
+
+def _alibi(slopes, B: int, Hq: int, device) -> torch.Tensor | None:
+    """(B, Hq) contiguous fp32 slopes from (Hq,) or (B, Hq); never differentiated (as FlashAttention)."""
+    if slopes is None:
+        return None
+    check_tensor("alibi_slopes", slopes, device=device, like="q")
+    if slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32 (FlashAttention's), got {slopes.dtype}")
+    if tuple(slopes.shape) not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}) (query heads), got "
+                         f"{tuple(slopes.shape)}")
+    if values_checkable(slopes) and slopes.numel() and not bool(torch.isfinite(slopes).all()):
+        raise ValueError("alibi_slopes must be finite")
+    return slopes.detach().expand(B, Hq).contiguous()
+
+
 def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, prefix_lengths=None, spans=None,
-                    span_mode="inside", attn_mask=None, scale=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
-                    sample_ids=None, generator=None, backend="auto"):
+                    span_mode="inside", window_size=(-1, -1), alibi_slopes=None, attn_mask=None, scale=None,
+                    dropout_p=0.0, dropout_seed=None, dropout_offset=0, sample_ids=None, generator=None,
+                    backend="auto"):
     """Masked attention with masks computed on the fly from O(B) metadata; forward and backward.
 
     Args:
@@ -140,6 +167,11 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
         prefix_lengths: (B,) int, with causal=True: keys j < prefix_lengths[b] are also visible (prefix-LM).
         spans: (B, 2) or (B, K, 2) int [start, end) in [0, Sk], with
         span_mode: "inside" (keys in a span, rows in a span: MASS decoder) or "outside" (keys in no span).
+        window_size: (left, right) sliding window, FlashAttention's: key j visible to query i only when
+            i + off_b - left <= j <= i + off_b + right (off_b as for causal; -1 = unbounded on that side),
+            AND-ed with every other rule. ModernBERT's local layers: (64, 64); Mistral's: (4095, 0).
+        alibi_slopes: (Hq,) or (B, Hq) float32: -slope * |i + off_b - j| is added to the scaled scores
+            (ALiBi, Press et al. 2022, as FlashAttention); not differentiated.
         attn_mask: broadcastable to (B, Hq, Sq, Sk); bool (True = visible) is AND-ed, float is added.
         scale: score scale, default 1 / sqrt(D).
         dropout_p: attention-probability dropout in [0, 1) (FlashAttention-2's semantics: on the normalised
@@ -174,9 +206,10 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
 
     Equivalent PyTorch (dense, for rows with a visible key)::
 
-        vis = masks.visibility(B, Sq, Sk, causal=..., kv_lengths=..., ...) & bool_attn_mask
+        vis = masks.visibility(B, Sq, Sk, causal=..., kv_lengths=..., window_size=..., ...) & bool_attn_mask
+        bias = -alibi_slopes.view(-1, Hq, 1, 1) * (i + off - j).abs()     # i (Sq, 1), j (1, Sk); 0 without
         F.scaled_dot_product_attention(q, k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1),
-                                       attn_mask=vis, scale=scale)
+                                       attn_mask=bias.masked_fill(~vis, -inf), scale=scale)
         # dropout: probs = softmax(scores masked by vis) * keep / (1 - p), keep = dropout_mask(...)
     """
     q, k, v = cast_inputs(q, k, v)  # under autocast: its dtype, as SDPA (the policy: _autocast.py)
@@ -196,8 +229,10 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
     prefix_lengths = _lengths("prefix_lengths", prefix_lengths, B, Sk, dev)
     spans = _spans(spans, B, Sk, dev)
     attn_mask = _attn_mask(attn_mask, (B, Hq, Sq, Sk), dev)
+    left, right = _window(window_size, Sq, Sk)
     mask = Mask(kv_lengths=kv_lengths, q_lengths=q_lengths, prefix_lengths=prefix_lengths, spans=spans,
-                attn_mask=attn_mask, causal=causal, span_mode=span_mode)
+                attn_mask=attn_mask, causal=causal, span_mode=span_mode, window_left=left, window_right=right,
+                alibi_slopes=_alibi(alibi_slopes, B, Hq, dev))
     drop = dropout_args(dropout_p, dropout_seed, dropout_offset, sample_ids, generator, B, dev)
     facts = dict(device=dev, dtype=q.dtype, head_dim=D, mask_grad=attn_mask is not None and attn_mask.requires_grad,
                  batch=B, heads=Hq, dropout=drop.active)
@@ -207,8 +242,9 @@ def fused_attention(q, k, v, *, causal=False, kv_lengths=None, q_lengths=None, p
                                           *drop.op_args())
         return out
     with no_autocast(dev):  # the specification computes in `compute_dtype` whatever autocast says
-        return reference.attention(q, k, v, **mask.visibility_kwargs(), attn_mask=mask.attn_mask, scale=scale,
-                                   compute_dtype=acc_dtype(q), **_reference_dropout(drop))
+        return reference.attention(q, k, v, **mask.visibility_kwargs(), attn_mask=mask.attn_mask,
+                                   alibi_slopes=mask.alibi_slopes, scale=scale, compute_dtype=acc_dtype(q),
+                                   **_reference_dropout(drop))
 
 
 def _reference_dropout(drop: Dropout) -> dict:
@@ -235,8 +271,8 @@ def _cu_seqlens(name: str, t, device, total: int, max_seqlen: int) -> torch.Tens
 
 
 def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                           scale=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0, sample_ids=None,
-                           generator=None, backend="auto"):
+                           window_size=(-1, -1), alibi_slopes=None, scale=None, dropout_p=0.0, dropout_seed=None,
+                           dropout_offset=0, sample_ids=None, generator=None, backend="auto"):
     """Attention over packed variable-length sequences (FlashAttention's varlen layout); forward and backward.
 
     Args:
@@ -246,6 +282,8 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         max_seqlen_q, max_seqlen_k: Python ints >= every sequence's length (the grid size: no host sync);
             values above the token count are taken as the token count.
         causal: key j visible to query i of the same sequence when j <= i + (len_k - len_q) (bottom-right).
+        window_size, alibi_slopes: as `fused_attention`, per sequence (off = len_k - len_q); slopes (Hq,)
+            or (B, Hq), B the number of sequences.
         scale: score scale, default 1 / sqrt(D).
         dropout_p, dropout_seed, dropout_offset, generator: as `fused_attention`; sequence b is keyed by
             sample_ids[b] (a (B,) int tensor; default b), so a sequence drops the same pairs packed or padded.
@@ -280,15 +318,20 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_q.shape[0]} and {cu_k.shape[0]}")
     scale = _scale(scale, q.shape[-1])
-    drop = dropout_args(dropout_p, dropout_seed, dropout_offset, sample_ids, generator, cu_q.shape[0] - 1, dev)
+    B = cu_q.shape[0] - 1
+    left, right = _window(window_size, max_seqlen_q, max_seqlen_k)
+    slopes = _alibi(alibi_slopes, B, q.shape[1], dev)
+    drop = dropout_args(dropout_p, dropout_seed, dropout_offset, sample_ids, generator, B, dev)
     chosen = select_backend("fused_attention_varlen", BACKENDS, backend, dev,
                             dict(device=dev, dtype=q.dtype, head_dim=q.shape[-1], batch=cu_q.shape[0] - 1,
                                  heads=q.shape[1], dropout=drop.active))
     if chosen.name != "reference":
         out, _ = ops.VARLEN_FORWARD[chosen.name](q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k,
-                                                 max_seqlen_q, max_seqlen_k, causal, scale, *drop.op_args())
+                                                 max_seqlen_q, max_seqlen_k, causal, left, right, slopes, scale,
+                                                 *drop.op_args())
         return out
     compute = acc_dtype(q)
     with no_autocast(dev):
-        return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale, compute_dtype=compute,
+        return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, window_size=(left, right),
+                                          alibi_slopes=slopes, scale=scale, compute_dtype=compute,
                                           **_reference_dropout(drop))

@@ -23,7 +23,7 @@ import torch
 from .._common import acc_dtype
 from .cpu_dropout import piece_backward, piece_forward, piece_keep
 from .inputs import NO_DROPOUT, Dropout, Mask
-from .masks import visibility
+from .masks import diagonal_offset, visibility
 
 # Query rows per piece. Measured on 2 cores (B=8, H=8, S=512, D=64, fp32, fwd+bwd): 64 rows was 10-35%
 # slower than 128 (more pieces, more per-piece overhead) on every mask kind of the attention suite.
@@ -54,6 +54,13 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, mask: Mask):
     Sk = k.shape[2]
     if Sk == 0:
         return  # no keys: every row is dead
+    alibi = mask.alibi_slopes
+    # ALiBi's bias is kept in the accumulation dtype (ATen's kernel takes an fp32 mask for fp16/bf16 inputs):
+    # in bf16 the slopes times distances would be rounded to 8 bits
+    bias_dtype = acc_dtype(q) if alibi is not None else q.dtype
+    if alibi is not None:
+        off = diagonal_offset(B, Sq, Sk, mask.kv_lengths, mask.q_lengths)
+        offs = off.view(B).tolist() if isinstance(off, torch.Tensor) else [off] * B
     for i0 in range(0, Sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, Sq)
         vis = visibility(B, Sq, Sk, device=q.device, rows=(i0, i1), **mask.visibility_kwargs())
@@ -83,11 +90,16 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, mask: Mask):
             vb = vis[b if vis.shape[0] > 1 else 0][None][..., rows, :]
             vb = vb[..., keys] if isinstance(keys, slice) else vb.index_select(-1, keys)
             if bias is None:
-                additive = torch.zeros(vb.shape, dtype=q.dtype)
+                additive = torch.zeros(vb.shape, dtype=bias_dtype)
             else:
                 bb = bias[b if bias.shape[0] > 1 else 0][None]
                 bb = bb[..., rows, :] if bb.shape[-2] != 1 else bb
-                additive = (bb[..., keys] if isinstance(keys, slice) else bb.index_select(-1, keys)).to(q.dtype)
+                additive = (bb[..., keys] if isinstance(keys, slice) else bb.index_select(-1, keys)).to(bias_dtype)
+            if alibi is not None:
+                j = torch.arange(Sk)[keys]
+                i = torch.arange(i0 + r_lo[b], i0 + r_hi[b])
+                dist = (i[:, None] + offs[b] - j[None, :]).abs().to(bias_dtype)
+                additive = additive - alibi[b].to(bias_dtype).view(1, -1, 1, 1) * dist
             yield b, i0 + r_lo[b], i0 + r_hi[b], keys, additive.masked_fill(~vb, float("-inf"))
 
 
@@ -103,7 +115,7 @@ def _whole_batch(q, k, mask: Mask):
     (its own causal mask is top-left aligned; it skips the causal blocks itself): is_causal, else None."""
     if mask.attn_mask is not None or q.numel() == 0 or k.numel() == 0:
         return None  # ATen's kernel divides by the sizes: an empty input would kill the process (SIGFPE)
-    if mask.has_metadata:
+    if mask.has_metadata or mask.windowed or mask.alibi_slopes is not None:
         return None
     if mask.causal:
         return True if q.shape[2] == k.shape[2] else None
@@ -193,27 +205,34 @@ def _sequence_dropout(drop: Dropout, index: int) -> Dropout:
     return Dropout(drop.p, drop.seed, drop.offset, sample)
 
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
-                   dropout: Dropout = NO_DROPOUT):
-    """(out (total_q, Hq, D), lse (Hq, total_q)); causal is bottom-right aligned per sequence."""
+def _sequence_mask(causal: bool, left: int, right: int, alibi, index: int) -> Mask:
+    """The mask of packed sequence `index` as a batch row of its own."""
+    return Mask(causal=causal, window_left=left, window_right=right,
+                alibi_slopes=None if alibi is None else alibi[index:index + 1])
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, left: int, right: int, alibi,
+                   scale: float, dropout: Dropout = NO_DROPOUT):
+    """(out (total_q, Hq, D), lse (Hq, total_q)); causal and the window bottom-right aligned per sequence."""
     out = torch.zeros_like(q)
     lse = torch.zeros(q.shape[1], q.shape[0], dtype=acc_dtype(q))
     for n, (q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k)):
         if q1 > q0:
-            o, l = forward(_row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1), Mask(causal=causal), scale,
-                           _sequence_dropout(dropout, n))
+            o, l = forward(_row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1),
+                           _sequence_mask(causal, left, right, alibi, n), scale, _sequence_dropout(dropout, n))
             out[q0:q1] = o[0].transpose(0, 1)
             lse[:, q0:q1] = l[0]
     return out, lse
 
 
-def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
-                    dropout: Dropout = NO_DROPOUT):
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, left: int,
+                    right: int, alibi, scale: float, dropout: Dropout = NO_DROPOUT):
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for n, (q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k)):
         if q1 > q0:
             g_q, g_k, g_v = backward(_row(dout, q0, q1), _row(q, q0, q1), _row(k, k0, k1), _row(v, k0, k1),
-                                     _row(out, q0, q1), lse[None, :, q0:q1].contiguous(), Mask(causal=causal), scale,
+                                     _row(out, q0, q1), lse[None, :, q0:q1].contiguous(),
+                                     _sequence_mask(causal, left, right, alibi, n), scale,
                                      _sequence_dropout(dropout, n))
             dq[q0:q1] = g_q[0].transpose(0, 1)
             dk[k0:k1] = g_k[0].transpose(0, 1)

@@ -34,6 +34,9 @@ class Mask:
     attn_mask: Optional[torch.Tensor] = None       # 4-D, broadcastable to (B, Hq, Sq, Sk); bool or float
     causal: bool = False
     span_mode: str = "inside"                      # "inside" | "outside"
+    window_left: int = -1                          # sliding window: j >= i + off - left (-1: unbounded)
+    window_right: int = -1                         # j <= i + off + right (-1: unbounded)
+    alibi_slopes: Optional[torch.Tensor] = None    # (B, Hq) fp32: score bias -slope * |i + off - j|
 
     def op_args(self) -> tuple:
         """The fields in schema order."""
@@ -45,7 +48,13 @@ class Mask:
 
     def visibility_kwargs(self) -> dict:
         """The O(B) metadata as masks.visibility and reference.attention take it (attn_mask aside)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "attn_mask"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("attn_mask", "alibi_slopes", "window_left", "window_right")}
+        return {**out, "window_size": (self.window_left, self.window_right)}
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
 
     @property
     def has_metadata(self) -> bool:
@@ -106,7 +115,8 @@ N_DROPOUT_ARGS = len(_DROPOUT_TYPES)
 
 _TYPES = {"kv_lengths": Optional[torch.Tensor], "q_lengths": Optional[torch.Tensor],
           "prefix_lengths": Optional[torch.Tensor], "spans": Optional[torch.Tensor],
-          "attn_mask": Optional[torch.Tensor], "causal": bool, "span_mode": str}
+          "attn_mask": Optional[torch.Tensor], "causal": bool, "span_mode": str, "window_left": int,
+          "window_right": int, "alibi_slopes": Optional[torch.Tensor]}
 assert tuple(_TYPES) == tuple(f.name for f in dataclasses.fields(Mask)), "one type per Mask field, in order"
 
 

@@ -18,7 +18,19 @@ condition holds:
         i=5-7  . . . . . . . .   (padding rows)
 * kv_lengths: `j < kv_lengths[b]`;  q_lengths: row `i < q_lengths[b]` (padding rows see nothing);
 * spans `[start, end)` (B, 2) or (B, K, 2): `"inside"` -- j in a span, and row i in a span (the MASS
-  decoder: rows outside every span are not computed); `"outside"` -- j in no span.
+  decoder: rows outside every span are not computed); `"outside"` -- j in no span;
+* window `(left, right)` (sliding window, FlashAttention's `window_size`; -1 = unbounded on that side):
+  `i + off_b - left <= j <= i + off_b + right`, with the causal rule's offset, AND-ed with every other
+  rule (a prefix does not widen it):
+
+        window (2, 1), Sq = Sk = 6, off = 0        with causal=True: window (2, 0)
+            j: 0 1 2 3 4 5                            j: 0 1 2 3 4 5
+        i=0    x x . . . .                        i=0    x . . . . .
+        i=1    x x x . . .                        i=1    x x . . . .
+        i=2    x x x x . .                        i=2    x x x . . .
+        i=3    . x x x x .                        i=3    . x x x . .
+        i=4    . . x x x x                        i=4    . . x x x .
+        i=5    . . . x x x                        i=5    . . . x x x
 """
 from __future__ import annotations
 
@@ -38,10 +50,19 @@ def in_spans(spans: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return ((pos >= start) & (pos < end)).any(dim=1)
 
 
+def diagonal_offset(batch: int, seq_q: int, seq_k: int, kv_lengths=None, q_lengths=None):
+    """The causal / window offset `off_b`: an int, or (B, 1, 1) when both lengths are given (clipped to the
+    sizes, as the kernels do)."""
+    if kv_lengths is not None and q_lengths is not None:
+        return (kv_lengths.clamp(0, seq_k) - q_lengths.clamp(0, seq_q)).view(batch, 1, 1)
+    return seq_k - seq_q
+
+
 def visibility(batch: int, seq_q: int, seq_k: int, *, causal: bool = False, kv_lengths=None, q_lengths=None,
-               prefix_lengths=None, spans=None, span_mode: str = "inside", device=None,
+               prefix_lengths=None, spans=None, span_mode: str = "inside", window_size=(-1, -1), device=None,
                rows: tuple[int, int] | None = None) -> torch.Tensor:
     """(B, 1, R, Sk) bool visibility of query rows `rows = (i0, i1)` (default all: R = Sq)."""
+    window_left, window_right = window_size
     if span_mode not in SPAN_MODES:
         raise ValueError(f"span_mode must be one of {SPAN_MODES}, got {span_mode!r}")
     if prefix_lengths is not None and not causal:
@@ -50,10 +71,12 @@ def visibility(batch: int, seq_q: int, seq_k: int, *, causal: bool = False, kv_l
     i = torch.arange(i0, i1, device=device).view(1, -1, 1)
     j = torch.arange(seq_k, device=device).view(1, 1, seq_k)
     vis = torch.ones(batch, i1 - i0, seq_k, dtype=torch.bool, device=device)
+    off = diagonal_offset(batch, seq_q, seq_k, kv_lengths, q_lengths)
+    if window_left >= 0:
+        vis &= j >= i + off - window_left
+    if window_right >= 0:
+        vis &= j <= i + off + window_right
     if causal:
-        off = seq_k - seq_q
-        if kv_lengths is not None and q_lengths is not None:  # clipped to the sizes, as the kernels do
-            off = (kv_lengths.clamp(0, seq_k) - q_lengths.clamp(0, seq_q)).view(batch, 1, 1)
         allowed = j <= i + off
         if prefix_lengths is not None:
             allowed = allowed | (j < prefix_lengths.view(batch, 1, 1))

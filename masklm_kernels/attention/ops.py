@@ -12,6 +12,7 @@ interpreter (api.py only sends CPU tensors there when TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import torch
 
@@ -37,7 +38,8 @@ _BWD_RETURNS = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # The packed layout's arguments between q, k, v and the Dropout fields (the padded layout's: inputs.Mask's
 # fields and the scale, inputs.op_signature's default).
 _VARLEN_MIDDLE = {"cu_seqlens_q": torch.Tensor, "cu_seqlens_k": torch.Tensor, "max_seqlen_q": int,
-                  "max_seqlen_k": int, "causal": bool, "scale": float}
+                  "max_seqlen_k": int, "causal": bool, "window_left": int, "window_right": int,
+                  "alibi_slopes": Optional[torch.Tensor], "scale": float}
 
 
 def _custom_op(name: str, signature, impl, device_types):
@@ -67,8 +69,8 @@ def _register(backend: str, layout: str):
     """(fwd, bwd) custom ops of one layout: the padded (B, H, S, D) one (`attention_<backend>_fwd/_bwd`:
     q, k, v, the `inputs.Mask` fields in order, the scale, the `inputs.Dropout` fields) or the packed
     (total, H, D) one (`attention_varlen_<backend>_fwd/_bwd`: q, k, v, int32 cu_seqlens, max_seqlen,
-    causal, scale, the Dropout fields). The backend functions take (q, k, v, <middle>, Dropout), the padded
-    middle as (Mask, scale)."""
+    causal, the window sides, the ALiBi slopes, scale, the Dropout fields). The backend functions take
+    (q, k, v, <middle>, Dropout), the padded middle as (Mask, scale)."""
     padded = layout == "padded"
     name = f"masklm_kernels::attention_{backend}" if padded else f"masklm_kernels::attention_varlen_{backend}"
     middle_types = None if padded else _VARLEN_MIDDLE

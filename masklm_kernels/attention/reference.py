@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..masking.reference import philox4x32_10
-from .masks import visibility
+from .masks import diagonal_offset, visibility
 
 # Counter domain of attention dropout's per-(row, head) keys (the masking ops' domains are 0-4).
 DROPOUT_DOMAIN = 16
@@ -47,8 +47,9 @@ def dropout_keep(batch: int, heads: int, seq_q: int, seq_k: int, *, p: float, se
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, kv_lengths=None, q_lengths=None,
-                    prefix_lengths=None, spans=None, span_mode: str = "inside", attn_mask=None,
-                    scale: float | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    prefix_lengths=None, spans=None, span_mode: str = "inside", window_size=(-1, -1),
+                    alibi_slopes=None, attn_mask=None, scale: float | None = None,
+                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Attention probabilities (B, Hq, Sq, Sk) in `compute_dtype` (default q's dtype): softmax over each
     row's visible keys, 0 on invisible pairs and on rows with no visible key. Arguments as `attention`."""
     B, Hq, Sq, D = q.shape
@@ -59,7 +60,8 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, k
     if Hkv != Hq:
         kc = kc.repeat_interleave(Hq // Hkv, dim=1)
     vis = visibility(B, Sq, Sk, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
-                     prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode, device=q.device)
+                     prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode, window_size=window_size,
+                     device=q.device)
     # Keys and query rows that the lengths and spans exclude (padding, outside the spans: the causal and
     # prefix rules aside) are inert: whatever they hold (NaN, inf) reaches no output and no gradient. A NaN
     # in a key or value that some query sees makes those queries' outputs NaN; other rows of the same batch
@@ -68,6 +70,12 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, k
     kc = kc.masked_fill(~valid.any(dim=-2)[..., None], 0.0)
     qc = qc.masked_fill(~valid.any(dim=-1)[..., None], 0.0)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if alibi_slopes is not None:  # FlashAttention's ALiBi: -slope * |i + off - j|, on the scaled scores
+        off = diagonal_offset(B, Sq, Sk, kv_lengths, q_lengths)
+        dist = (torch.arange(Sq, device=q.device).view(1, -1, 1) + off
+                - torch.arange(Sk, device=q.device).view(1, 1, -1)).abs()  # (1 or B, Sq, Sk)
+        slopes = alibi_slopes.to(dt).reshape(-1, Hq, 1, 1)  # (H,) or (B, H)
+        scores = scores - slopes * dist[:, None].to(dt)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             vis = vis & attn_mask
@@ -89,21 +97,24 @@ def _valid(B, Sq, Sk, kv_lengths, q_lengths, spans, span_mode, device) -> torch.
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, kv_lengths=None,
-              q_lengths=None, prefix_lengths=None, spans=None, span_mode: str = "inside", attn_mask=None,
-              scale: float | None = None, compute_dtype: torch.dtype | None = None, dropout_p: float = 0.0,
-              dropout_seed=0, dropout_offset=0, sample_ids=None) -> torch.Tensor:
+              q_lengths=None, prefix_lengths=None, spans=None, span_mode: str = "inside", window_size=(-1, -1),
+              alibi_slopes=None, attn_mask=None, scale: float | None = None,
+              compute_dtype: torch.dtype | None = None, dropout_p: float = 0.0, dropout_seed=0, dropout_offset=0,
+              sample_ids=None) -> torch.Tensor:
     """Masked attention, (B, Hq, Sq, D) in q's dtype; computed in `compute_dtype` (default q's dtype).
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA / MQA: each group of Hq / Hkv
-    query heads shares one key/value head). dropout_p > 0: the probabilities that `dropout_keep` drops
-    are 0, the others scaled by 1 / (1 - dropout_p).
+    query heads shares one key/value head). window_size (left, right): the sliding window (masks.py, -1
+    unbounded); alibi_slopes (Hq,) or (B, Hq): -slope * |i + off - j| added to the scaled scores.
+    dropout_p > 0: the probabilities that `dropout_keep` drops are 0, the others scaled by 1 / (1 - dropout_p).
     """
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dt = compute_dtype or q.dtype
     probs = attention_probs(q, k, causal=causal, kv_lengths=kv_lengths, q_lengths=q_lengths,
-                            prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode, attn_mask=attn_mask,
-                            scale=scale, compute_dtype=dt)
+                            prefix_lengths=prefix_lengths, spans=spans, span_mode=span_mode,
+                            window_size=window_size, alibi_slopes=alibi_slopes,
+                            attn_mask=attn_mask, scale=scale, compute_dtype=dt)
     vc = v.to(dt)
     if Hkv != Hq:
         vc = vc.repeat_interleave(Hq // Hkv, dim=1)
@@ -144,19 +155,24 @@ def tiles_full(vis: torch.Tensor, block_q: int, block_k: int) -> int:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, *, causal: bool = False, scale: float | None = None,
+                     cu_seqlens_k: torch.Tensor, *, causal: bool = False, window_size=(-1, -1),
+                     alibi_slopes=None, scale: float | None = None,
                      compute_dtype: torch.dtype | None = None, dropout_p: float = 0.0, dropout_seed=0,
                      dropout_offset=0, sample_ids=None) -> torch.Tensor:
     """Packed layout (q: (total_q, Hq, D), k/v: (total_k, Hkv, D)): sequence b, tokens
     cu_seqlens[b]:cu_seqlens[b + 1], attends within itself, as a batch row of `attention` of its own
-    (causal bottom-right aligned per sequence; dropout keyed by sample_ids[b], default b). Reads
-    cu_seqlens on the host."""
+    (causal and the window bottom-right aligned per sequence; alibi_slopes (Hq,) or (B, Hq); dropout keyed
+    by sample_ids[b], default b). Reads cu_seqlens on the host."""
     bounds = zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
                  cu_seqlens_k[1:].tolist())
     row = lambda t, a, b: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731 - (1, H, len, D)
     samples = range(cu_seqlens_q.shape[0] - 1) if sample_ids is None else sample_ids.tolist()
-    outs = [attention(row(q, a, b), row(k, c, d), row(v, c, d), causal=causal, scale=scale,
-                      compute_dtype=compute_dtype, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                      dropout_offset=dropout_offset, sample_ids=torch.tensor([s]))[0].transpose(0, 1)
-            for (a, b, c, d), s in zip(bounds, samples)]
+    Hq = q.shape[1]
+    slopes = lambda n: (None if alibi_slopes is None  # noqa: E731 - sequence n's (Hq,) slopes
+                        else alibi_slopes.reshape(-1, Hq)[n if alibi_slopes.dim() == 2 else 0])
+    outs = [attention(row(q, a, b), row(k, c, d), row(v, c, d), causal=causal, window_size=window_size,
+                      alibi_slopes=slopes(n), scale=scale, compute_dtype=compute_dtype,
+                      dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset,
+                      sample_ids=torch.tensor([s]))[0].transpose(0, 1)
+            for n, ((a, b, c, d), s) in enumerate(zip(bounds, samples))]
     return torch.cat(outs) if outs else q.new_zeros(q.shape)

@@ -20,6 +20,7 @@ from .._triton_launch import Launch
 from .inputs import NO_DROPOUT, Dropout, Mask
 from .triton_common import (
     Lens,
+    _alibi_slope,
     _col_stats,
     _cols_ok,
     _dot,
@@ -81,8 +82,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, 
     col_ok = _cols_ok(cols, r, F)
     k = _tokens(_plane(K, sk_, b, hk, r.k0), cols, sk_[2], dcol, col_ok, d_in)
     v = _tokens(_plane(V, sv_, b, hk, r.k0), cols, sv_[2], dcol, col_ok, d_in)
-    j_min, cols_full = _col_stats(n0, r, BN, F)
-    m_start, m_end = _query_range(j_min, r, BM, F)
+    j_min, j_max, cols_full = _col_stats(n0, r, BN, F)
+    m_start, m_end = _query_range(j_min, j_max, r, BM, F)
     if F.DROPOUT != 0:
         rescale = _dropout_rescale(meta, F)
 
@@ -97,11 +98,12 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, 
         lse_ptr = _plane(LSE, sl_, b, h, r.q0)
         delta_ptr = _plane(DELTA, sl_, b, h, r.q0)
         mask_ptr = meta.MASK + b.to(tl.int64) * meta.smb + h.to(tl.int64) * meta.smh
+        slope = _alibi_slope(meta, b, h, r, F)
         if F.DROPOUT != 0:
             dkey = _dropout_key(meta, b, h, F)
         for m0 in range(m_start, m_end, BM):
-            i_max, rows_full = _row_stats(m0, r, BM, F)
-            visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, r, BM, BN, F)
+            i_min, i_max, rows_full = _row_stats(m0, r, BM, F)
+            visible, full = _tile_class(m0, i_min, i_max, rows_full, n0, j_min, j_max, cols_full, r, BM, BN, F)
             if visible:
                 rows = m0 + tl.arange(0, BM)
                 rows64 = rows.to(tl.int64)
@@ -113,7 +115,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COUNTS, sq_, sk_, sv_, sd_, sl_, 
                 delta = tl.load(delta_ptr + rows64 * sl_[2], mask=row_ok, other=0.0).to(F.ACC)
                 s = _dot(k, tl.trans(q), tl.zeros([BN, BM], F.ACC), F.UPCAST, F.PRECISION) * scale_log2  # S^T
                 s = _tile_scores(s, full, rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None],
-                                 col_in[:, None] & row_in[None, :], r, mask_ptr, meta, F)
+                                 col_in[:, None] & row_in[None, :], r, mask_ptr, slope, meta, F)
                 p = tl.math.exp2(s - lse2[None, :])
                 dp = _dot(v, tl.trans(do), tl.zeros([BN, BM], F.ACC), F.UPCAST, F.PRECISION)
                 if F.DROPOUT != 0:
@@ -163,8 +165,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, 
     v_ptr = _plane(V, sv_, b, hk, r.k0)
     mask_ptr = meta.MASK + b.to(tl.int64) * meta.smb + h.to(tl.int64) * meta.smh
 
-    i_max, rows_full = _row_stats(m0, r, BM, F)
-    n_lo, n_end = _key_range(i_max, m0, r, BN, F)
+    i_min, i_max, rows_full = _row_stats(m0, r, BM, F)
+    n_lo, n_end = _key_range(i_min, i_max, m0, r, BN, F)
+    slope = _alibi_slope(meta, b, h, r, F)
     if F.DROPOUT != 0:
         dkey = _dropout_key(meta, b, h, F)
         rescale = _dropout_rescale(meta, F)
@@ -172,8 +175,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, 
     count = pid_m * 0
     masked = pid_m * 0
     for n0 in range(n_lo, n_end, BN):
-        j_min, cols_full = _col_stats(n0, r, BN, F)
-        visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, r, BM, BN, F)
+        j_min, j_max, cols_full = _col_stats(n0, r, BN, F)
+        visible, full = _tile_class(m0, i_min, i_max, rows_full, n0, j_min, j_max, cols_full, r, BM, BN, F)
         if visible:
             cols = n0 + tl.arange(0, BN)
             col_in = cols < r.sk
@@ -182,7 +185,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COUNTS, sq_, sk_, sv_, sd_, sl_, meta, 
             vt = _tokens_t(v_ptr, cols, sv_[2], dcol, col_ok, d_in)
             s = _dot(q, kt, tl.zeros([BM, BN], F.ACC), F.UPCAST, F.PRECISION) * scale_log2
             s = _tile_scores(s, full, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
-                             row_in[:, None] & col_in[None, :], r, mask_ptr, meta, F)
+                             row_in[:, None] & col_in[None, :], r, mask_ptr, slope, meta, F)
             p = tl.math.exp2(s - lse2[:, None])
             dp = _dot(do, vt, tl.zeros([BM, BN], F.ACC), F.UPCAST, F.PRECISION)
             if F.DROPOUT != 0:
@@ -236,7 +239,7 @@ def backward(dout, q, k, v, out, lse, mask: Mask, scale: float, dropout: Dropout
     return launch_backward(Problem.from_padded(q, k, mask, scale, dropout), dout, q, k, v, out, lse)
 
 
-def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
-                    dropout: Dropout = NO_DROPOUT):
-    prob = Problem.from_varlen(q, k, cu_q, cu_k, max_q, max_k, causal, scale, dropout)
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, left: int,
+                    right: int, alibi, scale: float, dropout: Dropout = NO_DROPOUT):
+    prob = Problem.from_varlen(q, k, cu_q, cu_k, max_q, max_k, causal, left, right, alibi, scale, dropout)
     return launch_backward(prob, dout, q, k, v, out, lse)

@@ -62,6 +62,9 @@ class Meta(NamedTuple):
     drop_thr: Any  # keep threshold floor(p 2^32) - 2^31 (the random word is compared as int32 after the same shift)
     drop_rs_hi: Any  # 1 / (1 - p) as an fp32 (hi, lo) pair
     drop_rs_lo: Any
+    WLEFT: Any  # sliding window (left, right) sides (the Flags say which are bounded)
+    WRIGHT: Any
+    ALIBI: Any  # (B, HQ) fp32 ALiBi slopes, or a dummy
 
 
 class Lens(NamedTuple):
@@ -88,6 +91,9 @@ class Flags(NamedTuple):
     VARLEN: bool  # packed layout
     COUNT: bool  # write the tile counters (record_tiles)
     DROPOUT: int  # attention dropout: 0 off, 1 keyed by the batch row, 2 by the sample ids of DSAMPLE
+    HAS_WLEFT: bool  # sliding window bounded on the left: j >= i + off - WLEFT
+    HAS_WRIGHT: bool  # and on the right: j <= i + off + WRIGHT
+    ALIBI: bool  # ALiBi score bias -slope * |i + off - j|
     ACC: Any  # accumulator dtype (tl.float32, tl.float64 for fp64)
     UPCAST: bool  # dots in fp32 (the interpreter's bf16 dots are wrong)
     PRECISION: str  # tl.dot input precision
@@ -104,7 +110,9 @@ class Row(NamedTuple):
     prefix: Any
     st: Any  # its spans as two NSP-vectors (empty spans pad)
     en: Any
-    off: Any  # causal diagonal: key j visible to query i when j <= i + off
+    off: Any  # causal diagonal: key j visible to query i when j <= i + off (and the window's centre)
+    wl: Any  # window sides (when bounded)
+    wr: Any
     scale: Any  # in the accumulator's precision
     log2e: Any
 
@@ -172,7 +180,7 @@ def _row(meta, lens, F, b):
                                               F.HAS_QLEN, F.HAS_KVLEN, F.HAS_PREFIX, F.NSPANS, F.NSP)
     off = _diagonal(sq, sk, q_len, kv_len, F.HAS_QLEN, F.HAS_KVLEN)
     scale, log2e = _scales(meta.scale_hi, meta.scale_lo, meta.log2e_hi, meta.log2e_lo, F.ACC)
-    return Row(q0, sq, k0, sk, q_len, kv_len, prefix, st, en, off, scale, log2e)
+    return Row(q0, sq, k0, sk, q_len, kv_len, prefix, st, en, off, meta.WLEFT, meta.WRIGHT, scale, log2e)
 
 
 @triton.jit
@@ -233,40 +241,52 @@ def _cols_ok(j, r, F):
 
 
 @triton.jit
-def _pair_visible(i2, j2, row_ok2, col_ok2, off, prefix, CAUSAL: tl.constexpr):
+def _pair_visible(i2, j2, row_ok2, col_ok2, r, F):
     """Element visibility of a tile; i2/j2 and the ok masks are already broadcastable 2-D views."""
     vis = row_ok2 & col_ok2
-    if CAUSAL:
-        vis = vis & ((j2 <= i2 + off) | (j2 < prefix))
+    if F.CAUSAL:
+        vis = vis & ((j2 <= i2 + r.off) | (j2 < r.prefix))
+    if F.HAS_WLEFT:
+        vis = vis & (j2 >= i2 + r.off - r.wl)
+    if F.HAS_WRIGHT:
+        vis = vis & (j2 <= i2 + r.off + r.wr)
     return vis
 
 
 @triton.jit
 def _row_stats(m0, r, BM: tl.constexpr, F):
-    """(i_max, all_valid) of rows [m0, m0 + BM): the last valid row (m0 - 1 when none) and whether all
-    BM rows are valid (conservative with overlapping spans: only a single containing span counts)."""
+    """(i_min, i_max, all_valid) of rows [m0, m0 + BM): the first and last valid rows (i_max = m0 - 1 when
+    none) and whether all BM rows are valid (conservative with overlapping spans: only a single containing
+    span counts)."""
     m1 = tl.minimum(m0 + BM, r.q_len)
     full = m0 + BM <= r.q_len
+    i_min = m0
     if F.INSIDE and F.NSPANS > 0:
         hi = tl.minimum(r.en, m1) - 1
-        i_max = tl.max(tl.where(hi >= tl.maximum(r.st, m0), hi, m0 - 1), axis=0)
+        lo = tl.maximum(r.st, m0)
+        i_max = tl.max(tl.where(hi >= lo, hi, m0 - 1), axis=0)
+        i_min = tl.min(tl.where(hi >= lo, lo, m0 + BM), axis=0)
         full = full & (tl.max(((r.st <= m0) & (r.en >= m0 + BM)).to(tl.int32), axis=0) > 0)
     else:
         i_max = m1 - 1
-    return i_max, full
+    return i_min, i_max, full
 
 
 @triton.jit
 def _col_stats(n0, r, BN: tl.constexpr, F):
-    """(j_min, all_valid) of columns [n0, n0 + BN): the first valid column (NO_COL when none)."""
+    """(j_min, j_max, all_valid) of columns [n0, n0 + BN): the first valid column (NO_COL when none) and the
+    last (an upper bound with "outside" spans, which only makes the window's tile test conservative)."""
     n1 = tl.minimum(n0 + BN, r.kv_len)
     full = n0 + BN <= r.kv_len
     st = r.st
     en = r.en
+    j_max = n1 - 1
     if F.NSPANS > 0:
         if F.INSIDE:
             lo = tl.maximum(st, n0)
-            j = tl.min(tl.where(lo < tl.minimum(en, n1), lo, NO_COL), axis=0)
+            hi = tl.minimum(en, n1)
+            j = tl.min(tl.where(lo < hi, lo, NO_COL), axis=0)
+            j_max = tl.max(tl.where(lo < hi, hi - 1, -1), axis=0)
             full = full & (tl.max(((st <= n0) & (en >= n0 + BN)).to(tl.int32), axis=0) > 0)
         else:
             # Jump over the spans that contain j: after NSPANS jumps j is in no span (each jump leaves one).
@@ -277,20 +297,29 @@ def _col_stats(n0, r, BN: tl.constexpr, F):
             full = full & (tl.max(((st < n0 + BN) & (en > n0) & (st < en)).to(tl.int32), axis=0) == 0)
     else:
         j = tl.where(n0 < n1, n0, NO_COL)
-    return j, full
+    return j, j_max, full
 
 
 @triton.jit
-def _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, r, BM: tl.constexpr, BN: tl.constexpr, F):
-    """(visible, full) of the tile rows [m0, m0+BM) x columns [n0, n0+BN): exact "holds a visible pair"
-    from (i_max, j_min) -- the causal term is monotone -- and "every pair visible" (dense masks: never).
-    CONTIGUOUS (no span, or one "inside" span): the visible tiles of a row or column of tiles form one
-    range, which the loops iterate exactly."""
+def _tile_class(m0, i_min, i_max, rows_full, n0, j_min, j_max, cols_full, r, BM: tl.constexpr, BN: tl.constexpr, F):
+    """(visible, full) of the tile rows [m0, m0+BM) x columns [n0, n0+BN): "holds a visible pair" from
+    (i_max, j_min) -- the causal and right-window terms are monotone -- and (i_min, j_max) -- the
+    left-window term -- exact when the valid rows and columns of the tile are contiguous (no span, or one
+    "inside" span: row i sees the column interval [i + off - left, min(i + off + right, causal end)], whose
+    ends never decrease with i, so the rows [i_min, i_max] see one interval), conservative otherwise; and
+    "every pair visible" (dense masks: never). CONTIGUOUS: the visible tiles of a row or column of tiles
+    form one range, which the loops iterate exactly."""
     visible = (i_max >= m0) & (j_min < NO_COL)
     full = rows_full & cols_full
     if F.CAUSAL:
         visible = visible & ((j_min <= i_max + r.off) | (j_min < r.prefix))
         full = full & ((n0 + BN - 1 <= m0 + r.off) | (n0 + BN <= r.prefix))
+    if F.HAS_WLEFT:
+        visible = visible & (j_max >= i_min + r.off - r.wl)
+        full = full & (n0 >= m0 + BM - 1 + r.off - r.wl)
+    if F.HAS_WRIGHT:
+        visible = visible & (j_min <= i_max + r.off + r.wr)
+        full = full & (n0 + BN - 1 <= m0 + r.off + r.wr)
     if F.MASK_KIND != 0:
         full = full & False  # stays a tensor (constant-folded): callers count tl.where(full, 0, 1)
     if F.CONTIGUOUS:
@@ -301,32 +330,40 @@ def _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, r, BM: tl.constexpr,
 
 
 @triton.jit
-def _key_range(i_max, m0, r, BN: tl.constexpr, F):
-    """[lo, end) of the key columns rows [m0, i_max] can see; lo a multiple of BN, empty when none. With
+def _key_range(i_min, i_max, m0, r, BN: tl.constexpr, F):
+    """[lo, end) of the key columns rows [i_min, i_max] can see; lo a multiple of BN, empty when none. With
     CONTIGUOUS masks (no span, or one "inside" span) every BN tile of it holds a visible pair."""
     end = r.kv_len
-    lo = 0
+    start = i_min * 0
     if F.CAUSAL:
         end = tl.minimum(end, tl.maximum(i_max + r.off + 1, r.prefix))
+    if F.HAS_WRIGHT:
+        end = tl.minimum(end, i_max + r.off + r.wr + 1)
+    if F.HAS_WLEFT:
+        start = tl.maximum(start, i_min + r.off - r.wl)
     if F.INSIDE and F.NSPANS == 1:
-        start = tl.max(r.st, axis=0)  # the one span (the padding entries are 0)
+        start = tl.maximum(start, tl.max(r.st, axis=0))  # the one span (the padding entries are 0)
         end = tl.minimum(end, tl.max(r.en, axis=0))
-        lo = (start // BN) * BN
-        end = tl.where(start < end, end, 0)
-    return lo, tl.where(i_max >= m0, end, 0)
+    end = tl.where((i_max >= m0) & (start < end), end, 0)
+    return (start // BN) * BN, end
 
 
 @triton.jit
-def _query_range(j_min, r, BM: tl.constexpr, F):
-    """[lo, end) of the query rows that can see column j_min (the first valid column of a key tile: rows
-    that see none of the tile's columns see none of the tile); lo a multiple of BM, empty when none."""
+def _query_range(j_min, j_max, r, BM: tl.constexpr, F):
+    """[lo, end) of the query rows that can see a column of [j_min, j_max] (the first and last valid
+    columns of a key tile); lo a multiple of BM, empty when none."""
     first = j_min * 0
     end = r.q_len
     if F.CAUSAL:  # rows before j_min - off see none of these columns (unless the prefix shows them)
         first = tl.where(j_min < r.prefix, 0, tl.maximum(j_min - r.off, 0))
+    if F.HAS_WRIGHT:  # rows before j_min - off - right end their window before the tile
+        first = tl.maximum(first, j_min - r.off - r.wr)
+    if F.HAS_WLEFT:  # rows after j_max - off + left start theirs after it
+        end = tl.minimum(end, j_max - r.off + r.wl + 1)
     if F.INSIDE and F.NSPANS == 1:
         first = tl.maximum(first, tl.max(r.st, axis=0))
         end = tl.minimum(end, tl.max(r.en, axis=0))
+    first = tl.maximum(first, 0)
     return (first // BM) * BM, tl.where((j_min < NO_COL) & (first < end), end, 0)
 
 
@@ -351,17 +388,28 @@ def _scales(scale_hi, scale_lo, log2e_hi, log2e_lo, ACC: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(s, full, i2, j2, row_ok2, col_ok2, in2, r, mask_ptr, meta, F):
+def _alibi_slope(meta, b, h, r, F):
+    """ALiBi slope of (b, h) in base-2 score units (0 without ALiBi)."""
+    slope = r.log2e * 0
+    if F.ALIBI:
+        slope = tl.load(meta.ALIBI + b.to(tl.int64) * meta.HQ + h).to(F.ACC) * r.log2e
+    return slope
+
+
+@triton.jit
+def _tile_scores(s, full, i2, j2, row_ok2, col_ok2, in2, r, mask_ptr, slope2, meta, F):
     """Scores of a computed tile (scaled, base 2; any orientation: i2/j2 and the masks are broadcastable 2-D
-    views) with the float mask's bias added and every invisible pair at -inf, so that 2^(s - m) is 0
-    there. The per-element visibility is evaluated only when the tile is not fully visible. `mask_ptr`
-    points at the dense mask's (b, h) plane."""
+    views) with the ALiBi and float mask biases added and every invisible pair at -inf, so that 2^(s - m)
+    is 0 there. The per-element visibility is evaluated only when the tile is not fully visible.
+    `mask_ptr` points at the dense mask's (b, h) plane, `slope2` is `_alibi_slope`."""
+    if F.ALIBI:
+        s = s - slope2 * tl.abs(i2 + r.off - j2).to(F.ACC)
     if F.MASK_KIND != 0:
         m_vis, bias = _dense_mask(mask_ptr, i2, j2, in2, meta.smi, meta.smj, F.MASK_KIND, F.ACC)
         if F.MASK_KIND == 2:
             s = s + bias * r.log2e
     if not full:
-        vis = _pair_visible(i2, j2, row_ok2, col_ok2, r.off, r.prefix, F.CAUSAL)
+        vis = _pair_visible(i2, j2, row_ok2, col_ok2, r, F)
         if F.MASK_KIND != 0:
             vis = vis & m_vis
         s = tl.where(vis, s, float("-inf"))

@@ -22,6 +22,7 @@ from .._triton_launch import Launch
 from .inputs import NO_DROPOUT, Dropout, Mask
 from .triton_common import (
     Lens,
+    _alibi_slope,
     _col_stats,
     _cols_ok,
     _dot,
@@ -70,8 +71,9 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS, sq_, sk_, sv_, so_, sl_, meta, SQ, SK, TQ
         dkey = _dropout_key(meta, b, h, F)
 
     row_ok = _rows_ok(rows, r, F)
-    i_max, rows_full = _row_stats(m0, r, BM, F)
-    n_lo, n_end = _key_range(i_max, m0, r, BN, F)
+    i_min, i_max, rows_full = _row_stats(m0, r, BM, F)
+    n_lo, n_end = _key_range(i_min, i_max, m0, r, BN, F)
+    slope = _alibi_slope(meta, b, h, r, F)
 
     m_i = tl.full([BM], float("-inf"), F.ACC)
     l_i = tl.zeros([BM], F.ACC)
@@ -79,8 +81,8 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS, sq_, sk_, sv_, so_, sl_, meta, SQ, SK, TQ
     count = pid_m * 0
     masked = pid_m * 0
     for n0 in range(n_lo, n_end, BN):
-        j_min, cols_full = _col_stats(n0, r, BN, F)
-        visible, full = _tile_class(m0, i_max, rows_full, n0, j_min, cols_full, r, BM, BN, F)
+        j_min, j_max, cols_full = _col_stats(n0, r, BN, F)
+        visible, full = _tile_class(m0, i_min, i_max, rows_full, n0, j_min, j_max, cols_full, r, BM, BN, F)
         if visible:
             cols = n0 + tl.arange(0, BN)
             col_in = cols < r.sk
@@ -90,7 +92,7 @@ def _attn_fwd(Q, K, V, O, LSE, COUNTS, sq_, sk_, sv_, so_, sl_, meta, SQ, SK, TQ
             # inf) cannot reach an output (their scores are -inf whatever the keys hold); col_ok implies col_in
             col_ok = _cols_ok(cols, r, F)
             s = _tile_scores(s, full, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
-                             row_in[:, None] & col_in[None, :], r, mask_ptr, meta, F)
+                             row_in[:, None] & col_in[None, :], r, mask_ptr, slope, meta, F)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
             p = tl.math.exp2(s - m_use[:, None])
@@ -137,10 +139,10 @@ def forward(q, k, v, mask: Mask, scale: float, dropout: Dropout = NO_DROPOUT) ->
     return out, lse
 
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
-                   dropout: Dropout = NO_DROPOUT):
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, left: int, right: int,
+                   alibi, scale: float, dropout: Dropout = NO_DROPOUT):
     """Packed layout: (out (total_q, Hq, D), lse (Hq, total_q))."""
-    prob = Problem.from_varlen(q, k, cu_q, cu_k, max_q, max_k, causal, scale, dropout)
+    prob = Problem.from_varlen(q, k, cu_q, cu_k, max_q, max_k, causal, left, right, alibi, scale, dropout)
     out = torch.zeros_like(q)  # tokens outside every sequence of cu_seqlens (bad metadata) read 0, not garbage
     lse = torch.empty(q.shape[1], q.shape[0], dtype=acc_dtype(q), device=q.device)
     forward_launch(prob, q, k, v, out, lse)()

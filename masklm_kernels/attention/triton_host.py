@@ -34,77 +34,80 @@ def head_block(head_dim: int) -> int:
 _C = BlockConfig
 # (kernel, operand width, tile kind) -> [(largest head-dim block, config), ...]; the kind (`tile_kind`) is
 # "plain", "dense" (a dense attn_mask) or "dropout" (attention dropout, with or without a dense mask: the
-# Philox state of a tile, four 32-bit words per element through ten rounds, costs registers, hence
-# smaller tiles). Each entry is the
-# first tile of `tile_candidates` (order of preference: larger tiles, then warps, then deeper pipelines)
-# that compiled without a register spill for sm_80 and sm_90, in every mask variant and head-dim block it
-# serves, under the newest Triton (3.9), found by `python -m benchmarks.tile_search`; `_BEFORE_TRITON_3_9`
-# replaces the entries that spill under older Triton (3.6, the GPU image's, checked). Each version's check of the whole
-# table is benchmarks/results/compile_report-nvcc*-triton<version>.txt (CI runs it under both). The 16-bit
-# forward starts from FlashAttention-2's Triton tutorial (128 x 64, 4-8 warps); a dense mask tile costs
-# registers, hence smaller tiles there; fp32 dots run in IEEE fp32 on CUDA cores (FMA layouts hold more
+# Philox state of a tile, four 32-bit words per element through ten rounds, costs registers, hence smaller
+# tiles). Each entry is the first tile of `tile_candidates` (order of preference: larger tiles, then warps,
+# then deeper pipelines) that compiled without a register spill for sm_80 and sm_90, in every mask variant
+# (benchmarks.compile_triton: the metadata variants also carry a sliding window and ALiBi) and head-dim block
+# it serves, under the newest Triton (3.9), found by `python -m benchmarks.tile_search`; `_BEFORE_TRITON_3_9`
+# replaces the entries that spill under older Triton (3.6, the GPU image's, checked). Each version's check of
+# the whole table is benchmarks/results/compile_report-nvcc*-triton<version>.txt (CI runs it under both). The
+# 16-bit forward starts from FlashAttention-2's Triton tutorial (128 x 64, 4-8 warps); a dense mask tile
+# costs registers, hence smaller tiles there; fp32 dots run in IEEE fp32 on CUDA cores (FMA layouts hold more
 # registers than MMA ones), hence its small tiles (and no dK/dV tile above head dim 128 without spills:
 # `unsupported` refuses fp32 there). The backward keeps its accumulators (dK and dV, or dQ) in registers:
 # the looped-over side is narrow. None of this is timed on a GPU yet: the GPU check's tile sweep
 # (benchmarks.tile_sweep) is what retunes it.
 _CONFIGS = {
-    ("fwd", 16, "plain"): [(64, _C(128, 64, 4, 3)), (128, _C(128, 64, 8, 3)), (256, _C(64, 64, 8, 2))],
-    ("fwd", 16, "dense"): [(16, _C(128, 32, 8, 2)), (32, _C(128, 32, 4, 3)), (64, _C(64, 64, 8, 2)),
-                        (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
-    ("fwd", 32, "plain"): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 1)),
-                         (64, _C(32, 32, 8, 3)), (128, _C(32, 16, 8, 2))],
-    ("fwd", 32, "dense"): [(16, _C(64, 64, 8, 2)), (32, _C(64, 32, 8, 2)),
-                        (64, _C(32, 32, 8, 3)), (128, _C(32, 16, 8, 2))],
-    ("dkdv", 16, "plain"): [(32, _C(32, 128, 4, 3)), (64, _C(16, 128, 8, 2)),
-                          (128, _C(32, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
-    ("dkdv", 16, "dense"): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)),
-                         (128, _C(16, 64, 8, 2)), (256, _C(16, 32, 8, 1))],
-    ("dkdv", 32, "plain"): [(16, _C(16, 16, 8, 1)), (32, _C(16, 32, 8, 1)),
-                          (64, _C(16, 32, 4, 1)), (128, _C(16, 64, 8, 2))],
-    ("dkdv", 32, "dense"): [(16, _C(16, 16, 4, 3)), (32, _C(16, 32, 8, 2)),
-                         (64, _C(16, 32, 8, 1)), (128, _C(16, 64, 8, 2))],
+    ("fwd", 16, "plain"): [(64, _C(128, 64, 8, 3)), (128, _C(128, 64, 8, 3)), (256, _C(64, 64, 8, 2))],
+    ("fwd", 16, "dense"): [(16, _C(128, 16, 4, 3)), (32, _C(128, 32, 4, 3)), (64, _C(64, 64, 8, 2)),
+                           (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
+    ("fwd", 32, "plain"): [(16, _C(64, 64, 8, 1)), (32, _C(64, 32, 8, 1)), (64, _C(32, 32, 8, 3)),
+                           (128, _C(16, 32, 8, 3))],
+    ("fwd", 32, "dense"): [(16, _C(64, 32, 8, 3)), (32, _C(64, 32, 8, 2)), (64, _C(32, 32, 8, 3)),
+                           (128, _C(32, 16, 8, 2))],
+    ("dkdv", 16, "plain"): [(32, _C(32, 128, 4, 3)), (64, _C(16, 128, 8, 2)), (128, _C(32, 64, 8, 2)),
+                            (256, _C(16, 32, 8, 1))],
+    ("dkdv", 16, "dense"): [(32, _C(32, 128, 8, 2)), (64, _C(16, 128, 8, 2)), (128, _C(32, 32, 8, 3)),
+                            (256, _C(16, 32, 8, 1))],
+    ("dkdv", 32, "plain"): [(16, _C(16, 16, 4, 2)), (32, _C(16, 32, 8, 1)), (64, _C(32, 16, 8, 2)),
+                            (128, _C(16, 64, 8, 2))],
+    ("dkdv", 32, "dense"): [(16, _C(16, 16, 4, 3)), (32, _C(16, 32, 8, 2)), (64, _C(16, 32, 8, 1)),
+                            (128, _C(16, 64, 8, 2))],
     ("dq", 16, "plain"): [(64, _C(128, 32, 8, 2)), (128, _C(32, 64, 8, 3)), (256, _C(16, 16, 4, 1))],
-    ("dq", 16, "dense"): [(64, _C(64, 64, 8, 3)), (128, _C(64, 32, 8, 2)), (256, _C(32, 16, 4, 2))],
-    ("dq", 32, "plain"): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)),
-                        (64, _C(16, 64, 8, 3)), (128, _C(16, 16, 8, 3))],
-    ("dq", 32, "dense"): [(16, _C(64, 32, 4, 2)), (32, _C(64, 32, 8, 2)),
-                       (64, _C(16, 64, 8, 3)), (128, _C(16, 16, 8, 3))],
-    ("fwd", 16, "dropout"): [(16, _C(128, 16, 4, 3)), (32, _C(128, 32, 4, 3)), (64, _C(64, 64, 8, 2)),
+    ("dq", 16, "dense"): [(64, _C(128, 16, 8, 3)), (128, _C(64, 32, 8, 2)), (256, _C(16, 32, 8, 3))],
+    ("dq", 32, "plain"): [(16, _C(32, 64, 8, 3)), (32, _C(64, 32, 8, 2)), (64, _C(16, 64, 8, 3)),
+                          (128, _C(16, 16, 8, 3))],
+    ("dq", 32, "dense"): [(16, _C(32, 64, 8, 3)), (32, _C(64, 32, 8, 2)), (64, _C(16, 64, 8, 3)),
+                          (128, _C(16, 16, 8, 3))],
+    ("fwd", 16, "dropout"): [(16, _C(128, 16, 4, 3)), (32, _C(128, 32, 8, 3)), (64, _C(64, 64, 8, 2)),
                              (128, _C(16, 128, 8, 3)), (256, _C(32, 16, 8, 3))],
-    ("fwd", 32, "dropout"): [(16, _C(128, 16, 4, 3)), (32, _C(64, 32, 8, 2)),
-                             (64, _C(32, 16, 8, 3)), (128, _C(16, 16, 8, 3))],
-    ("dkdv", 16, "dropout"): [(32, _C(32, 128, 8, 2)), (64, _C(64, 32, 8, 3)),
-                              (128, _C(32, 32, 8, 3)), (256, _C(16, 32, 8, 1))],
-    ("dkdv", 32, "dropout"): [(16, _C(16, 16, 4, 3)), (32, _C(32, 16, 8, 3)),
-                              (64, _C(16, 32, 4, 3)), (128, _C(16, 32, 8, 3))],
+    ("fwd", 32, "dropout"): [(16, _C(128, 16, 4, 3)), (32, _C(64, 32, 8, 2)), (64, _C(32, 16, 8, 3)),
+                             (128, _C(16, 16, 8, 3))],
+    ("dkdv", 16, "dropout"): [(32, _C(16, 128, 8, 3)), (64, _C(64, 32, 8, 3)), (128, _C(32, 32, 8, 3)),
+                              (256, _C(16, 32, 8, 1))],
+    ("dkdv", 32, "dropout"): [(16, _C(16, 16, 4, 3)), (32, _C(32, 16, 8, 3)), (64, _C(16, 32, 4, 3)),
+                              (128, _C(16, 16, 4, 3))],
     ("dq", 16, "dropout"): [(64, _C(128, 16, 8, 3)), (128, _C(32, 64, 8, 3)), (256, _C(16, 32, 8, 3))],
-    ("dq", 32, "dropout"): [(16, _C(32, 64, 8, 3)), (32, _C(32, 64, 8, 3)),
-                            (64, _C(16, 64, 8, 3)), (128, _C(16, 16, 8, 3))],
+    ("dq", 32, "dropout"): [(16, _C(32, 64, 8, 3)), (32, _C(64, 16, 8, 3)), (64, _C(16, 64, 8, 3)),
+                            (128, _C(16, 16, 8, 3))],
 }
 TILE_KINDS = ("plain", "dense", "dropout")
 # (kernel, width, kind, head-dim block) -> config, for Triton before 3.9: the first candidate from the
 # entry above down (then from the top) that `benchmarks.tile_search` found spill-free under Triton 3.6 (which
 # spilled 8-1100 B with those entries; the fp32 dense-mask tiles the most).
 _BEFORE_TRITON_3_9 = {
-    ("dkdv", 16, "plain", 32): _C(32, 128, 8, 1),
-    ("dkdv", 16, "plain", 128): _C(32, 64, 8, 1),
-    ("dkdv", 32, "plain", 32): _C(16, 32, 4, 3),
-    ("dkdv", 32, "plain", 64): _C(64, 16, 8, 1),
     ("dkdv", 32, "dense", 16): _C(32, 128, 8, 3),
     ("dkdv", 32, "dense", 128): _C(16, 16, 8, 3),
+    ("dkdv", 16, "dropout", 256): _C(32, 16, 8, 3),
+    ("dkdv", 32, "dropout", 16): _C(32, 64, 8, 3),
     ("dkdv", 32, "dropout", 64): _C(32, 16, 8, 3),
     ("dkdv", 32, "dropout", 128): _C(16, 16, 8, 3),
-    ("dq", 32, "plain", 16): _C(32, 64, 8, 3),
-    ("dq", 16, "dense", 64): _C(128, 16, 8, 3),
-    ("fwd", 16, "plain", 64): _C(64, 128, 8, 2),
+    ("dkdv", 16, "plain", 32): _C(32, 128, 8, 1),
+    ("dkdv", 16, "plain", 128): _C(64, 32, 8, 2),
+    ("dkdv", 32, "plain", 32): _C(16, 32, 4, 3),
+    ("dkdv", 32, "plain", 64): _C(64, 16, 8, 1),
     ("fwd", 16, "dense", 256): _C(32, 16, 8, 3),
-    ("fwd", 16, "dropout", 64): _C(32, 128, 4, 3),
-    ("fwd", 32, "dropout", 32): _C(16, 128, 8, 3),
-    ("fwd", 32, "plain", 16): _C(64, 64, 8, 1),
-    ("fwd", 32, "plain", 32): _C(32, 64, 8, 3),
-    ("fwd", 32, "plain", 128): _C(16, 32, 8, 3),
     ("fwd", 32, "dense", 128): _C(16, 32, 8, 3),
+    ("fwd", 16, "dropout", 16): _C(128, 16, 8, 3),
+    ("fwd", 16, "dropout", 64): _C(32, 128, 8, 3),
+    ("fwd", 16, "dropout", 256): _C(16, 32, 4, 3),
+    ("fwd", 32, "dropout", 16): _C(128, 16, 8, 3),
+    ("fwd", 32, "dropout", 32): _C(16, 128, 8, 3),
+    ("fwd", 16, "plain", 64): _C(64, 128, 8, 2),
+    ("fwd", 32, "plain", 16): _C(128, 16, 4, 3),
+    ("fwd", 32, "plain", 32): _C(32, 64, 8, 3),
 }
+
 
 
 def _triton_before(major: int, minor: int) -> bool:
@@ -285,10 +288,12 @@ class Problem:
         backward's preprocess) does not use at neutral values: one compilation serves every mask, dropout
         and head grouping."""
         neutral = self.flags._replace(CAUSAL=False, HAS_QLEN=False, HAS_KVLEN=False, HAS_PREFIX=False, NSPANS=0,
-                                      NSP=2, INSIDE=True, CONTIGUOUS=True, MASK_KIND=0, COUNT=False, DROPOUT=0)
+                                      NSP=2, INSIDE=True, CONTIGUOUS=True, MASK_KIND=0, COUNT=False, DROPOUT=0,
+                                      HAS_WLEFT=False, HAS_WRIGHT=False, ALIBI=False)
         stand_in = self.meta.CU_Q  # an int32 tensor of every call: the pointers' types do not vary either
         meta = self.meta._replace(QLEN=stand_in, KVLEN=stand_in, PREFIX=stand_in, SPANS=stand_in, MASK=stand_in,
-                                  smb=0, smh=0, smi=0, smj=0, HQ=1, GROUP=1, **_dropout_meta(NO_DROPOUT, stand_in))
+                                  smb=0, smh=0, smi=0, smj=0, HQ=1, GROUP=1, **_dropout_meta(NO_DROPOUT, stand_in),
+                                  WLEFT=0, WRIGHT=0, ALIBI=stand_in)
         return meta, *self.lens, _device_flags(neutral)
 
     @classmethod
@@ -312,27 +317,33 @@ class Problem:
             dense_strides, kind = dense.expand(B, HQ, SQ, SK).stride(), 1 if attn_mask.dtype == torch.bool else 2
         lengths = [getattr(mask, key) for key in ("q_lengths", "kv_lengths", "prefix_lengths")]
         meta = _meta(q, dummy, dummy, *(dummy if t is None else t for t in lengths),
-                     dummy if spans is None else spans.contiguous(), dense, dense_strides, HQ, HKV, D, scale, dropout)
-        flags = _flags(q, D, mask.causal, *(t is not None for t in lengths), nspans, inside, kind, False, dropout)
+                     dummy if spans is None else spans.contiguous(), dense, dense_strides, HQ, HKV, D, scale, dropout,
+                     mask)
+        flags = _flags(q, D, mask.causal, *(t is not None for t in lengths), nspans, inside, kind, False, dropout,
+                       mask)
         return cls(B, HQ, HKV, SQ, SK, D, False, meta, Lens(SQ, SK, 0, 0), flags)
 
     @classmethod
-    def from_varlen(cls, q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
-                    dropout: Dropout = NO_DROPOUT) -> Problem:
-        """The packed layout: q (total_q, Hq, D), k (total_k, Hkv, D) and their cu_seqlens."""
+    def from_varlen(cls, q, k, cu_q, cu_k, max_q: int, max_k: int, causal: bool, left: int, right: int, alibi,
+                    scale: float, dropout: Dropout = NO_DROPOUT) -> Problem:
+        """The packed layout: q (total_q, Hq, D), k (total_k, Hkv, D) and their cu_seqlens; the window sides
+        and (B, Hq) ALiBi slopes (or None)."""
         total_q, HQ, D = q.shape
         HKV = k.shape[1]
         dummy = q.new_empty(0, dtype=torch.int32)
-        meta = _meta(q, cu_q, cu_k, dummy, dummy, dummy, dummy, dummy, (0, 0, 0, 0), HQ, HKV, D, scale, dropout)
-        flags = _flags(q, D, causal, False, False, False, 0, True, 0, True, dropout)
+        mask = Mask(causal=causal, window_left=left, window_right=right, alibi_slopes=alibi)
+        meta = _meta(q, cu_q, cu_k, dummy, dummy, dummy, dummy, dummy, (0, 0, 0, 0), HQ, HKV, D, scale, dropout, mask)
+        flags = _flags(q, D, causal, False, False, False, 0, True, 0, True, dropout, mask)
         return cls(cu_q.shape[0] - 1, HQ, HKV, max_q, max_k, D, True, meta, Lens(max_q, max_k, total_q, k.shape[0]),
                    flags, total_q)
 
 
-def _meta(q, cu_q, cu_k, qlen, kvlen, prefix, spans, dense, dense_strides, HQ, HKV, D, scale, dropout) -> Meta:
+def _meta(q, cu_q, cu_k, qlen, kvlen, prefix, spans, dense, dense_strides, HQ, HKV, D, scale, dropout,
+          mask: Mask) -> Meta:
     (hi, lo), (l2_hi, l2_lo) = split_fp32(scale), split_fp32(1.0 / math.log(2.0))
     return Meta(cu_q, cu_k, qlen, kvlen, prefix, spans, dense, *dense_strides, HQ, HQ // HKV, D, hi, lo, l2_hi, l2_lo,
-                **_dropout_meta(dropout, cu_q))
+                **_dropout_meta(dropout, cu_q), WLEFT=max(mask.window_left, 0), WRIGHT=max(mask.window_right, 0),
+                ALIBI=cu_q if mask.alibi_slopes is None else mask.alibi_slopes)
 
 
 def _dropout_meta(dropout: Dropout, dummy) -> dict:
@@ -351,10 +362,13 @@ def _device_flags(flags: Flags) -> Flags:
     return Flags(*(tl.constexpr(v) for v in flags))
 
 
-def _flags(q, D, causal, has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind, varlen, dropout) -> Flags:
+def _flags(q, D, causal, has_qlen, has_kvlen, has_prefix, nspans, inside, mask_kind, varlen, dropout,
+           mask: Mask) -> Flags:
     return Flags(BD=head_block(D), CAUSAL=causal, HAS_QLEN=has_qlen, HAS_KVLEN=has_kvlen, HAS_PREFIX=has_prefix,
                  NSPANS=nspans, NSP=max(2, triton.next_power_of_2(max(nspans, 1))), INSIDE=inside,
                  CONTIGUOUS=nspans == 0 or (inside and nspans == 1), MASK_KIND=mask_kind, VARLEN=varlen, COUNT=False,
                  DROPOUT=0 if not dropout.active else (2 if dropout.sample_ids is not None else 1),
+                 HAS_WLEFT=mask.window_left >= 0, HAS_WRIGHT=mask.window_right >= 0,
+                 ALIBI=mask.alibi_slopes is not None,
                  ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
                  UPCAST=triton_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype))

@@ -29,6 +29,8 @@ Dropout (`causal_pad`, p = 0.1, cases with "dropout": 0.1): `ours` with `dropout
 `sdpa_dense` with the same dropout_p (SDPA draws its mask from torch's generator; on CPU that is its math
 path) and against our own no-dropout record of the same shapes (label `no_dropout`: what dropout costs).
 Modes fwd and fwd_bwd.
+
+The position options (a sliding window, ALiBi) have cases of their own shapes: attention_positions.py.
 """
 from __future__ import annotations
 
@@ -287,4 +289,6 @@ def cases(device: str, size: str) -> list[Case]:
                 out.append(Case(OP, "flex_block_mask", {"B": B, "H": H, "S": S, "D": D, "mask": kind, "mode": "mask"},
                                 fn=functools.partial(create_block_mask, _mask_mod(meta), B, None, S, S, device=device),
                                 device=device, notes="FlexAttention create_block_mask, per new metadata"))
-    return out
+    from . import attention_positions
+
+    return out + attention_positions.cases(device, size)

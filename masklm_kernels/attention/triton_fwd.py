@@ -152,18 +152,20 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, le
 @triton.jit(do_not_specialize=["SQ", "SK"])
 def _dropout_mask(KEEP, meta, SQ, SK, F: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """KEEP (B, H, SQ, SK) uint8: the keep mask of attention dropout, from the helpers the attention
-    kernels use (the debug path of `dropout.dropout_mask`)."""
-    pid_m = tl.program_id(0)
+    kernels use (the debug path of `dropout.dropout_mask`). One program per BM x BN tile (axis 0: tile
+    row-major; no loop bounded by a runtime size, which Triton 3.6's interpreter cannot run)."""
+    tiles_n = tl.cdiv(SK, BN)
+    pid_m = tl.program_id(0) // tiles_n
+    pid_n = tl.program_id(0) % tiles_n
     b = tl.program_id(1)
     h = tl.program_id(2)
     key = _dropout_key(meta, b, h, F)
     rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
     plane = KEEP + (b.to(tl.int64) * tl.num_programs(2) + h) * SQ * SK
-    for n0 in range(0, SK, BN):
-        cols = n0 + tl.arange(0, BN)
-        keep = _dropout_keep(key, rows[:, None], cols[None, :], meta)
-        tl.store(plane + rows.to(tl.int64)[:, None] * SK + cols[None, :], keep.to(tl.uint8),
-                 mask=(rows < SQ)[:, None] & (cols < SK)[None, :])
+    keep = _dropout_keep(key, rows[:, None], cols[None, :], meta)
+    tl.store(plane + rows.to(tl.int64)[:, None] * SK + cols[None, :], keep.to(tl.uint8),
+             mask=(rows < SQ)[:, None] & (cols < SK)[None, :])
 
 
 def keep_mask(dropout: Dropout, batch: int, heads: int, seq_q: int, seq_k: int, device) -> torch.Tensor:
@@ -172,6 +174,6 @@ def keep_mask(dropout: Dropout, batch: int, heads: int, seq_q: int, seq_k: int, 
     prob = Problem.from_padded(stand_in, stand_in, Mask(), 1.0, dropout)
     keep = torch.empty(batch, heads, seq_q, seq_k, dtype=torch.uint8, device=device)
     if keep.numel():
-        _dropout_mask[(triton.cdiv(seq_q, 32), batch, heads)](keep, prob.meta, seq_q, seq_k,
-                                                              prob.bundles(False)[-1], BM=32, BN=64)
+        grid = (triton.cdiv(seq_q, 32) * triton.cdiv(seq_k, 64), batch, heads)
+        _dropout_mask[grid](keep, prob.meta, seq_q, seq_k, prob.bundles(False)[-1], BM=32, BN=64)
     return keep.view(torch.bool)

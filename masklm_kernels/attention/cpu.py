@@ -115,7 +115,7 @@ def _whole_batch(q, k, mask: Mask):
     (its own causal mask is top-left aligned; it skips the causal blocks itself): is_causal, else None."""
     if mask.attn_mask is not None or q.numel() == 0 or k.numel() == 0:
         return None  # ATen's kernel divides by the sizes: an empty input would kill the process (SIGFPE)
-    if mask.has_metadata or mask.windowed or mask.alibi_slopes is not None:
+    if mask.has_metadata:
         return None
     if mask.causal:
         return True if q.shape[2] == k.shape[2] else None

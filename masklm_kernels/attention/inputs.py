@@ -53,13 +53,12 @@ class Mask:
         return {**out, "window_size": (self.window_left, self.window_right)}
 
     @property
-    def windowed(self) -> bool:
-        return self.window_left >= 0 or self.window_right >= 0
-
-    @property
     def has_metadata(self) -> bool:
-        """Any length, prefix or span given (the ATen whole-batch shortcut then does not apply)."""
-        return any(t is not None for t in (self.kv_lengths, self.q_lengths, self.prefix_lengths, self.spans))
+        """Any length, prefix, span, window side or ALiBi slope given (the ATen whole-batch shortcut then does
+        not apply)."""
+        return (any(t is not None for t in (self.kv_lengths, self.q_lengths, self.prefix_lengths, self.spans,
+                                            self.alibi_slopes))
+                or self.window_left >= 0 or self.window_right >= 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,9 @@ makes this program exit non-zero by itself.
 Kernels: masking (every mode: token, exact, whole-word, spans, per-row and per-token rates; MASS
 fragments), attention forward and backward for every mask kind (none, causal, padding, prefix-LM, spans
 inside and outside, bool and float dense masks, GQA, Sq != Sk, attention dropout, sliding windows and
-ALiBi) and the packed varlen layout (with dropout; with a window), the masked cross-entropy (gradient buffer and in place) and the fused
-linear cross-entropy (with and without the labelled-row bound). Sizes are odd on purpose: partial tiles on every side.
+ALiBi) and the packed varlen layout (with dropout; with a window), the masked cross-entropy (gradient
+buffer and in place) and the fused linear cross-entropy (with and without the labelled-row bound). Sizes
+are odd on purpose: partial tiles on every side.
 """
 from __future__ import annotations
 

@@ -57,6 +57,7 @@ phase "compat: triton 3.6.0, interpreter tests and the static compile check"
 # The GPU image's transformers: the Hugging Face integration and the models loaded from it.
 VPY=$(bash scripts/compat_env.sh transformers 5.17.0)
 phase "compat: transformers 5.17.0, Hugging Face integration"
-"$VPY" -m pytest -q -p no:cacheprovider tests/test_integrations_hf.py tests/test_integrations_trainer.py \
+"$VPY" -m pytest -q -p no:cacheprovider tests/test_integrations_hf.py tests/test_integrations_modernbert.py \
+  tests/test_integrations_trainer.py \
   tests/test_models.py tests/test_readme.py
 echo "[tests] full run done in $((SECONDS - start)) s"

@@ -216,7 +216,8 @@ def test_attention_dropout_is_applied_in_training_only(kind, monkeypatch):
 
 
 def test_patch_refuses_what_it_cannot_run():
-    with pytest.raises(TypeError, match="supports BertForMaskedLM, .*DistilBertForMaskedLM; got Linear"):
+    with pytest.raises(TypeError, match="supports BertForMaskedLM, .*DistilBertForMaskedLM, .*ModernBertModel; "
+                                        "got Linear"):
         patch_model(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="got BertModel"):
         patch_model(transformers.BertModel(transformers.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=1,

@@ -2,7 +2,8 @@
 same weights on the same batches twice, unpatched and patched (`patch_model`), and compares the loss of
 every step and the final weights. Set-ups: default, gradient checkpointing (non-reentrant, Hugging Face's
 default, and reentrant), bf16 autocast, gradient accumulation, evaluation with `compute_metrics`; on a
-GPU also fp16 (autocast and GradScaler) and bf16 on CUDA.
+GPU also fp16 (autocast and GradScaler) and bf16 on CUDA. ModernBERT: default and gradient accumulation
+(its loss takes Trainer's num_items_in_batch).
 Dropout is off (the patched attention draws its own dropout masks, not torch's: equal only without them);
 plain SGD, so that weight differences are gradient differences. Tolerances: fp32 1e-5 relative on the
 loss; bf16 / fp16 2e-2."""
@@ -93,8 +94,19 @@ LOW_PRECISION = ("bf16", "fp16_cuda", "bf16_cuda")
 def test_trainer_patched_follows_unpatched(setup, tmp_path):
     if setup.endswith("_cuda") and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    base = make_model("roberta").float()
-    args = SETUPS[setup]
+    _assert_patched_trains_as_unpatched(make_model("roberta").float(), setup, SETUPS[setup], tmp_path)
+
+
+@pytest.mark.parametrize("setup", ["default", "gradient_accumulation"])
+def test_trainer_modernbert(setup, tmp_path):
+    """ModernBERT's forward takes Trainer's num_items_in_batch (its loss divides by it): with gradient
+    accumulation, the patched loss must divide the same way."""
+    from test_integrations_modernbert import make_model as make_modernbert
+
+    _assert_patched_trains_as_unpatched(make_modernbert().float(), setup, SETUPS[setup], tmp_path)
+
+
+def _assert_patched_trains_as_unpatched(base, setup: str, args: dict, tmp_path):
     ref_losses, ref_state, _ = _run(copy.deepcopy(base), tmp_path, patched=False, **args)
     losses, state, _ = _run(copy.deepcopy(base), tmp_path, patched=True, **args)
     assert len(losses) == len(ref_losses) == 4

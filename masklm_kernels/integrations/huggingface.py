@@ -1,7 +1,9 @@
 """`patch_model(model)`: run a Hugging Face masked-LM instance on the library's kernels, in place;
 `unpatch(model)` restores it. Per instance (other models in the process are untouched), in the manner of
 Liger-Kernel's `apply_liger_kernel_to_*`. Supported: BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA
-(generator) and DistilBERT `...ForMaskedLM` (`SUPPORTED`); `patch_bert` is the same function.
+(generator) and DistilBERT `...ForMaskedLM`, and ModernBERT (`ModernBertForMaskedLM`, `ModernBertModel`:
+local layers on the sliding-window kernels; what is its own is in `modernbert.py`) (`SUPPORTED`);
+`patch_bert` and `patch_modernbert` are the same function.
 
 What changes:
 
@@ -24,8 +26,9 @@ What changes:
   recomputation in the backward attends exactly as the forward did.
 * With `labels`, the head and the loss run `fused_linear_cross_entropy` on the labelled rows only: the
   mean over the batch's labelled tokens, as these models' own `CrossEntropyLoss()`. Like them it ignores
-  Trainer's `num_items_in_batch`, so gradient accumulation behaves exactly as unpatched. `logits` then
-  follows `logits=` (see `patch_model`); without labels the model's own head runs.
+  Trainer's `num_items_in_batch`, so gradient accumulation behaves exactly as unpatched (ModernBERT's
+  loss divides the sum by it when given, and so does its patch). `logits` then follows `logits=` (see
+  `patch_model`); without labels the model's own head runs.
 * Mixed precision: the ops follow `torch.autocast` (attention and the head in its dtype, the loss in
   fp32), so `Trainer(bf16=True)` / `fp16=True` work unchanged.
 
@@ -39,7 +42,6 @@ Decoder / cross-attention configurations are refused.
 """
 from __future__ import annotations
 
-import contextvars
 import inspect
 import types
 from dataclasses import dataclass
@@ -49,9 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from .._autocast import no_autocast
-from ..padding import cu_seqlens, lengths_from_mask, pad, token_indices, unpad
+from ..padding import cu_seqlens, pad, token_indices, unpad
+from . import modernbert
+from ._hf_layout import _CALL, _PATCHED, Layout, _call_of, _with_signature
 
-_PATCHED = "_masklm_kernels_patch"
 LOGITS_MODES = ("eval", "labelled", "never")
 
 
@@ -61,14 +64,17 @@ LOGITS_MODES = ("eval", "labelled", "never")
 
 @dataclass(frozen=True)
 class _Family:
-    base: str                                  # attribute of the encoder model (e.g. "bert")
-    encoder: str                               # attribute of the layer stack inside it
-    qkv: tuple[str, str, str]                  # the self-attention's projections
-    heads: str                                 # its head-count attribute
-    out_proj: str | None                       # a projection applied inside self-attention (DistilBERT)
-    transform: Callable                        # model, hidden -> the head's input to the decoder
-    decoder: Callable                          # model -> (weight (V, E), bias (V,) or None)
+    base: str | None                           # attribute of the encoder model (e.g. "bert"); None: the model
+    transform: Callable | None                 # model, hidden -> the head's input to the decoder (None: no head)
+    decoder: Callable | None                   # model -> (weight (V, E), bias (V,) or None)
     dropout: Callable                          # config -> attention-probability dropout rate
+    install: Callable                          # (encoder model, family, dropout) -> the modules it patched
+    encoder: str = "encoder"                   # BERT-like: attribute of the layer stack inside the base
+    qkv: tuple[str, str, str] = ("query", "key", "value")  # its self-attention's projections
+    heads: str = "num_attention_heads"         # its head-count attribute
+    out_proj: str | None = None                # a projection applied inside self-attention (DistilBERT)
+    num_items: bool = False                    # the model's loss divides by Trainer's num_items_in_batch
+    sparse: Callable = lambda m: False         # model -> eval logits are the labelled rows' only
 
 
 def _roberta_transform(m, x):
@@ -76,8 +82,22 @@ def _roberta_transform(m, x):
     return h.layer_norm(F.gelu(h.dense(x)))  # RobertaLMHead: exact (erf) GELU whatever hidden_act says
 
 
-_BERT_ATTN = dict(encoder="encoder", qkv=("query", "key", "value"), heads="num_attention_heads", out_proj=None,
-                  dropout=lambda c: c.attention_probs_dropout_prob)
+def _install_bert(base, fam: _Family, dropout: float) -> list:
+    """BERT-like families: each self-attention module and the encoder, patched in place; returns them."""
+    encoder = getattr(base, fam.encoder)
+    attention = [m for m in encoder.modules() if all(hasattr(m, n) for n in fam.qkv)]  # one per layer
+    for m in attention:
+        m._masklm_family = fam
+        m._masklm_dropout = dropout
+        m._masklm_original_forward = m.forward
+        m.forward = types.MethodType(_attention_forward, m)
+    encoder._masklm_original_forward = encoder.forward
+    encoder.forward = types.MethodType(_encoder_forward, encoder)
+    return [*attention, encoder]
+
+
+_BERT_ATTN = dict(dropout=lambda c: c.attention_probs_dropout_prob, install=_install_bert)
+_MODERNBERT = dict(dropout=lambda c: c.attention_dropout, install=lambda base, fam, p: modernbert.install(base))
 _ROBERTA = _Family(base="roberta", transform=_roberta_transform,
                    decoder=lambda m: (m.lm_head.decoder.weight, m.lm_head.decoder.bias), **_BERT_ATTN)
 FAMILIES = {
@@ -93,7 +113,12 @@ FAMILIES = {
     "DistilBertForMaskedLM": _Family(
         base="distilbert", encoder="transformer", qkv=("q_lin", "k_lin", "v_lin"), heads="n_heads",
         out_proj="out_lin", transform=lambda m, x: m.vocab_layer_norm(m.activation(m.vocab_transform(x))),
-        decoder=lambda m: (m.vocab_projector.weight, m.vocab_projector.bias), dropout=lambda c: c.attention_dropout),
+        decoder=lambda m: (m.vocab_projector.weight, m.vocab_projector.bias), dropout=lambda c: c.attention_dropout,
+        install=_install_bert),
+    "ModernBertForMaskedLM": _Family(base="model", transform=lambda m, x: m.head(x),
+                                     decoder=lambda m: (m.decoder.weight, m.decoder.bias), num_items=True,
+                                     sparse=lambda m: bool(m.config.sparse_prediction), **_MODERNBERT),
+    "ModernBertModel": _Family(base=None, transform=None, decoder=None, **_MODERNBERT),
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -106,32 +131,8 @@ def _family(model) -> _Family:
 
 
 # ------------------------------------------------------------------------------------------------
-# The layout handed from the encoder to its layers
+# BERT-like families: self-attention and the encoder
 # ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, eq=False)
-class Layout:
-    """Replaces Hugging Face's attention mask between the patched encoder and self-attention.
-
-    packed: hidden states are (1, tokens, H), sequences delimited by `cu_seqlens` (B + 1,) int32, each at
-    most `max_seqlen` long. Else padded (B, S, H): keys at positions >= `lengths[b]` are padding (None:
-    no padding). `probs`: self-attention also returns its attention probabilities."""
-    lengths: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int = 0
-    probs: bool = False
-
-
-@dataclass(frozen=True)
-class _Call:
-    """What the patched model's forward tells its encoder (set for the duration of that forward)."""
-    lengths: torch.Tensor | None
-    padded: bool  # per-layer outputs asked for: keep (B, S, H) in every layer
-    probs: bool
-
-
-_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("masklm_hf_call", default=None)
-
 
 def _attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     layout = attention_mask
@@ -184,19 +185,6 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
 # The model's forward
 # ------------------------------------------------------------------------------------------------
 
-def _lengths(attention_mask) -> torch.Tensor | None:
-    return None if attention_mask is None else lengths_from_mask(attention_mask, "patched model: attention_mask")
-
-
-# Hugging Face's keyword arguments of a flattened (packed) batch, which the patched model refuses
-_PACKED_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-
-
-def _flag(self, kwargs, name) -> bool:
-    value = kwargs.get(name)
-    return bool(getattr(self.config, name, False) if value is None else value)
-
-
 def _model_forward(self, *args, **kwargs):
     state = getattr(self, _PATCHED)
     bound = state.signature.bind(*args, **kwargs)
@@ -205,12 +193,7 @@ def _model_forward(self, *args, **kwargs):
     labels = named.pop("labels", None)
     return_dict = named.pop("return_dict", None)
     return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
-    packed = [n for n in _PACKED_INPUTS if named.get(n) is not None]
-    if packed:  # a flattened batch (DataCollatorWithFlattening): attending across its sequences would be wrong
-        raise ValueError(f"patched model: packed inputs ({', '.join(packed)}) are not supported; pass the padded "
-                         "batch and its 2-D attention_mask (the patched model packs it itself)")
-    hidden, attentions = _flag(self, named, "output_hidden_states"), _flag(self, named, "output_attentions")
-    token = _CALL.set(_Call(_lengths(named.get("attention_mask")), padded=hidden or attentions, probs=attentions))
+    token = _CALL.set(_call_of(self, named))
     try:
         if labels is None:
             return self._masklm_original_forward(*args, **kwargs)
@@ -224,8 +207,9 @@ def _labelled_forward(self, state, named: dict, labels, return_dict: bool):
 
     from ..losses import fused_linear_cross_entropy
 
-    named.pop("num_items_in_batch", None)  # the models' own loss ignores it (see the module docstring)
-    outputs = getattr(self, state.family.base)(**named, return_dict=True)
+    fam = state.family
+    num_items = named.pop("num_items_in_batch", None)  # BERT-like models' own loss ignores it (module docstring)
+    outputs = getattr(self, fam.base)(**named, return_dict=True)
     seq = outputs[0]
     x = seq.reshape(-1, seq.shape[-1])
     if labels.numel() != x.shape[0]:
@@ -233,15 +217,16 @@ def _labelled_forward(self, state, named: dict, labels, return_dict: bool):
                          f"{tuple(labels.shape)}")
     y = labels.reshape(-1).to(x.device)
     keep = (y != -100).nonzero().squeeze(1)  # only labelled rows reach the head (host sync: the count)
-    weight, bias = state.family.decoder(self)
-    h = state.family.transform(self, x.index_select(0, keep))
-    loss = fused_linear_cross_entropy(h, weight, y.index_select(0, keep), bias=bias)
+    weight, bias = fam.decoder(self)
+    h = fam.transform(self, x.index_select(0, keep))
+    loss = fused_linear_cross_entropy(h, weight, y.index_select(0, keep), bias=bias,
+                                      num_items=num_items if fam.num_items else None)
     logits = None
     if state.logits == "labelled":
         with torch.no_grad():
             logits = F.linear(h, weight, bias)
     elif state.logits == "eval" and not self.training:
-        logits = F.linear(state.family.transform(self, seq), weight, bias)
+        logits = F.linear(h if fam.sparse(self) else fam.transform(self, seq), weight, bias)
     out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     if return_dict:
         return out
@@ -268,10 +253,13 @@ def patch_model(model, *, logits: str = "eval"):
 
     Args:
         model: one of `SUPPORTED` (e.g. `BertForMaskedLM`), without decoder / cross-attention settings.
+            `ModernBertModel` (an encoder without head) gets the unpadded encoder only.
         logits: what the `logits` output holds when `labels` are given (the loss never needs them):
             "eval" (default): (B, S, V) when the model is in eval mode, equal to the unpatched model's at
             real tokens (at padding the head sees zeros: those positions have no meaning), so that
-            `Trainer.evaluate` and `compute_metrics` work unchanged; None in training (never materialised);
+            `Trainer.evaluate` and `compute_metrics` work unchanged (ModernBERT with
+            `config.sparse_prediction`: (N, V) for the labelled positions, as unpatched); None in training
+            (never materialised);
             "labelled": (N, V) for the N labelled positions only, in the order of
             `labels[labels != -100]`, in both modes, without gradient (for metrics);
             "never": None.
@@ -291,39 +279,20 @@ def patch_model(model, *, logits: str = "eval"):
         raise ValueError("patch_model: decoder / cross-attention configurations are not supported")
     if getattr(model, _PATCHED, None) is not None:
         return model
-    base = getattr(model, fam.base)
-    encoder = getattr(base, fam.encoder)
-    attention = [m for m in encoder.modules() if all(hasattr(m, n) for n in fam.qkv)]  # one per layer
-    modules = attention + [encoder, model]
+    dropout = float(fam.dropout(cfg) or 0.0)
     signature = inspect.signature(model.forward)
     var_kwargs = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-    state = _State(fam, logits, signature, var_kwargs, float(fam.dropout(cfg) or 0.0), modules)
-    for m in modules[:-2]:
-        m._masklm_family = fam
-        m._masklm_dropout = state.dropout
-        m._masklm_original_forward = m.forward
-        m.forward = types.MethodType(_attention_forward, m)
-    encoder._masklm_original_forward = encoder.forward
-    encoder.forward = types.MethodType(_encoder_forward, encoder)
-    model._masklm_original_forward = model.forward
-    model.forward = types.MethodType(_with_signature(_model_forward, signature), model)
-    setattr(model, _PATCHED, state)
+    modules = fam.install(model if fam.base is None else getattr(model, fam.base), fam, dropout)
+    if fam.transform is not None:  # a masked LM: its forward runs the head and the loss (an encoder: as patched)
+        model._masklm_original_forward = model.forward
+        model.forward = types.MethodType(_with_signature(_model_forward, signature), model)
+        modules.append(model)
+    setattr(model, _PATCHED, _State(fam, logits, signature, var_kwargs, dropout, modules))
     return model
 
 
-def _with_signature(fn, signature: inspect.Signature):
-    """`fn(self, *args, **kwargs)` presenting `self` + `signature`: what Trainer reads to keep the dataset's
-    columns the forward accepts (and what `help(model.forward)` shows)."""
-    def forward(self, *args, **kwargs):
-        return fn(self, *args, **kwargs)
-
-    forward.__signature__ = signature.replace(
-        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *signature.parameters.values()])
-    forward.__doc__ = fn.__doc__
-    return forward
-
-
 patch_bert = patch_model  # the first name of patch_model, when it covered BERT and RoBERTa
+patch_modernbert = patch_model  # ModernBERT's entry point: the same function (see modernbert.py)
 
 
 def unpatch(model):
@@ -332,7 +301,7 @@ def unpatch(model):
     if state is None:
         return model
     for m in state.modules:
-        for attr in ("forward", "_masklm_original_forward", "_masklm_family", "_masklm_dropout"):
+        for attr in ("forward", "_masklm_original_forward", "_masklm_family", "_masklm_dropout", "_masklm_rotary"):
             m.__dict__.pop(attr, None)
     setattr(model, _PATCHED, None)
     return model

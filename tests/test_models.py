@@ -195,3 +195,102 @@ def test_bert_mlm_with_fewer_real_tokens_than_the_padded_length():
     assert_close(fused(ids, labels, attention_mask=mask)["loss"], ref(ids, labels, attention_mask=mask)["loss"],
                  **F64, msg="loss")
     assert fused(ids, attention_mask=mask)["logits"].shape == (1, 16, 50)
+
+
+# ModernBERT- and MosaicBERT-style encoders: RoPE with a global and a local base, sliding-window local
+# layers with a global layer every N, ALiBi
+STYLES = {
+    "modern": dict(position_embedding_type="rope", rope_theta=160000.0, local_rope_theta=10000.0, sliding_window=3,
+                   global_attn_every_n_layers=2, num_hidden_layers=3),
+    "mosaic": dict(position_embedding_type="alibi", hidden_size=48, num_attention_heads=3),  # 3 heads: not 2^k
+    "mosaic_local": dict(position_embedding_type="alibi", sliding_window=5, global_attn_every_n_layers=3,
+                         num_hidden_layers=3),
+}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("style", list(STYLES))
+def test_mlm_styles_fused_equals_reference(style, dropout, monkeypatch):
+    ref, fused = _pair(BertMLM, 6, attention_probs_dropout_prob=dropout, **STYLES[style])
+    assert fused.bert.embeddings.position_embeddings is None  # positions act in attention instead
+    import masklm_kernels.attention as attention
+
+    windows, original = [], attention.fused_attention_varlen
+
+    def spy(*a, **k):
+        windows.append(k["window_size"])
+        return original(*a, **k)
+
+    monkeypatch.setattr(attention, "fused_attention_varlen", spy)
+    args, kw = _mlm_batch(6)
+    _compare(ref, fused, *args, **kw, dropout_seed=3, sample_ids=torch.arange(4))
+    w = STYLES[style].get("sliding_window", -1)
+    n = STYLES[style].get("global_attn_every_n_layers", 1)
+    assert windows == [(w, w) if w >= 0 and i % n else (-1, -1) for i in range(len(fused.bert.layer))]
+
+
+def test_windows_rope_and_alibi_change_the_function():
+    """Each option is live: the same weights give another loss without it."""
+    args, kw = _mlm_batch(7)
+    base = dict(position_embedding_type="rope", sliding_window=2, global_attn_every_n_layers=2, num_hidden_layers=2)
+    losses = {}
+    for name, change in {"modern": {}, "no_window": dict(sliding_window=-1), "other_base": dict(rope_theta=50.0),
+                         "alibi": dict(position_embedding_type="alibi")}.items():
+        ref, _ = _pair(BertMLM, 7, **{**base, **change})
+        losses[name] = float(ref(*args, **kw)["loss"])
+    assert len(set(losses.values())) == len(losses), losses
+
+
+def test_rotary_embedding_is_relative_and_matches_hugging_face():
+    from masklm_kernels.models.layers import apply_rotary, rotary_tables
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 5, 3, 16, generator=g, dtype=torch.float64), torch.randn(2, 5, 3, 16, generator=g,
+                                                                                   dtype=torch.float64)
+    pos = torch.tensor([[0, 1, 2, 7, 30], [4, 4, 9, 2, 11]])
+    scores = {}
+    for shift in (0, 100):
+        cos, sin = rotary_tables(pos + shift, 16, 10000.0, torch.float64)
+        scores[shift] = torch.einsum("bihd,bjhd->bhij", apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
+    assert_close(scores[100], scores[0], atol=1e-9, rtol=1e-9, msg="q.k depends on relative positions only")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.modernbert import modeling_modernbert as hf
+
+    cfg = transformers.ModernBertConfig(hidden_size=48, num_attention_heads=3, global_rope_theta=160000.0)
+    rope = hf.ModernBertRotaryEmbedding(cfg)
+    q32, k32 = q.float(), k.float()
+    for layer_type, theta in (("full_attention", 160000.0), ("sliding_attention", 10000.0)):
+        hf_cos, hf_sin = rope(q32, pos, layer_type)
+        cos, sin = rotary_tables(pos, 16, theta, torch.float32)
+        assert_close(cos, hf_cos, atol=2e-6, rtol=0, msg=f"cos {layer_type}")
+        want_q, want_k = hf.apply_rotary_pos_emb(q32, k32, hf_cos, hf_sin, unsqueeze_dim=2)
+        assert_close(apply_rotary(q32, cos, sin), want_q, atol=1e-5, rtol=0, msg=f"rotated q {layer_type}")
+        assert_close(apply_rotary(k32, cos, sin), want_k, atol=1e-5, rtol=0, msg=f"rotated k {layer_type}")
+
+
+def test_alibi_slopes_are_press_et_al():
+    from masklm_kernels.models.layers import alibi_slopes
+
+    assert alibi_slopes(8).tolist() == [2.0 ** -h for h in range(1, 9)]
+    # 12 heads: the 8-head slopes, then every other slope of the 16-head sequence (2^-0.5, 2^-1.5, ...)
+    want = [2.0 ** -h for h in range(1, 9)] + [2.0 ** -(h + 0.5) for h in range(4)]
+    assert_close(alibi_slopes(12), torch.tensor(want), atol=0, rtol=1e-7, msg="12 heads")
+    assert alibi_slopes(1).tolist() == [2.0 ** -8]
+
+
+def test_style_sizes_and_config_errors():
+    cfg = model_config("modern-small")
+    assert (cfg.position_embedding_type, cfg.sliding_window, cfg.global_attn_every_n_layers) == ("rope", 64, 3)
+    assert [cfg.layer_window(i) for i in range(4)] == [-1, 64, 64, -1]
+    assert [cfg.layer_rope_theta(i) for i in range(4)] == [160000.0, 10000.0, 10000.0, 160000.0]
+    assert model_config("mosaic-base").position_embedding_type == "alibi"
+    for bad, match in ((dict(position_embedding_type="absolute"), "position_embedding_type must be one of"),
+                       (dict(sliding_window=-2), "sliding_window must be an int >= -1"),
+                       (dict(sliding_window=True), "sliding_window must be an int"),
+                       (dict(global_attn_every_n_layers=0), "global_attn_every_n_layers must be an int >= 1"),
+                       (dict(rope_theta=1.0), "rope_theta must be > 1"),
+                       (dict(position_embedding_type="rope", hidden_size=66, num_attention_heads=2), "even head_dim")):
+        with pytest.raises(ValueError, match=match):
+            model_config("tiny", **bad)
+    with pytest.raises(ValueError, match="MassModel: BERT's learned positions only"):
+        MassModel(model_config("modern-tiny"))

@@ -28,6 +28,12 @@ class MassModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, implementation: str = "fused"):
         super().__init__()
+        if cfg.position_embedding_type != "learned" or cfg.sliding_window >= 0:
+            # its decoder attends across two position ranges (the fragment and the encoder's tokens), which
+            # the relative schemes and windows of the encoder-only styles do not define
+            raise ValueError("MassModel: BERT's learned positions only (position_embedding_type 'learned', "
+                             f"sliding_window -1), got {cfg.position_embedding_type!r}, {cfg.sliding_window}; "
+                             "RoPE, ALiBi and local windows are BertMLM's")
         self.config, self.implementation = cfg, check_implementation(implementation)
         self.encoder = Encoder(cfg)
         self.decoder = nn.ModuleList(Layer(cfg, cross=True)

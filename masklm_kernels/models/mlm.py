@@ -5,6 +5,11 @@
   reach the LM head, through `fused_linear_cross_entropy` (no (tokens, vocab) logits).
 * "reference": plain PyTorch on the padded batch, a dense key-padding mask, full logits, F.cross_entropy.
 
+Positions and attention pattern come from the config: BERT's learned table, or ModernBERT-style RoPE
+(rotary q / k, one base for global and one for local layers) with sliding-window local layers and a global
+layer every N, or MosaicBERT-style ALiBi; both implementations apply them (fused: `window_size` and
+`alibi_slopes` of the kernels, which skip the tiles outside a window; reference: the dense band and bias).
+
 Unpadding and selecting the labelled rows count tokens on the host (`nonzero`): one synchronisation each
 per step on a GPU, as Hugging Face's and FlashAttention's unpad helpers do.
 """
@@ -23,8 +28,10 @@ from .layers import (
     Embeddings,
     Layer,
     LMHead,
+    alibi_slopes,
     dense_attend,
     init_weights,
+    rotary_tables,
     varlen_fused_attend,
 )
 
@@ -63,17 +70,28 @@ def model_dropout(model: nn.Module, calls: int, seed, step, sample_ids) -> Atten
 
 
 class Encoder(nn.Module):
-    """Embeddings and the layers, for packed tokens (fused) or a padded batch (reference)."""
+    """Embeddings and the layers, for packed tokens (fused) or a padded batch (reference). Layer i attends
+    with the config's window for it (`layer_window`) and, with RoPE, rotates q and k by the tables of its
+    base (`layer_rope_theta`), computed once per base for the forward."""
 
     def __init__(self, cfg: ModelConfig, num_layers: int | None = None):
         super().__init__()
+        self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(num_layers or cfg.num_hidden_layers))
 
     def forward(self, ids, positions, attend):
+        cfg = self.config
         x = self.embeddings(ids, positions)
-        for layer in self.layer:
-            x = layer(x, attend)
+        tables = {}
+        for i, layer in enumerate(self.layer):
+            rotary = None
+            if cfg.position_embedding_type == "rope":
+                theta = cfg.layer_rope_theta(i)
+                if theta not in tables:
+                    tables[theta] = rotary_tables(positions, cfg.head_dim, theta, x.dtype)
+                rotary = tables[theta]
+            x = layer(x, attend, rotary=rotary, window=cfg.layer_window(i))
         return x
 
 
@@ -96,6 +114,8 @@ class BertMLM(nn.Module):
         self.bert = Encoder(cfg)
         self.cls = LMHead(cfg)
         self.apply(init_weights)
+        # ALiBi's fixed slopes: a function of the head count, not a parameter nor saved state
+        self.alibi_slopes = alibi_slopes(cfg.num_attention_heads) if cfg.position_embedding_type == "alibi" else None
 
     @property
     def decoder_weight(self) -> torch.Tensor:
@@ -112,17 +132,18 @@ class BertMLM(nn.Module):
         lengths = lengths_from(input_ids, lengths, attention_mask)
         positions = torch.arange(S, device=input_ids.device).expand(B, S)
         drop = model_dropout(self, len(self.bert.layer), dropout_seed, dropout_step, sample_ids)
+        slopes = self.alibi_slopes.to(input_ids.device) if self.alibi_slopes is not None else None
         if self.implementation == "fused":
             idx = token_indices(lengths, S)  # unpad once (host sync: the token count)
             cu = cu_seqlens(lengths)
             x = self.bert(input_ids.flatten()[idx], positions.flatten()[idx],
-                          varlen_fused_attend(cu, cu, S, S, dropout=drop))
+                          varlen_fused_attend(cu, cu, S, S, dropout=drop, alibi_slopes=slopes))
             if labels is None:
                 return {"logits": pad(self._logits(x), idx, B, S)}
             rows = labels.flatten()[idx]
         else:
             valid = positions < lengths[:, None]
-            x = self.bert(input_ids, positions, dense_attend(valid[:, None, None, :], drop))
+            x = self.bert(input_ids, positions, dense_attend(valid[:, None, None, :], drop, slopes))
             if labels is None:
                 return {"logits": self._logits(x).masked_fill(~valid[..., None], 0.0)}
             rows = labels.masked_fill(~valid, IGNORE_INDEX)

@@ -11,6 +11,13 @@ masked with `mask_tokens`. CPU: L4 / H256 / V30522, B16, S128, fp32 (a BERT-mini
 V1000, B2, S32, fp32. Dropout off, and for the Hugging Face pair also BERT's own 0.1 (hidden and
 attention-probability dropout; case "dropout": 0.1): the patched model applies the attention dropout inside
 its fused kernels, the unpatched one in SDPA (its math path on CPU).
+
+* `hf_patched` vs `hf_unpatched` on Hugging Face ModernBertForMaskedLM (model "modernbert-..."): local
+  sliding-window layers (local_attention 128) and a global layer every third, RoPE, V 50368; unpatched it
+  runs SDPA over the padded batch with the dense banded masks and full logits, patched the windowed varlen
+  kernels over real tokens and the fused head over labelled rows. CPU: L4 / H256 / 4 heads / GLU 384, B8,
+  S1024, fp32. CUDA: ModernBERT-base (L22 / H768 / 12 heads / GLU 1152), B8, S1024, bf16. Smoke: L3 / H32,
+  local 8, B2, S32. Dropout off.
 """
 from __future__ import annotations
 
@@ -105,4 +112,45 @@ def cases(device: str, size: str) -> list[Case]:
         if name == "fused" and hf_model is not None:
             peers["hf_unpatched"] = ("e2e_train_step", "hf_unpatched", case)
         out.append(Case("e2e_train_step", name, case, fn=fn, device=device, tokens=tokens, peers=peers))
+    return out + _modernbert_cases(device, size, have_hf)
+
+
+def _modernbert_cases(device: str, size: str, have_hf: bool) -> list[Case]:
+    V = 50368
+    if size == "smoke":
+        L, H, heads, inter, local, B, S, dtype, V = 3, 32, 2, 48, 8, 2, 32, torch.float32, 1000
+    elif device == "cuda":
+        L, H, heads, inter, local, B, S, dtype = 22, 768, 12, 1152, 128, 8, 1024, torch.bfloat16
+    else:
+        L, H, heads, inter, local, B, S, dtype = 4, 256, 4, 384, 128, 8, 1024, torch.float32
+    case = {"model": f"modernbert-L{L}-H{H}", "B": B, "S": S, "V": V, "local": local, "global_every": 3,
+            "padding": 0.25, "masked": 0.15, "mode": "train_step"}
+    ids, labels, mask, _ = _batch(B, S, V, device)
+    reason = None if have_hf else "transformers is not installed (pip install transformers)"
+    model = None
+    if have_hf:
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.ModernBertConfig(
+            vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=heads, intermediate_size=inter,
+            local_attention=local, global_attn_every_n_layers=3, max_position_embeddings=max(S, 8192),
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+            attn_implementation="sdpa")
+        model = transformers.ModernBertForMaskedLM(cfg).to(device, dtype).train()
+    out = []
+    for name in ("hf_unpatched", "hf_patched"):
+        fn = None
+        if model is not None:
+            from masklm_kernels.integrations.huggingface import patch_model
+
+            m = copy.deepcopy(model)
+            if name == "hf_patched":
+                patch_model(m)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+            fn = functools.partial(_step, m, opt, lambda mod: mod(input_ids=ids, attention_mask=mask,
+                                                                   labels=labels).loss)
+        peers = {"hf_unpatched": ("e2e_train_step", "hf_unpatched", case)} if name == "hf_patched" else {}
+        out.append(Case("e2e_train_step", name, case, fn=fn, device=device, tokens=int(mask.sum()), skip=reason,
+                        peers=peers))
     return out

@@ -1,6 +1,7 @@
 """The training command (the library's main job): `python -m masklm_kernels.train` / `masklm-train`.
 
-Masked-LM (`--task mlm`, BERT-style) or MASS (`--task mass`) pre-training of a reference model on the
+Masked-LM (`--task mlm`; BERT-style, or ModernBERT- / MosaicBERT-style with `--model modern-small` /
+`mosaic-small`) or MASS (`--task mass`) pre-training of a reference model on the
 library's kernels (`--implementation fused`) or plain PyTorch (`--implementation reference`), on a corpus
 built on the spot from the Python standard library's docstrings (or `--text-file`), with a WordPiece
 tokenizer trained on it and cached. Masks are drawn on the device every step, keyed by (seed, step, global sample id).
@@ -19,6 +20,7 @@ import torch
 
 from ._cli import description
 from ._io import write_json
+from .models import SIZES
 from .training import data, distributed
 from .training.checkpoint import RUN_SETTINGS, CheckpointError
 from .training.loop import Args, train
@@ -31,7 +33,10 @@ def parse(argv=None) -> Args:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split across processes)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--model", choices=("tiny", "small", "base"), default=d.model)
+    p.add_argument("--model", choices=tuple(SIZES), default=d.model,
+                   help="size, BERT-style (tiny, small, base), ModernBERT-style (modern-*: RoPE, 128-token local "
+                        "windows, a global layer every third) or MosaicBERT-style (mosaic-*: ALiBi); --task mlm for "
+                        "the styles")
     p.add_argument("--implementation", choices=("fused", "reference"), default=d.implementation)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -59,6 +64,9 @@ def parse(argv=None) -> Args:
                    help="under torchrun: how long a collective waits for a stalled rank before failing, naming it")
     p.add_argument("--compare", action="store_true", help="run both implementations, print speedup and loss difference")
     a = p.parse_args(argv)
+    if a.task == "mass" and "-" in a.model:
+        p.error(f"--model {a.model}: the ModernBERT- and MosaicBERT-style encoders are BertMLM's (--task mlm); "
+                "MASS trains tiny, small or base")
     if a.steps < 1 or a.batch_size < 1 or a.seq_len < 8:
         p.error("--steps and --batch-size must be >= 1, --seq-len >= 8")
     for name in ("dropout", "attention_dropout"):

@@ -28,6 +28,15 @@ def test_training_runs_and_the_loss_falls(task, corpus, capsys):
     assert "step 40/40" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("model", ["modern-tiny", "mosaic-tiny"])
+def test_modern_and_mosaic_styles_train(model, corpus):
+    """BertMLM built ModernBERT-style (RoPE, local windows of 8 over 32-token rows, a global layer every
+    third) or MosaicBERT-style (ALiBi) from --model: the loss falls as BERT-style's does."""
+    summary = train(_args(corpus, model=model, steps=40))
+    assert summary["final_loss"] < summary["first_loss"] - 0.5, summary
+    assert not any("position_embeddings" in name for name in summary["state"])
+
+
 def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     ckpt = str(tmp_path / "half.pt")
     full = train(_args(corpus, steps=10))
@@ -74,6 +83,9 @@ def test_cli_argument_errors(corpus):
         cli.parse(["--steps", "0"])
     with pytest.raises(SystemExit):
         cli.parse(["--task", "gpt"])
+    with pytest.raises(SystemExit):
+        cli.parse(["--task", "mass", "--model", "modern-small"])
+    assert cli.parse(["--model", "modern-small"]).model == "modern-small"
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             cli.parse(["--device", "cuda"])

@@ -79,6 +79,7 @@ _STYLES = {
 }
 SIZES = {**_SIZES, **{f"{style}-{size}": {**settings, **_STYLES[style]} for style in _STYLES
                       for size, settings in _SIZES.items()}}
+SIZES["modern-tiny"]["sliding_window"] = 8  # tiny runs use short sequences: a window narrower than them
 
 
 def model_config(size: str = "base", **overrides) -> ModelConfig:

@@ -294,18 +294,26 @@ def test_op_schemas_are_derived_from_the_mask_description():
 
 def test_a_sliding_window_computes_only_its_band(monkeypatch):
     """Each piece (BLOCK_Q query rows) runs ATen's kernel on the keys its window reaches, not on all Sk: with
-    window (8, 8) over 256 keys and 64-row pieces, 64 + 16 keys per piece, and the result is the reference's."""
+    window (8, 8) over 256 keys and 64-row pieces, 64 + 16 keys per piece. Without padding every batch row
+    sees the same pairs: one call per query block covers the whole batch (ALiBi slopes per row included),
+    and the result is the reference's."""
     monkeypatch.setattr(cpu, "BLOCK_Q", 64)
     calls = []
     flash = cpu._FLASH
 
     def recording(q, k, v, *args, **kw):
-        calls.append(k.shape[2])
+        calls.append(tuple(k.shape[::2]))
         return flash(q, k, v, *args, **kw)
 
     monkeypatch.setattr(cpu, "_FLASH", recording)
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 2, 256, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    out = _cpu(q, k, v, window_size=(8, 8))
-    assert len(calls) == 2 * 4 and max(calls) <= 64 + 16, calls
-    assert_close(out, ref64(q, k, v, window_size=(8, 8)), atol=1e-12, rtol=1e-10, msg="windowed cpu vs reference")
+    q, k, v = (torch.randn(3, 2, 256, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    slopes = torch.rand(3, 2, generator=g)
+    for kw in (dict(window_size=(8, 8)), dict(window_size=(8, 8), alibi_slopes=slopes)):
+        calls.clear()
+        out = _cpu(q, k, v, **kw)
+        assert len(calls) == 4 and all(b == 3 and n <= 64 + 16 for b, n in calls), calls
+        assert_close(out, ref64(q, k, v, **kw), atol=1e-12, rtol=1e-10, msg=f"windowed cpu vs reference {kw}")
+    calls.clear()
+    _cpu(q, k, v, window_size=(8, 8), kv_lengths=torch.tensor([256, 200, 100]))  # per-row lengths: per row
+    assert len(calls) == 4 + 4 + 2 and all(b == 1 for b, _ in calls), calls

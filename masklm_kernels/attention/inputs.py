@@ -60,6 +60,13 @@ class Mask:
                                             self.alibi_slopes))
                 or self.window_left >= 0 or self.window_right >= 0)
 
+    @property
+    def same_for_every_row(self) -> bool:
+        """Every batch row sees the same (query, key) pairs: no per-row length, prefix or span, and a dense
+        mask (if any) broadcast over the batch. (A window, causal and ALiBi slopes are positional.)"""
+        return (all(t is None for t in (self.kv_lengths, self.q_lengths, self.prefix_lengths, self.spans))
+                and (self.attn_mask is None or self.attn_mask.shape[0] == 1))
+
 
 @dataclasses.dataclass(frozen=True)
 class Dropout:

@@ -94,11 +94,10 @@ def span_pmf_model(p: float, max_len: int) -> list[float]:
     return [x / tot for x in w]
 
 
-def span_cdf_thresholds(p: float, max_len: int) -> list[int]:
-    """``cdf_i = floor(P(L <= i) * 2^32)`` for i = 1 .. max_len - 1 (i = max_len is 2^32: never <= r)."""
-    pmf = span_pmf_model(p, max_len)
+def span_cdf_thresholds(pmf: list[float]) -> list[int]:
+    """``cdf_i = floor(P(L <= i) * 2^32)`` for i = 1 .. n - 1 (i = n is 2^32: never <= r)."""
     out, acc = [], 0.0
-    for i in range(max_len - 1):
+    for i in range(len(pmf) - 1):
         acc += pmf[i]
         out.append(min(int(math.floor(acc * 4294967296.0)), 1 << 32))
     return out
@@ -168,12 +167,15 @@ def _rates(mlm_probability, B: int, S: int) -> tuple[np.ndarray, str]:
 
 
 def _span_params(span_lengths):
+    """The span-length law P(L = 1..n) as a list (None: no span masking)."""
     if span_lengths is None or span_lengths is False:
         return None
     if span_lengths is True:
-        return 0.2, 10
-    p, max_len = span_lengths
-    return float(p), int(max_len)
+        return span_pmf_model(0.2, 10)
+    if len(span_lengths) == 2 and isinstance(span_lengths[1], int):
+        return span_pmf_model(float(span_lengths[0]), span_lengths[1])
+    total = math.fsum(span_lengths)
+    return [q / total for q in span_lengths]
 
 
 def model_mask_tokens(input_ids, *, mask_token_id, vocab_size, mlm_probability=0.15,
@@ -229,8 +231,7 @@ def model_mask_tokens(input_ids, *, mask_token_id, vocab_size, mlm_probability=0
                     chosen.append((f, ln))
                     count += ln
             else:
-                p, max_len = span
-                cdf = span_cdf_thresholds(p, max_len)
+                cdf = span_cdf_thresholds(span)
                 n = len(units)
                 sel = [False] * n
                 count = 0

@@ -107,6 +107,10 @@ def build_case(name: str, B: int, S: int):
         return ids, dict(base, span_lengths=True, mlm_probability=_row_rates(rng, B))
     if name == "span_token_rates":
         return ids, dict(base, span_lengths=(0.2, 6), mlm_probability=_token_rates(rng, B, S))
+    if name == "span_ngram_words":  # MacBERT: an explicit law of 1- to 4-grams, counted in words
+        return ids, dict(base, span_lengths=(0.4, 0.3, 0.2, 0.1), word_ids=bt.word_ids, mlm_probability=0.2)
+    if name == "span_point_law":  # all mass on length 3
+        return ids, dict(base, span_lengths=(0.0, 0.0, 1.0), mlm_probability=0.25)
     if name == "span_high_rate":  # exercises the 4n + 64 iteration guard and the fill
         return ids, dict(base, span_lengths=True, mlm_probability=0.97)
     if name == "special_by_mask":
@@ -166,7 +170,7 @@ CASES = [
     "words_bernoulli", "words_bernoulli_token_rates", "words_exact", "words_exact_row_rates",
     "words_exact_token_rates", "words_split_by_special",
     "span_default", "span_custom", "span_max_len_1", "span_words", "span_row_rates", "span_token_rates",
-    "span_high_rate",
+    "span_high_rate", "span_ngram_words", "span_point_law",
     "special_by_mask", "special_by_mask_bool", "special_ids_only", "special_ids_tensor", "no_lengths_no_special",
     "attention_mask_right", "attention_mask_left", "attention_mask_left_exact",
     "sample_ids", "random_token_range", "split_50_30", "split_100_0", "split_0_100", "split_0_0",

@@ -183,9 +183,10 @@ def _cases() -> list[Case]:
     # mask_tokens options
     for bad in (1, 0, None, "yes", np.bool_(True)):
         add(MT, "exact", TypeError, lambda bt, r, bad=bad: dict(exact=bad), label=f"exact={bad!r}")
-    for bad in ((0, 10), (0.2, 0), (1.5, 10), (NAN, 10), (0.2, 1000)):
+    for bad in ((0, 10), (0.2, 0), (1.5, 10), (NAN, 10), (0.2, 1000), (0.2,), (0.2, 10.0), (0.5, 0.6), (-0.5, 1.5),
+                (NAN, 1.0), (1 / 65,) * 65):  # explicit laws: not summing to 1, a negative or NaN entry, too long
         add(MT, "span_lengths", ValueError, lambda bt, r, bad=bad: dict(span_lengths=bad), label=f"span_lengths={bad}")
-    for bad in ("yes", 1, (0.2,), (0.2, 10.0), (0.2, 10, 3)):
+    for bad in ("yes", 1, (), (0.2, 10, 3), (1, 0, 0), (0.5, True)):
         add(MT, "span_lengths", TypeError, lambda bt, r, bad=bad: dict(span_lengths=bad), label=f"span_lengths={bad!r}")
 
     # mass_mask options

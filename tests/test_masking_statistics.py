@@ -273,6 +273,16 @@ def test_stat_span_length_sampler_goodness_of_fit(p, max_len):
     assert np.array_equal(again, draws[:1000])
 
 
+def test_stat_explicit_span_law_goodness_of_fit():
+    """An explicit law (MacBERT's n-grams) through the kernels' integer inverse-CDF sampler (chi-square)."""
+    ref = _reference_module()
+    n = 200_000
+    r0 = ref.RowRandom(23, 0, 0).draw(ref.SPAN, np.arange(n, dtype=np.uint64))[0]
+    draws = np.asarray(ref.span_length(ref.span_cdf_from_pmf(list(MACBERT)), r0))
+    assert draws.min() >= 1 and draws.max() <= 4
+    assert_chisquare(np.bincount(draws, minlength=5)[1:], list(MACBERT), what="MacBERT n-gram lengths")
+
+
 def _runs(sel_row):
     """Lengths of maximal runs of True."""
     out, run = [], 0
@@ -287,9 +297,14 @@ def _runs(sel_row):
     return out
 
 
-def test_stat_span_mean_run_length():
+MACBERT = (0.4, 0.3, 0.2, 0.1)  # MacBERT's n-gram law (Cui et al., 2020): 1- to 4-grams
+
+
+@pytest.mark.parametrize("law", [(0.2, 10), MACBERT], ids=["geometric", "macbert"])
+def test_stat_span_mean_run_length(law):
     """Long rows at a low rate: runs of selected tokens are (nearly) single spans, so their mean length
-    is the truncated geometric mean E[L] (3.80 for p = 0.2, max_len = 10).
+    is the law's mean E[L] (3.80 for SpanBERT's geometric p = 0.2, max_len = 10; 2.0 for MacBERT's explicit
+    n-gram law 0.4 / 0.3 / 0.2 / 0.1).
 
     Bound: with M spans, the mean of their lengths is within z sigma / sqrt(M) of E[L] (CLT, two-sided
     false-failure probability FALSE_FAILURE_PROB). Observed runs differ from spans only by
@@ -303,16 +318,17 @@ def test_stat_span_mean_run_length():
     backend = fast_backend()
     if backend == "reference":
         pytest.skip("needs the C++ backend for 2M tokens (the reference backend is too slow)")
-    p, max_len, rate = 0.2, 10, 0.005
+    rate = 0.005
     B, S = 32, 65536
     ids = random_ids(rng_for("span runs"), B, S)
-    kw = dict(COMMON, mlm_probability=rate, span_lengths=(p, max_len), seed=14)
+    kw = dict(COMMON, mlm_probability=rate, span_lengths=law, seed=14)
     out, labels = run_backend(mask_tokens, backend, ids, **kw)
     sel = as_np(labels) != -100
     k = budget(S * fx(np.float32(rate)))
     assert (sel.sum(axis=1) == k).all()
     runs = [r for b in range(B) for r in _runs(sel[b])]
-    pmf = np.asarray(span_pmf_model(p, max_len))
+    pmf = np.asarray(span_pmf_model(*law) if isinstance(law[1], int) else law)
+    max_len = pmf.size
     L = np.arange(1, max_len + 1)
     mean_L = float((L * pmf).sum())
     sigma = math.sqrt(float((L ** 2 * pmf).sum()) - mean_L ** 2)

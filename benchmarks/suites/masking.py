@@ -3,8 +3,9 @@
 What is compared, on the same rows:
 * ours: `mask_tokens(input_ids, lengths=..., special_token_ids=[CLS, SEP], ...)` per backend — "cpu"
   (C++ extension), "cuda" (in a CUDA run), and the NumPy "reference" on the smallest shape only
-  (it is the executable spec, not a fast path) — in four modes: `token` (Bernoulli 0.15), `exact`
-  (`exact=True`), `whole_word` (`word_ids`) and `span` (`span_lengths=True`);
+  (it is the executable spec, not a fast path) — in five modes: `token` (Bernoulli 0.15), `exact`
+  (`exact=True`), `whole_word` (`word_ids`), `span` (`span_lengths=True`) and `ngram` (MacBERT's
+  whole-word n-grams: `span_lengths=(0.4, 0.3, 0.2, 0.1)` with `word_ids`; also against token mode);
 * `hf_torch_mask_tokens`: `DataCollatorForLanguageModeling.torch_mask_tokens(inputs,
   special_tokens_mask)` on the same padded tensor (given a fresh copy per call, untimed, because it
   overwrites its input), and with `whole_word_mask=True` + `offset_mapping` for the `whole_word` mode
@@ -38,7 +39,7 @@ OP = "mask_tokens"
 SHAPES = ((8, 128), (32, 512), (64, 512), (64, 2048))
 QUICK_SHAPES = SHAPES[:2]
 SMOKE_SHAPES = ((2, 32),)
-MODES = ("token", "exact", "whole_word", "span")
+MODES = ("token", "exact", "whole_word", "span", "ngram")
 VOCAB_SIZE = hf_peers.BERT_VOCAB_SIZE
 SPECIAL_IDS = (hf_peers.CLS_ID, hf_peers.SEP_ID)
 DATA_SEED = 1234
@@ -72,9 +73,13 @@ def make_batch(batch: int, seq: int, seed: int = DATA_SEED) -> Batch:
     return Batch(ids, lengths, special.to(torch.int64), word_ids)
 
 
+MACBERT_NGRAMS = (0.4, 0.3, 0.2, 0.1)  # MacBERT's whole-word 1- to 4-gram law (Cui et al., 2020)
+
+
 def mode_kwargs(mode: str, word_ids: torch.Tensor) -> dict[str, Any]:
     return {"token": {}, "exact": {"exact": True}, "whole_word": {"word_ids": word_ids},
-            "span": {"span_lengths": True}}[mode]
+            "span": {"span_lengths": True},
+            "ngram": {"span_lengths": MACBERT_NGRAMS, "word_ids": word_ids}}[mode]
 
 
 def _load_api() -> tuple[Any, str | None]:
@@ -146,6 +151,8 @@ def _our_case(mask_tokens, backend: str, tensor_device: str, reason: str | None,
         peers["hf_collator"] = (OP, "hf_collator", token_peer)
     if mode == "whole_word":
         peers["hf_wwm"] = (OP, "hf_torch_mask_tokens", case)
+    if mode == "ngram":  # the price of the n-gram law over plain token masking, same backend
+        peers["token_mode"] = (OP, backend, token_peer)
     if reason:
         return Case(OP, backend, case, device=tensor_device, skip=reason, peers=peers)
     ids = batch.input_ids.to(tensor_device)
@@ -158,7 +165,7 @@ def _our_case(mask_tokens, backend: str, tensor_device: str, reason: str | None,
                            lengths=lengths, special_token_ids=special, seed=0, step=0, backend=backend,
                            **extra)
     return Case(OP, backend, case, fn=fn, device=tensor_device, tokens=tokens, bytes_moved=bytes_moved,
-                peers=peers, notes=NO_HF_EQUIVALENT if mode in ("exact", "span") else None)
+                peers=peers, notes=NO_HF_EQUIVALENT if mode in ("exact", "span", "ngram") else None)
 
 
 def cases(device: str, size: str) -> list[Case]:

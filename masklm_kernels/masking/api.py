@@ -154,17 +154,35 @@ def _check_id_values(ids: torch.Tensor, vocab_size: int) -> None:
         check_range("input_ids", ids, 0, vocab_size - 1)  # names the first bad value
 
 
+MAX_SPAN_LENGTH = 64
+
+
 def _span_cdf(span_lengths) -> list[int] | None:
     if span_lengths is None or span_lengths is False:
         return None
     if span_lengths is True:
         p, max_len = 0.2, 10  # SpanBERT (Joshi et al., 2020): mean span length 3.8
-    elif isinstance(span_lengths, (tuple, list)) and len(span_lengths) == 2:
+        return reference.span_cdf_thresholds(p, max_len)
+    if not isinstance(span_lengths, (tuple, list)) or not span_lengths:
+        raise TypeError(f"span_lengths must be None, True, a (p, max_len) pair or a sequence of float probabilities "
+                        f"of lengths 1..n, got {span_lengths!r}")
+    second = span_lengths[1] if len(span_lengths) == 2 else None
+    if isinstance(second, numbers.Integral) and not isinstance(second, bool):
         p = check_prob("span_lengths[0] (geometric p)", span_lengths[0], open_low=True)
-        max_len = check_int("span_lengths[1] (max span length)", span_lengths[1], lo=1, hi=65)
-    else:
-        raise TypeError(f"span_lengths must be None, True or a (p, max_len) pair, got {span_lengths!r}")
-    return reference.span_cdf_thresholds(p, max_len)
+        max_len = check_int("span_lengths[1] (max span length)", span_lengths[1], lo=1, hi=MAX_SPAN_LENGTH + 1)
+        return reference.span_cdf_thresholds(p, max_len)
+    # an explicit law: P(L = 1), ..., P(L = n) (e.g. MacBERT's n-grams: (0.4, 0.3, 0.2, 0.1))
+    if not all(isinstance(q, numbers.Real) and not isinstance(q, numbers.Integral) for q in span_lengths):
+        raise TypeError(f"span_lengths: an explicit length law must be a sequence of float probabilities (lengths "
+                        f"1..n), a pair (p, max_len) must have an int max_len; got {span_lengths!r}")
+    if len(span_lengths) > MAX_SPAN_LENGTH:
+        raise ValueError(f"span_lengths: an explicit law must have at most {MAX_SPAN_LENGTH} lengths, "
+                         f"got {len(span_lengths)}")
+    pmf = [check_prob(f"span_lengths[{i}]", float(q)) for i, q in enumerate(span_lengths)]
+    total = math.fsum(pmf)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"span_lengths: the probabilities of lengths 1..{len(pmf)} must sum to 1, got {total!r}")
+    return reference.span_cdf_from_pmf([q / total for q in pmf])
 
 
 def prepare_mask_tokens_args(input_ids, *, mask_token_id, vocab_size, mlm_probability=0.15, mask_replace_prob=0.8,
@@ -223,7 +241,9 @@ def mask_tokens(input_ids, *, mask_token_id, vocab_size, mlm_probability=0.15, m
         special_tokens_mask: (B, S) bool/int, nonzero = never selected.
         word_ids: (B, S) int, word index of each token, -1 for none: whole-word masking (a word is
             selected or not as a unit; tokens with -1 are never selected).
-        span_lengths: True (SpanBERT: geometric p=0.2 truncated at 10) or (p, max_len): span masking
+        span_lengths: True (SpanBERT: geometric p=0.2 truncated at 10), (p, max_len) (geometric p truncated
+            at max_len <= 64), or an explicit law: a sequence of float probabilities of lengths 1..n (n <= 64;
+            MacBERT / ERNIE n-grams: (0.4, 0.3, 0.2, 0.1)): span masking
             up to the row's budget `round(mean rate × eligible)`; spans count words when `word_ids` is given.
         exact: select exactly `round(mean rate × eligible)` tokens per row (at least 1 when the rate is
             positive); with a (B, S) rate, without replacement proportionally to the rates. With

@@ -83,7 +83,13 @@ def span_length_pmf(p: float, max_len: int) -> list[float]:
 
 def span_cdf_thresholds(p: float, max_len: int) -> list[int]:
     """Integer thresholds cdf_i = floor(P(L <= i) * 2^32), i = 1 .. max_len - 1 (inverse-CDF sampling)."""
-    pmf, acc, out = span_length_pmf(p, max_len), 0.0, []
+    return span_cdf_from_pmf(span_length_pmf(p, max_len))
+
+
+def span_cdf_from_pmf(pmf) -> list[int]:
+    """The thresholds of any length law P(L = i), i = 1 .. n (summing to 1): floor(P(L <= i) * 2^32) for
+    i < n, the partial sums accumulated left to right in double."""
+    acc, out = 0.0, []
     for q in pmf[:-1]:
         acc += q
         out.append(min(int(acc * 2**32), 2**32))

@@ -49,6 +49,9 @@ def parse(argv=None) -> Args:
     p.add_argument("--attention-dropout", type=float, default=None,
                    help="attention-probability dropout rate, applied inside the fused attention kernels (default: "
                         "--dropout, else the config's 0.1)")
+    p.add_argument("--adaptive-masking", action="store_true",
+                   help="MLM: mask each token id at a rate following the model's running per-token loss (harder ids "
+                        "more often, 15%% on average per row; AdaptiveMaskRates, checkpointed)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save", default=None, help="checkpoint path written at the end (atomically)")
     p.add_argument("--save-every", type=int, default=None, metavar="N",
@@ -64,6 +67,8 @@ def parse(argv=None) -> Args:
                    help="under torchrun: how long a collective waits for a stalled rank before failing, naming it")
     p.add_argument("--compare", action="store_true", help="run both implementations, print speedup and loss difference")
     a = p.parse_args(argv)
+    if a.task == "mass" and a.adaptive_masking:
+        p.error("--adaptive-masking: MLM only (--task mlm); MASS masks one fragment per row")
     if a.task == "mass" and "-" in a.model:
         p.error(f"--model {a.model}: the ModernBERT- and MosaicBERT-style encoders are BertMLM's (--task mlm); "
                 "MASS trains tiny, small or base")
@@ -92,7 +97,7 @@ def parse(argv=None) -> Args:
                 implementation=a.implementation, device=device, seed=a.seed, text_file=a.text_file,
                 vocab_size=a.vocab_size, lr=a.lr, log_every=a.log_every, save=a.save, save_every=a.save_every,
                 resume=a.resume, allow_changed=allow, stop_after=a.stop_after, dropout=a.dropout,
-                attention_dropout=a.attention_dropout,
+                attention_dropout=a.attention_dropout, adaptive_masking=a.adaptive_masking,
                 ddp_timeout=a.ddp_timeout)
     args.summary_json, args.compare = a.summary_json, a.compare
     return args

@@ -294,3 +294,20 @@ def test_style_sizes_and_config_errors():
             model_config("tiny", **bad)
     with pytest.raises(ValueError, match="MassModel: BERT's learned positions only"):
         MassModel(model_config("modern-tiny"))
+
+
+def test_token_losses_for_adaptive_masking():
+    """return_token_losses: the labelled rows' ids and losses (detached), the same in both implementations,
+    whose mean is the loss (with the same gradients as without the option)."""
+    ref, fused = _pair(BertMLM, 8)
+    args, kw = _mlm_batch(8)
+    outs = [m(*args, **kw, return_token_losses=True) for m in (ref, fused)]
+    keep = args[1][torch.arange(args[1].shape[1]) < kw["lengths"][:, None]]
+    assert torch.equal(outs[0]["labelled"], keep[keep != -100])
+    assert torch.equal(outs[1]["labelled"], outs[0]["labelled"])
+    assert_close(outs[1]["token_losses"], outs[0]["token_losses"], **F64, msg="token losses")
+    assert not outs[1]["token_losses"].requires_grad
+    for out in outs:
+        assert_close(out["loss"], out["token_losses"].mean(), **F64, msg="mean of the token losses")
+    plain = fused(*args, **kw)["loss"]
+    assert_close(outs[1]["loss"], plain, **F64, msg="the loss with and without the option")

@@ -37,6 +37,24 @@ def test_modern_and_mosaic_styles_train(model, corpus):
     assert not any("position_embeddings" in name for name in summary["state"])
 
 
+def test_adaptive_masking_trains_and_resumes_exactly(corpus, tmp_path):
+    """--adaptive-masking: the rates follow the model's per-token loss (statistics folded every step), the
+    loss falls, and the statistics are run state: a resumed run equals the uninterrupted one."""
+    ckpt = str(tmp_path / "half.pt")
+    full = train(_args(corpus, steps=10, adaptive_masking=True))
+    half = train(_args(corpus, steps=10, stop_after=4, save=ckpt, adaptive_masking=True))
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["format"] == "masklm_kernels-checkpoint"
+    resumed = train(_args(corpus, steps=10, resume=ckpt, adaptive_masking=True))
+    assert half["steps"] == 4 and resumed["final_loss"] == full["final_loss"]
+    plain = train(_args(corpus, steps=10))
+    assert plain["final_loss"] != full["final_loss"], "adaptive rates changed nothing"
+    with pytest.raises(Exception, match="adaptive_masking"):
+        train(_args(corpus, steps=10, resume=ckpt))  # resuming without it: another run
+    longer = train(_args(corpus, steps=40, adaptive_masking=True))
+    assert longer["final_loss"] < longer["first_loss"] - 0.5, longer
+
+
 def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     ckpt = str(tmp_path / "half.pt")
     full = train(_args(corpus, steps=10))
@@ -85,6 +103,9 @@ def test_cli_argument_errors(corpus):
         cli.parse(["--task", "gpt"])
     with pytest.raises(SystemExit):
         cli.parse(["--task", "mass", "--model", "modern-small"])
+    with pytest.raises(SystemExit):
+        cli.parse(["--task", "mass", "--adaptive-masking"])
+    assert cli.parse(["--adaptive-masking"]).adaptive_masking
     assert cli.parse(["--model", "modern-small"]).model == "modern-small"
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
@@ -93,12 +114,15 @@ def test_cli_argument_errors(corpus):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
-@pytest.mark.parametrize("task", ["mlm", "mass"])
+@pytest.mark.parametrize("task", ["mlm", "mass", "mlm_adaptive"])
 def test_torchrun_two_processes_match_one(task, corpus, tmp_path):
     """DDP on CPU (gloo): with masks keyed by global sample ids and the loss scaled to the global mean, the
     2-process run's step-1 loss is the 1-process run's, and so are the later steps (up to summation order).
     Attention dropout is on: its masks are keyed by the global sample ids too (hidden dropout, torch's own
-    per-process RNG, is off)."""
+    per-process RNG, is off). With adaptive masking the per-id statistics are all-reduced every step, so
+    the rates of later steps are the one-process run's too."""
+    adaptive = task == "mlm_adaptive"
+    task = "mlm" if adaptive else task
     import os
     import subprocess
     import sys
@@ -106,13 +130,13 @@ def test_torchrun_two_processes_match_one(task, corpus, tmp_path):
     out = tmp_path / "summary.json"
     argv = ["--task", task, "--steps", "3", "--batch-size", "8", "--seq-len", "32", "--model", "tiny", "--text-file",
             corpus, "--vocab-size", "200", "--lr", "3e-3", "--dropout", "0", "--attention-dropout", "0.1",
-            "--device", "cpu", "--summary-json", str(out)]
+            "--device", "cpu", "--summary-json", str(out)] + (["--adaptive-masking"] if adaptive else [])
     env = dict(os.environ, MASKLM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "masklm_kernels.train", *argv], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads(out.read_text())
-    one = train(_args(corpus, task=task, steps=3, dropout=0.0, attention_dropout=0.1))
+    one = train(_args(corpus, task=task, steps=3, dropout=0.0, attention_dropout=0.1, adaptive_masking=adaptive))
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["first_loss"] == pytest.approx(one["first_loss"], rel=1e-6)
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)

@@ -87,6 +87,13 @@ class AdaptiveMaskRates(nn.Module):
         """Fold one batch into the statistics. labels: (...) ids or `ignore_index` (mask_tokens' labels);
         per_token_loss: the same shape, the loss of each labelled position (`reduction="none"` of the
         losses; its values at ignored positions are not read). Not differentiated."""
+        self.fold(*self.batch_statistics(labels, per_token_loss, ignore_index))
+
+    @torch.no_grad()
+    def batch_statistics(self, labels: torch.Tensor, per_token_loss: torch.Tensor,
+                         ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sums (V,), label counts (V,)) of one batch, float32: what `fold` takes. Under data
+        parallelism all-reduce (sum) both before folding, so that every rank keeps the same statistics."""
         labels = self._ids("labels", labels)
         if not isinstance(per_token_loss, torch.Tensor) or per_token_loss.shape != labels.shape:
             raise ValueError(f"per_token_loss must be a tensor of labels' shape {tuple(labels.shape)}, got "
@@ -96,18 +103,21 @@ class AdaptiveMaskRates(nn.Module):
         if values_checkable(labels) and bool(((labels[keep] < 0) | (labels[keep] >= self.vocab_size)).any()):
             raise ValueError(f"labels must be ids in [0, {self.vocab_size}) or ignore_index={ignore_index}")
         ids = torch.where(keep, labels, 0).clamp(0, self.vocab_size - 1).long()  # clamped: never out of bounds
-        w = keep.to(torch.float32)
-        loss = torch.where(keep, loss, 0.0)
-        sums = torch.zeros_like(self.loss_sum).index_add_(0, ids, loss)
-        counts = torch.zeros_like(self.weight).index_add_(0, ids, w)
+        sums = torch.zeros_like(self.loss_sum).index_add_(0, ids, torch.where(keep, loss, 0.0))
+        counts = torch.zeros_like(self.weight).index_add_(0, ids, keep.to(torch.float32))
+        return sums, counts
+
+    @torch.no_grad()
+    def fold(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """One EMA step from a batch's (loss sums, counts) per id (`batch_statistics`)."""
         seen = counts > 0
         d = self.decay
         mean = sums / counts.clamp_min(1.0)
         self.loss_sum.copy_(torch.where(seen, d * self.loss_sum + (1 - d) * mean, self.loss_sum))
         self.weight.copy_(torch.where(seen, d * self.weight + (1 - d), self.weight))
-        n = w.sum()
+        n = counts.sum()
+        batch_mean = sums.sum() / n.clamp_min(1.0)
         any_ = n > 0
-        batch_mean = loss.sum() / n.clamp_min(1.0)
         self.global_sum.copy_(torch.where(any_, d * self.global_sum + (1 - d) * batch_mean, self.global_sum))
         self.global_weight.copy_(torch.where(any_, d * self.global_weight + (1 - d), self.global_weight))
 

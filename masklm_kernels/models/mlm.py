@@ -122,7 +122,7 @@ class BertMLM(nn.Module):
         return self.bert.embeddings.word_embeddings.weight  # tied, as BERT's
 
     def forward(self, input_ids, labels=None, *, lengths=None, attention_mask=None, return_logits=False,
-                sample_ids=None, dropout_seed=None, dropout_step=0):
+                return_token_losses=False, sample_ids=None, dropout_seed=None, dropout_step=0):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, seq) tensor, got {getattr(input_ids, 'shape', input_ids)}")
         B, S = input_ids.shape
@@ -147,18 +147,18 @@ class BertMLM(nn.Module):
             if labels is None:
                 return {"logits": self._logits(x).masked_fill(~valid[..., None], 0.0)}
             rows = labels.masked_fill(~valid, IGNORE_INDEX)
-        return self._head(x, rows, return_logits)
+        return lm_loss(self.cls, self.decoder_weight, x, rows, self.implementation, return_logits,
+                       return_token_losses)
 
     def _logits(self, x):
         return F.linear(self.cls.transform(x), self.decoder_weight, self.cls.bias)
 
-    def _head(self, x, labels, return_logits):
-        return lm_loss(self.cls, self.decoder_weight, x, labels, self.implementation, return_logits)
-
 
 def lm_loss(head: LMHead, weight: torch.Tensor, x: torch.Tensor, labels, implementation: str,
-            return_logits: bool) -> dict:
-    """The LM head and the loss over x (..., H) and labels (...): dict(loss, logits of the labelled rows).
+            return_logits: bool, return_token_losses: bool = False) -> dict:
+    """The LM head and the loss over x (..., H) and labels (...): dict(loss, logits of the labelled rows,
+    and with return_token_losses `labelled` (n,) the labelled rows' ids and `token_losses` (n,) their
+    losses, detached, in the same order: what AdaptiveMaskRates.update takes).
     fused: only labelled rows are transformed and reach fused_linear_cross_entropy; reference: full logits."""
     if labels is None:
         return {}
@@ -169,14 +169,22 @@ def lm_loss(head: LMHead, weight: torch.Tensor, x: torch.Tensor, labels, impleme
 
         keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # host sync: the labelled-row count
         h = head.transform(x.index_select(0, keep))
-        out["loss"] = fused_linear_cross_entropy(h, weight, labels.index_select(0, keep), bias=head.bias)
+        y = labels.index_select(0, keep)
+        if return_token_losses:  # per row, then their mean: the same loss and gradients as "mean"
+            per_row = fused_linear_cross_entropy(h, weight, y, bias=head.bias, reduction="none")
+            out["loss"] = per_row.sum() / max(int(keep.numel()), 1)
+            out["labelled"], out["token_losses"] = y, per_row.detach()
+        else:
+            out["loss"] = fused_linear_cross_entropy(h, weight, y, bias=head.bias)
         if return_logits:
             out["logits"] = F.linear(h, weight, head.bias)
         return out
     logits = F.linear(head.transform(x), weight, head.bias)
     keep = labels != IGNORE_INDEX
-    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    out["loss"] = loss / keep.sum().clamp_min(1)
+    per_row = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    out["loss"] = per_row.sum() / keep.sum().clamp_min(1)
+    if return_token_losses:
+        out["labelled"], out["token_losses"] = labels[keep], per_row[keep].detach()
     if return_logits:
         out["logits"] = logits[keep]
     return out

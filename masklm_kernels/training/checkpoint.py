@@ -31,7 +31,7 @@ FORMAT = "masklm_kernels-checkpoint"
 FORMAT_VERSION = 1
 MODEL_SETTINGS = ("task", "model", "vocab_size", "seq_len")
 RUN_SETTINGS = ("steps", "batch_size", "seed", "lr", "warmup", "dropout", "attention_dropout", "implementation",
-                "text_file")
+                "text_file", "adaptive_masking")
 PAYLOAD_KEYS = ("model", "opt", "sched", "rng", "step", "first_loss", "settings", "library", "torch")
 
 
@@ -56,10 +56,12 @@ def attention_dropout(args) -> float:
     return ModelConfig.attention_probs_dropout_prob
 
 
-def save(path: str, args, *, step: int, first_loss: float | None, model, opt, sched) -> None:
+def save(path: str, args, *, step: int, first_loss: float | None, model, opt, sched, adaptive=None) -> None:
+    """`adaptive`: the AdaptiveMaskRates of an --adaptive-masking run (its statistics are run state)."""
     payload = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
                    rng=torch.get_rng_state(), step=int(step), first_loss=first_loss, settings=settings(args),
-                   library=str(__version__), torch=str(torch.__version__))
+                   library=str(__version__), torch=str(torch.__version__),
+                   adaptive=None if adaptive is None else adaptive.state_dict())
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
@@ -112,8 +114,8 @@ def _check_settings(path: str, saved: dict, now: dict, allow: set) -> None:
                               f"(those are {', '.join(RUN_SETTINGS)})")
     if "backend" in saved and "implementation" not in saved:  # the setting's earlier name
         saved = {**saved, "implementation": saved["backend"]}
-    # a checkpoint without the setting predates attention dropout: its run trained without it
-    saved = {"attention_dropout": 0.0, **saved}
+    # a checkpoint without a setting predates it: its run trained without attention dropout / adaptive masking
+    saved = {"attention_dropout": 0.0, "adaptive_masking": False, **saved}
     for name in MODEL_SETTINGS:
         if saved.get(name) != now[name]:
             raise CheckpointError(f"checkpoint {path!r} was saved with {name}={saved.get(name)!r}, this run has "

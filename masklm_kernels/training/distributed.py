@@ -130,6 +130,16 @@ def main_first(ctx: Context, build):
     return result
 
 
+def all_sum_tensors(tensors, ctx: Context) -> tuple:
+    """The element-wise sums of `tensors` over the ranks (one all-reduce of their concatenation)."""
+    tensors = tuple(tensors)
+    if not ctx.enabled:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    collective(ctx, "the statistics all-reduce", lambda: dist.all_reduce(flat))
+    return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
+
+
 def all_sum(value: float, ctx: Context) -> float:
     if not ctx.enabled:
         return value

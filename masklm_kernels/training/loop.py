@@ -10,7 +10,7 @@ import time
 import torch
 
 from .._common import IGNORE_INDEX
-from ..masking import mask_tokens, mass_mask
+from ..masking import AdaptiveMaskRates, mask_tokens, mass_mask
 from ..models import BertMLM, MassModel, model_config
 from . import checkpoint, data, distributed
 
@@ -38,11 +38,13 @@ class Args:
     dropout: float | None = None  # hidden dropout, and attention dropout unless attention_dropout (None: config's 0.1)
     attention_dropout: float | None = None  # attention-probability dropout (None: as dropout)
     ddp_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds a collective waits for a stalled rank
+    adaptive_masking: bool = False  # MLM: per-token rates from the model's per-token loss (AdaptiveMaskRates)
 
 
-def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train", rank: int = 0, world: int = 1) -> dict:
+def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train", rank: int = 0, world: int = 1,
+                 adaptive: AdaptiveMaskRates | None = None) -> dict:
     """This rank's part of the step's global batch with its masks (keyed by seed, step and global sample ids),
-    on the device."""
+    on the device; MLM rates from `adaptive` when given (else 15%)."""
     n = len(ds.train if split == "train" else ds.eval)
     sample_ids = data.sample_ids_for(step, args.batch_size, n, args.seed, rank, world)
     ids, lengths = ds.batch(sample_ids, split)
@@ -53,9 +55,10 @@ def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train", 
     # attention dropout keyed like the masks: by seed, step and global sample id (the same on any number of ranks)
     keys = dict(sample_ids=sample_ids, dropout_seed=seed, dropout_step=step)
     if args.task == "mlm":
+        rate = 0.15 if adaptive is None else adaptive.rates(ids, lengths=lengths, special_token_ids=specials)
         masked, labels = mask_tokens(ids, mask_token_id=data.MASK_ID, vocab_size=ds.vocab_size, lengths=lengths,
                                      special_token_ids=specials, sample_ids=sample_ids, seed=seed, step=step,
-                                     random_token_range=(len(data.SPECIAL), ds.vocab_size))
+                                     random_token_range=(len(data.SPECIAL), ds.vocab_size), mlm_probability=rate)
         return dict(args=(masked, labels), kwargs=dict(lengths=lengths, **keys), labels=labels,
                     tokens=int(lengths.sum()))
     enc, dec, labels, spans = mass_mask(ids, lengths=lengths, mask_token_id=data.MASK_ID, vocab_size=ds.vocab_size,
@@ -100,10 +103,13 @@ def train(args: Args, ds: data.Dataset | None = None, out=None, ctx: distributed
     out = (out or sys.stdout) if ctx.main else None
     ds = ds or distributed.main_first(ctx, lambda: data.build_dataset(args.text_file, args.seq_len, args.vocab_size))
     model, opt, sched = build(args, ds.vocab_size)
+    adaptive = AdaptiveMaskRates(ds.vocab_size).to(args.device) if args.adaptive_masking else None
     start, first_loss = 0, None
     if args.resume:
         ckpt = checkpoint.load(args.resume, args, args.allow_changed)
         model.load_state_dict(ckpt["model"])
+        if adaptive is not None and ckpt.get("adaptive") is not None:
+            adaptive.load_state_dict(ckpt["adaptive"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         torch.set_rng_state(ckpt["rng"])
@@ -113,9 +119,13 @@ def train(args: Args, ds: data.Dataset | None = None, out=None, ctx: distributed
     tokens, t0, loss_value = 0, time.perf_counter(), float("nan")
     end = min(args.steps, args.stop_after or args.steps)
     for step in range(start, end):
-        batch = masked_batch(args, ds, step, rank=ctx.rank, world=ctx.world)
-        loss = net(*batch["args"], **batch["kwargs"])["loss"]
-        loss, logged = distributed.global_loss(loss, batch["labels"], ctx, IGNORE_INDEX)
+        batch = masked_batch(args, ds, step, rank=ctx.rank, world=ctx.world, adaptive=adaptive)
+        extra = dict(return_token_losses=True) if adaptive is not None else {}
+        result = net(*batch["args"], **batch["kwargs"], **extra)
+        if adaptive is not None:  # the global batch's per-id statistics, the same on every rank
+            adaptive.fold(*distributed.all_sum_tensors(
+                adaptive.batch_statistics(result["labelled"], result["token_losses"]), ctx))
+        loss, logged = distributed.global_loss(result["loss"], batch["labels"], ctx, IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,7 +135,8 @@ def train(args: Args, ds: data.Dataset | None = None, out=None, ctx: distributed
         first_loss = loss_value if first_loss is None else first_loss
         tokens += batch["tokens"]
         if args.save and ctx.main and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
-            checkpoint.save(args.save, args, step=step + 1, first_loss=first_loss, model=model, opt=opt, sched=sched)
+            checkpoint.save(args.save, args, step=step + 1, first_loss=first_loss, model=model, opt=opt, sched=sched,
+                            adaptive=adaptive)
         if out and ((step + 1) % args.log_every == 0 or step + 1 == end):
             rate = tokens * ctx.world / max(time.perf_counter() - t0, 1e-9)  # estimate: rank 0's share x ranks
             bar = "#" * int(20 * (step + 1) / args.steps)
@@ -134,7 +145,8 @@ def train(args: Args, ds: data.Dataset | None = None, out=None, ctx: distributed
     elapsed = time.perf_counter() - t0
     tokens = distributed.all_sum(tokens, ctx)
     if args.save and ctx.main:
-        checkpoint.save(args.save, args, step=end, first_loss=first_loss, model=model, opt=opt, sched=sched)
+        checkpoint.save(args.save, args, step=end, first_loss=first_loss, model=model, opt=opt, sched=sched,
+                        adaptive=adaptive)
     return dict(first_loss=first_loss, final_loss=loss_value, eval_loss=evaluate(args, model, ds),
                 baseline_loss=math.log(ds.vocab_size), elapsed_s=elapsed,
                 checkpoint=args.save if args.save and ctx.main else None,

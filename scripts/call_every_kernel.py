@@ -7,11 +7,11 @@ makes this program exit non-zero by itself.
     python scripts/call_every_kernel.py --tiny   # no GPU: CPU tensors, Triton under its interpreter
 
 Kernels: masking (every mode: token, exact, whole-word, spans, per-row and per-token rates; MASS
-fragments), attention forward and backward for every mask kind (none, causal, padding, prefix-LM, spans
-inside and outside, bool and float dense masks, GQA, Sq != Sk, attention dropout, sliding windows and
-ALiBi) and the packed varlen layout (with dropout; with a window), the masked cross-entropy (gradient
-buffer and in place) and the fused linear cross-entropy (with and without the labelled-row bound). Sizes
-are odd on purpose: partial tiles on every side.
+fragments; T5 span corruption), attention forward and backward for every mask kind (none, causal,
+padding, prefix-LM, spans inside and outside, bool and float dense masks, GQA, Sq != Sk, attention
+dropout, sliding windows and ALiBi) and the packed varlen layout (with dropout; with a window), the
+masked cross-entropy (gradient buffer and in place) and the fused linear cross-entropy (with and without
+the labelled-row bound). Sizes are odd on purpose: partial tiles on every side.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
         mask_tokens,
         masked_cross_entropy,
         mass_mask,
+        t5_span_corruption,
     )
 
     dev = "cuda" if cuda else "cpu"
@@ -69,6 +70,10 @@ def main(argv=None) -> int:
         check(f"mask_tokens {mode}", ours, mask_tokens(ids, **common, **kw, backend="reference"), 0)
     ours = mass_mask(ids.to(dev), lengths=lengths.to(dev), mask_token_id=4, vocab_size=V, backend=mask_backend)
     check("mass_mask", ours, mass_mask(ids, lengths=lengths, mask_token_id=4, vocab_size=V, backend="reference"), 0)
+    t5 = dict(vocab_size=V + 100, sentinel_start_id=V + 99, eos_token_id=1, lengths=lengths, seed=3, step=1)
+    dt5 = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in t5.items()}
+    ours = t5_span_corruption(ids.to(dev), **dt5, backend=mask_backend)
+    check("t5_span_corruption", tuple(ours), tuple(t5_span_corruption(ids, **t5, backend="reference")), 0)
 
     # attention: every mask kind, forward and backward
     Bq, Hq, Hkv, Sq, Sk, D = (2, 4, 2, 45, 53, 40) if args.tiny else (3, 8, 2, 333, 397, 64)

@@ -124,7 +124,52 @@ def test_opcheck_mass_mask(mode, kind):
     assert spans.shape == (B, 2)
 
 
-@pytest.mark.parametrize("name", ["mask_tokens", "mass_mask"])
+def t5_case(kind: str = "lengths"):
+    """(input_ids, kwargs) for `t5_span_corruption`: padded rows (lengths, sample ids, int32) or full rows."""
+    rng = rng_for("compile t5", kind)
+    bt = make_batch(rng, B, S, dtype=torch.int32 if kind == "int32" else torch.int64)
+    ids = bt.input_ids.clamp(max=VOCAB_SIZE - 101)  # below the sentinels
+    kw = dict(vocab_size=VOCAB_SIZE, sentinel_start_id=VOCAB_SIZE - 1, eos_token_id=1, seed=int(rng.integers(2**31)),
+              step=int(rng.integers(1000)))
+    if kind != "full":
+        kw.update(lengths=bt.lengths, sample_ids=torch.from_numpy(rng.integers(0, 2**40, size=B)))
+    return ids, kw
+
+
+@pytest.mark.parametrize("kind", ["native", "reference"])
+@pytest.mark.parametrize("case", ["lengths", "full", "int32"])
+def test_opcheck_t5_span_corruption(case, kind):
+    from masklm_kernels.masking.denoising import prepare_t5_args
+
+    op = _op("t5_span_corruption", kind)
+    ids, kw = t5_case(case)
+    args = prepare_t5_args(ids, **kw)
+    _opcheck(op, args)
+    enc, enc_len, dec, labels, dec_len = op(*args)
+    assert enc.dtype == dec.dtype == labels.dtype == ids.dtype and enc_len.dtype == dec_len.dtype == torch.int64
+    assert enc.shape == (B, args.enc_width) and dec.shape == labels.shape == (B, args.dec_width)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compiled_t5_span_corruption_equals_eager(backend):
+    from masklm_kernels import t5_span_corruption
+
+    if backend == "cpu":
+        require_backend("cpu")
+    ids, kw = t5_case()
+    kw.pop("step")
+
+    def fn(ids, step):
+        return tuple(t5_span_corruption(ids, **kw, step=step, backend=backend))
+
+    compiled, cnt = _compiled(fn)
+    for i in range(3):
+        step = torch.tensor(i)
+        _equal_outputs(compiled(ids, step), fn(ids, step), f"t5 step {i}")
+    assert cnt.frame_count == 1
+
+
+@pytest.mark.parametrize("name", ["mask_tokens", "mass_mask", "t5_span_corruption"])
 def test_native_and_reference_ops_share_a_schema(name):
     require_backend("cpu")
     native = getattr(torch.ops.masklm_kernels, name).default._schema
@@ -273,7 +318,8 @@ def test_inductor_end_to_end():
         _equal_outputs(compiled(ids, step), step_fn(ids, step), f"inductor step {i}")
 
 
-@pytest.mark.parametrize("op, args_type", [("mask_tokens", "MaskTokensArgs"), ("mass_mask", "MassMaskArgs")])
+@pytest.mark.parametrize("op, args_type", [("mask_tokens", "MaskTokensArgs"), ("mass_mask", "MassMaskArgs"),
+                                           ("t5_span_corruption", "T5SpanCorruptionArgs")])
 def test_python_arguments_are_the_schema_the_cpp_kernels_register_under(op, args_type):
     """masking/inputs.py's typed tuples define the schemas: the same names, types and order for the native
     op (whose C++ kernels register under it: a C++ signature that disagreed would fail to load) and for

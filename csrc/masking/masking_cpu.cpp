@@ -220,4 +220,15 @@ template void mask_tokens_cpu<int32_t>(const MaskArgs<int32_t>&);
 template void mass_mask_cpu<int64_t>(const MassArgs<int64_t>&);
 template void mass_mask_cpu<int32_t>(const MassArgs<int32_t>&);
 
+// T5 span corruption: rows in parallel, each the shared sequential row algorithm (t5_core.h).
+template <typename id_t>
+void t5_span_corruption_cpu(const T5Args<id_t>& a) {
+  at::parallel_for(0, a.B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) t5_row(a, b);
+  });
+}
+
+template void t5_span_corruption_cpu<int64_t>(const T5Args<int64_t>&);
+template void t5_span_corruption_cpu<int32_t>(const T5Args<int32_t>&);
+
 }  // namespace mlk

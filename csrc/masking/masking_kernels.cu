@@ -97,4 +97,22 @@ template void mask_tokens_cuda<int32_t>(const MaskArgs<int32_t>&, void*);
 template void mass_mask_cuda<int64_t>(const MassArgs<int64_t>&, void*);
 template void mass_mask_cuda<int32_t>(const MassArgs<int32_t>&, void*);
 
+template <typename id_t>
+__global__ void t5_rows_kernel(const T5Args<id_t> a) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b < a.B) t5_row(a, b);
+}
+
+// One thread per row: the segmentation is a sequential scan of the row (as the span mode's selection);
+// its writes are the row's own outputs.
+template <typename id_t>
+void t5_span_corruption_cuda(const T5Args<id_t>& a, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (a.B == 0) return;
+  t5_rows_kernel<id_t><<<grid_for(a.B, 64), 64, 0, stream>>>(a);
+}
+
+template void t5_span_corruption_cuda<int64_t>(const T5Args<int64_t>&, void*);
+template void t5_span_corruption_cuda<int32_t>(const T5Args<int32_t>&, void*);
+
 }  // namespace mlk

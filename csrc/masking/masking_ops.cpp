@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
 #include <cstring>
 
 #include "masking_launch.h"
@@ -210,6 +211,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mass_mask_impl(
   return {enc, dec, labels, spans};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> t5_span_corruption_impl(
+    const at::Tensor& input_ids, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& sample_ids,
+    const at::Tensor& seed, const at::Tensor& step, double noise_density, double mean_noise_span_length,
+    int64_t sentinel_start_id, int64_t eos_token_id, int64_t pad_token_id, int64_t decoder_start_token_id,
+    int64_t ignore_index, int64_t enc_width, int64_t dec_width) {
+  check_ids(input_ids);
+  check_meta(lengths, input_ids, "lengths", at::kLong, false);
+  check_meta(sample_ids, input_ids, "sample_ids", at::kLong, false);
+  TORCH_CHECK(noise_density > 0.0 && noise_density < 1.0, "noise_density must be in (0, 1), got ", noise_density);
+  TORCH_CHECK(mean_noise_span_length >= 1.0 && mean_noise_span_length < 1e9,
+              "mean_noise_span_length must be in [1, 1e9), got ", mean_noise_span_length);
+  // the widest outputs any row length can make, and the most spans: the buffers and the sentinel ids
+  // must hold them whatever the (unchecked, device-side) lengths are
+  const int64_t S = input_ids.size(1);
+  int64_t max_enc = 1, max_dec = 1, max_spans = 0;
+  for (int64_t n = 0; n <= S; ++n) {
+    int64_t noise = 0, spans = 0;
+    t5_counts(n, noise_density, mean_noise_span_length, &noise, &spans);
+    max_enc = std::max(max_enc, n - noise + spans + 1);
+    max_dec = std::max(max_dec, noise + spans + 1);
+    max_spans = std::max(max_spans, spans);
+  }
+  TORCH_CHECK(enc_width >= max_enc && dec_width >= max_dec, "output widths (", enc_width, ", ", dec_width,
+              ") are below what rows of length <= ", S, " need (", max_enc, ", ", max_dec, ")");
+  TORCH_CHECK(sentinel_start_id - (max_spans - 1) >= 0, "sentinel ids would go below 0: ", max_spans,
+              " spans from sentinel_start_id ", sentinel_start_id);
+  const int64_t B = input_ids.size(0);
+  auto enc = at::empty({B, enc_width}, input_ids.options());
+  auto labels = at::empty({B, dec_width}, input_ids.options());
+  auto dec = at::empty({B, dec_width}, input_ids.options());
+  auto enc_len = at::empty({B}, input_ids.options().dtype(at::kLong));
+  auto dec_len = at::empty({B}, input_ids.options().dtype(at::kLong));
+  AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "t5_span_corruption", [&] {
+    T5Args<index_t> a;
+    std::memset(&a, 0, sizeof(a));
+    a.ids = input_ids.data_ptr<index_t>();
+    a.enc = enc.data_ptr<index_t>();
+    a.enc_len = enc_len.data_ptr<int64_t>();
+    a.dec = dec.data_ptr<index_t>();
+    a.labels = labels.data_ptr<index_t>();
+    a.dec_len = dec_len.data_ptr<int64_t>();
+    a.B = B;
+    a.S = S;
+    a.enc_width = enc_width;
+    a.dec_width = dec_width;
+    a.lengths = opt_i64(lengths);
+    a.sample_ids = opt_i64(sample_ids);
+    scalar_arg(seed, input_ids, "seed", &a.seed_ptr, &a.seed_val);
+    scalar_arg(step, input_ids, "step", &a.step_ptr, &a.step_val);
+    a.density = noise_density;
+    a.mean_span = mean_noise_span_length;
+    a.sentinel_start = sentinel_start_id;
+    a.eos = eos_token_id;
+    a.pad = pad_token_id;
+    a.decoder_start = decoder_start_token_id;
+    a.ignore_index = ignore_index;
+    if (input_ids.device().is_cpu()) {
+      t5_span_corruption_cpu(a);
+    } else {
+#if defined(MLK_WITH_CUDA)
+      const c10::cuda::CUDAGuard guard(input_ids.device());
+      t5_span_corruption_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+      TORCH_CHECK(false, "masklm_kernels._C was built without CUDA support");
+#endif
+    }
+  });
+  return {enc, enc_len, dec, labels, dec_len};
+}
+
 }  // namespace
 
 // The schemas of mask_tokens and mass_mask are defined in Python (masklm_kernels/masking/ops.py, from the
@@ -219,12 +291,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mass_mask_impl(
 TORCH_LIBRARY_IMPL(masklm_kernels, CPU, m) {
   m.impl("mask_tokens", &mask_tokens_impl);
   m.impl("mass_mask", &mass_mask_impl);
+  m.impl("t5_span_corruption", &t5_span_corruption_impl);
 }
 
 #if defined(MLK_WITH_CUDA)
 TORCH_LIBRARY_IMPL(masklm_kernels, CUDA, m) {
   m.impl("mask_tokens", &mask_tokens_impl);
   m.impl("mass_mask", &mass_mask_impl);
+  m.impl("t5_span_corruption", &t5_span_corruption_impl);
 }
 #endif
 

@@ -54,6 +54,23 @@ class MassMaskArgs(NamedTuple):
     ignore_index: int
 
 
+class T5SpanCorruptionArgs(NamedTuple):
+    input_ids: torch.Tensor                      # (B, S) int64 / int32
+    lengths: Optional[torch.Tensor]              # (B,) int64; None: every row is S tokens
+    sample_ids: Optional[torch.Tensor]           # (B,) int64
+    seed: torch.Tensor                           # 0-dim int64
+    step: torch.Tensor                           # 0-dim int64
+    noise_density: float
+    mean_noise_span_length: float
+    sentinel_start_id: int                       # <extra_id_0>; span k gets sentinel_start_id - k
+    eos_token_id: int
+    pad_token_id: int
+    decoder_start_token_id: int
+    ignore_index: int
+    enc_width: int                               # output widths: the most any row length <= S needs
+    dec_width: int
+
+
 def signature(args_type: type, returns) -> inspect.Signature:
     """A custom-op signature with `args_type`'s fields, in order, as parameters (torch.library infers the
     schema from it)."""

@@ -1,6 +1,6 @@
 """torch.library registration of the masking ops.
 
-* `masklm_kernels::mask_tokens` / `masklm_kernels::mass_mask`: C++ ops. Their schemas are defined here,
+* `masklm_kernels::mask_tokens` / `mass_mask` / `t5_span_corruption`: C++ ops. Their schemas are defined here,
   derived from the typed arguments of masking/inputs.py, with their fake implementations, so that
   torch.compile traces through them before the extension is loaded; `masklm_kernels._C` registers only
   the CPU and CUDA kernels (csrc/masking/masking_ops.cpp; a kernel whose C++ signature disagrees with the
@@ -25,6 +25,14 @@ def _fake_mask_tokens(input_ids, *args):
 def _fake_mass_mask(input_ids, *args):
     spans = input_ids.new_empty((input_ids.shape[0], 2), dtype=torch.int64)
     return torch.empty_like(input_ids), torch.empty_like(input_ids), torch.empty_like(input_ids), spans
+
+
+def _fake_t5_span_corruption(input_ids, *args):
+    a = inputs.T5SpanCorruptionArgs(input_ids, *args)
+    B = input_ids.shape[0]
+    enc, dec = input_ids.new_empty((B, a.enc_width)), input_ids.new_empty((B, a.dec_width))
+    lengths = input_ids.new_empty((B,), dtype=torch.int64)
+    return enc, lengths, dec, torch.empty_like(dec), torch.empty_like(lengths)
 
 
 def _prototype(args_type, returns):
@@ -54,10 +62,12 @@ def _mask_tokens_spec(*args):
 
 _MASK_TOKENS_RETURNS = tuple[torch.Tensor, torch.Tensor]
 _MASS_MASK_RETURNS = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_T5_RETURNS = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 _LIB = torch.library.Library("masklm_kernels", "FRAGMENT")  # kept alive: it owns the definitions below
 _NATIVE = (("mask_tokens", inputs.MaskTokensArgs, _MASK_TOKENS_RETURNS, _fake_mask_tokens),
-           ("mass_mask", inputs.MassMaskArgs, _MASS_MASK_RETURNS, _fake_mass_mask))
+           ("mass_mask", inputs.MassMaskArgs, _MASS_MASK_RETURNS, _fake_mass_mask),
+           ("t5_span_corruption", inputs.T5SpanCorruptionArgs, _T5_RETURNS, _fake_t5_span_corruption))
 for _name, _args_type, _returns, _fake in _NATIVE:
     # "int", not the inferred "SymInt": the C++ kernels take int64_t, and these are host-side constants
     _schema = torch.library.infer_schema(_prototype(_args_type, _returns), mutates_args=()).replace("SymInt", "int")
@@ -69,8 +79,11 @@ mask_tokens_reference = _reference_op("masklm_kernels::mask_tokens_reference", i
                                       _mask_tokens_spec, _MASK_TOKENS_RETURNS)
 mass_mask_reference = _reference_op("masklm_kernels::mass_mask_reference", inputs.MassMaskArgs, reference.mass_mask,
                                     _MASS_MASK_RETURNS)
+t5_span_corruption_reference = _reference_op("masklm_kernels::t5_span_corruption_reference",
+                                             inputs.T5SpanCorruptionArgs, reference.t5_span_corruption, _T5_RETURNS)
 mask_tokens_reference.register_fake(_fake_mask_tokens)
 mass_mask_reference.register_fake(_fake_mass_mask)
+t5_span_corruption_reference.register_fake(_fake_t5_span_corruption)
 
 
 def native_op(name: str):

@@ -12,7 +12,7 @@ MASK32 = np.uint64(0xFFFFFFFF)
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
 POS_BITS = 24
-SELECT, ACTION, KEY, SPAN, FRAGMENT = range(5)
+SELECT, ACTION, KEY, SPAN, FRAGMENT, T5_NOISE, T5_NONNOISE = range(7)
 MODE_BERNOULLI, MODE_EXACT, MODE_SPAN = range(3)
 FX_BITS = 24
 
@@ -262,3 +262,72 @@ def mass_mask(input_ids, lengths, special_token_ids, sample_ids, seed, step, rat
         labels[b, pos] = orig
         spans[b] = (start, start + m)
     return enc, dec, labels, spans
+
+
+def t5_counts(n: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """T5's `random_spans_noise_mask` counts for a row of n tokens: (noise tokens, noise spans); (0, 0)
+    when n < 2. np.round rounds half to even, as Python's round does."""
+    if n < 2:
+        return 0, 0
+    noise = min(max(round(n * noise_density), 1), n - 1)
+    return noise, max(round(min(noise, n - noise) / mean_noise_span_length), 1)
+
+
+def t5_widths(S: int, noise_density: float, mean_noise_span_length: float, lengths_given: bool = True):
+    """(encoder width, decoder width, most spans) over the row lengths a batch of width S can have (all of
+    0..S when lengths are given, else S only)."""
+    widths = []
+    for n in (range(S + 1) if lengths_given else (S,)):
+        noise, spans = t5_counts(n, noise_density, mean_noise_span_length)
+        widths.append((n - noise + spans + 1, noise + spans + 1, spans))
+    return tuple(max(w[i] for w in widths) for i in range(3))
+
+
+def segmentation(rnd: RowRandom, domain: int, items: int, segments: int) -> list[int]:
+    """T5's `_random_segmentation`: segment lengths of `items` items cut at segments - 1 of the items - 1
+    gaps, chosen by selection sampling: gap g taken iff (u_g * remaining) >> 32 < needed."""
+    u = rnd.word(domain, np.arange(max(items - 1, 0)))
+    lengths, length, needed = [], 1, segments - 1
+    for g in range(items - 1):
+        if needed > 0 and (int(u[g]) * (items - 1 - g)) >> 32 < needed:
+            lengths.append(length)
+            length, needed = 1, needed - 1
+        else:
+            length += 1
+    return lengths + [length]
+
+
+def t5_span_corruption(input_ids, lengths, sample_ids, seed, step, noise_density, mean_noise_span_length,
+                       sentinel_start_id, eos_token_id, pad_token_id, decoder_start_token_id, ignore_index, enc_width,
+                       dec_width):
+    """Reference of `torch.ops.masklm_kernels.t5_span_corruption`. Returns (encoder ids, encoder lengths,
+    decoder input ids, labels, label lengths) NumPy arrays."""
+    ids = _np(input_ids)
+    B, S = ids.shape
+    lengths, samples = _np(lengths), _np(sample_ids)
+    enc = np.full((B, enc_width), pad_token_id, dtype=ids.dtype)
+    dec = np.full((B, dec_width), pad_token_id, dtype=ids.dtype)
+    labels = np.full((B, dec_width), ignore_index, dtype=ids.dtype)
+    enc_len, dec_len = np.zeros(B, np.int64), np.zeros(B, np.int64)
+    for b in range(B):
+        rnd = RowRandom(int(seed), int(step), int(samples[b]) if samples is not None else b)
+        n = S if lengths is None else min(max(int(lengths[b]), 0), S)
+        row = [int(t) for t in ids[b, :n]]
+        noise, spans = t5_counts(n, noise_density, mean_noise_span_length)
+        out, tgt = [], []
+        if spans == 0:
+            out = row
+        else:
+            keep = segmentation(rnd, T5_NONNOISE, n - noise, spans)
+            drop = segmentation(rnd, T5_NOISE, noise, spans)
+            s = 0
+            for k in range(spans):  # non-noise first, then noise: T5's interleaving
+                out += row[s:s + keep[k]] + [sentinel_start_id - k]
+                s += keep[k]
+                tgt += [sentinel_start_id - k] + row[s:s + drop[k]]
+                s += drop[k]
+        out, tgt = out + [eos_token_id], tgt + [eos_token_id]
+        enc[b, :len(out)], labels[b, :len(tgt)] = out, tgt
+        dec[b, :len(tgt)] = [decoder_start_token_id] + tgt[:-1]
+        enc_len[b], dec_len[b] = len(out), len(tgt)
+    return enc, enc_len, dec, labels, dec_len

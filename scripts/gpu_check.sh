@@ -164,7 +164,7 @@ bench() {
     args+=(--quick --device cuda --budget 0.3 --warmup 1)
   fi
   # fastest suites first: each writes its JSONL when it ends, so a timeout loses only the last ones
-  "$PY" -m benchmarks masking losses e2e attention "${args[@]}"
+  "$PY" -m benchmarks masking denoising losses e2e attention attention_positions "${args[@]}"
 }
 export -f bench
 phase "benchmarks" 160 "$OUT/bench.log" \

@@ -1,10 +1,11 @@
 """The training command (the library's main job): `python -m masklm_kernels.train` / `masklm-train`.
 
 Masked-LM (`--task mlm`; BERT-style, or ModernBERT- / MosaicBERT-style with `--model modern-small` /
-`mosaic-small`) or MASS (`--task mass`) pre-training of a reference model on the
-library's kernels (`--implementation fused`) or plain PyTorch (`--implementation reference`), on a corpus
-built on the spot from the Python standard library's docstrings (or `--text-file`), with a WordPiece
-tokenizer trained on it and cached. Masks are drawn on the device every step, keyed by (seed, step, global sample id).
+`mosaic-small`), MASS (`--task mass`) or T5 span corruption (`--task t5`, an encoder-decoder) pre-training
+of a reference model on the library's kernels (`--implementation fused`) or plain PyTorch
+(`--implementation reference`), on a corpus built on the spot from the Python standard library's
+docstrings (or `--text-file`), with a WordPiece tokenizer trained on it and cached. Masks are drawn on
+the device every step, keyed by (seed, step, global sample id).
 `--compare` runs the same steps with both implementations and prints the speedup and the loss difference.
 Data parallel: `torchrun --nproc_per_node N -m masklm_kernels.train ...` (DDP, gloo on CPU, nccl on CUDA;
 --batch-size is the global batch).
@@ -29,7 +30,8 @@ from .training.loop import Args, train
 def parse(argv=None) -> Args:
     p = argparse.ArgumentParser(prog="python -m masklm_kernels.train", description=description(__doc__))
     d = Args()
-    p.add_argument("--task", choices=("mlm", "mass"), default=d.task)
+    p.add_argument("--task", choices=("mlm", "mass", "t5"), default=d.task,
+                   help="mlm: BERT-style masked LM; mass: MASS fragments; t5: T5 span corruption (encoder-decoder)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split across processes)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -67,11 +69,11 @@ def parse(argv=None) -> Args:
                    help="under torchrun: how long a collective waits for a stalled rank before failing, naming it")
     p.add_argument("--compare", action="store_true", help="run both implementations, print speedup and loss difference")
     a = p.parse_args(argv)
-    if a.task == "mass" and a.adaptive_masking:
-        p.error("--adaptive-masking: MLM only (--task mlm); MASS masks one fragment per row")
-    if a.task == "mass" and "-" in a.model:
+    if a.task != "mlm" and a.adaptive_masking:
+        p.error(f"--adaptive-masking: MLM only (--task mlm), not --task {a.task}")
+    if a.task != "mlm" and "-" in a.model:
         p.error(f"--model {a.model}: the ModernBERT- and MosaicBERT-style encoders are BertMLM's (--task mlm); "
-                "MASS trains tiny, small or base")
+                f"--task {a.task} trains tiny, small or base")
     if a.steps < 1 or a.batch_size < 1 or a.seq_len < 8:
         p.error("--steps and --batch-size must be >= 1, --seq-len >= 8")
     for name in ("dropout", "attention_dropout"):

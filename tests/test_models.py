@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from masklm_kernels import mass_mask
-from masklm_kernels.models import BertMLM, MassModel, model_config
+from masklm_kernels.models import BertMLM, MassModel, Seq2SeqModel, model_config
 
 from helpers import assert_close
 
@@ -311,3 +311,28 @@ def test_token_losses_for_adaptive_masking():
         assert_close(out["loss"], out["token_losses"].mean(), **F64, msg="mean of the token losses")
     plain = fused(*args, **kw)["loss"]
     assert_close(outs[1]["loss"], plain, **F64, msg="the loss with and without the option")
+
+
+def _t5_batch(seed, B=5, S=19):
+    from masklm_kernels import t5_span_corruption
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V - 20, (B, S), generator=g)
+    t5 = t5_span_corruption(ids, vocab_size=V, sentinel_start_id=V - 1, eos_token_id=3,
+                            lengths=torch.tensor([19, 12, 2, 1, 0])[:B], noise_density=0.3, seed=seed)
+    return (t5.input_ids, t5.decoder_input_ids, t5.labels), dict(input_lengths=t5.input_lengths,
+                                                                  label_lengths=t5.label_lengths)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_seq2seq_fused_equals_reference(dropout):
+    """T5 span corruption's outputs through the encoder-decoder: padded encoder rows, a causal decoder of
+    its own lengths, cross-attention to the encoder's real tokens; fused = reference, with and without
+    attention dropout."""
+    ref, fused = _pair(Seq2SeqModel, 9, attention_probs_dropout_prob=dropout, num_decoder_layers=1)
+    args, kw = _t5_batch(9)
+    keys = dict(dropout_seed=4, dropout_step=1, sample_ids=torch.arange(5))
+    _compare(ref, fused, *args, **kw, **keys)
+    assert float(fused(*args, **kw, **keys)["loss"]) > 0
+    with pytest.raises(ValueError, match="Seq2SeqModel: BERT's learned positions only"):
+        Seq2SeqModel(model_config("mosaic-tiny"))

@@ -20,7 +20,7 @@ def _args(corpus, **kw):
     return Args(**{**base, **kw})
 
 
-@pytest.mark.parametrize("task", ["mlm", "mass"])
+@pytest.mark.parametrize("task", ["mlm", "mass", "t5"])
 def test_training_runs_and_the_loss_falls(task, corpus, capsys):
     summary = train(_args(corpus, task=task, steps=40))
     assert summary["final_loss"] < summary["first_loss"] - 0.5, summary
@@ -105,6 +105,9 @@ def test_cli_argument_errors(corpus):
         cli.parse(["--task", "mass", "--model", "modern-small"])
     with pytest.raises(SystemExit):
         cli.parse(["--task", "mass", "--adaptive-masking"])
+    with pytest.raises(SystemExit):
+        cli.parse(["--task", "t5", "--model", "mosaic-tiny"])
+    assert cli.parse(["--task", "t5"]).task == "t5"
     assert cli.parse(["--adaptive-masking"]).adaptive_masking
     assert cli.parse(["--model", "modern-small"]).model == "modern-small"
     if not torch.cuda.is_available():
@@ -114,7 +117,7 @@ def test_cli_argument_errors(corpus):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
-@pytest.mark.parametrize("task", ["mlm", "mass", "mlm_adaptive"])
+@pytest.mark.parametrize("task", ["mlm", "mass", "t5", "mlm_adaptive"])
 def test_torchrun_two_processes_match_one(task, corpus, tmp_path):
     """DDP on CPU (gloo): with masks keyed by global sample ids and the loss scaled to the global mean, the
     2-process run's step-1 loss is the 1-process run's, and so are the later steps (up to summation order).

@@ -10,9 +10,12 @@ import time
 import torch
 
 from .._common import IGNORE_INDEX
-from ..masking import AdaptiveMaskRates, mask_tokens, mass_mask
-from ..models import BertMLM, MassModel, model_config
+from ..masking import AdaptiveMaskRates, mask_tokens, mass_mask, t5_span_corruption
+from ..models import BertMLM, MassModel, Seq2SeqModel, model_config
 from . import checkpoint, data, distributed
+
+T5_SENTINELS = 100  # T5's <extra_id_0..99>: ids vocab_size .. vocab_size + 99 of the t5 task's model
+MODELS = {"mlm": BertMLM, "mass": MassModel, "t5": Seq2SeqModel}
 
 
 @dataclasses.dataclass
@@ -61,6 +64,13 @@ def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train", 
                                      random_token_range=(len(data.SPECIAL), ds.vocab_size), mlm_probability=rate)
         return dict(args=(masked, labels), kwargs=dict(lengths=lengths, **keys), labels=labels,
                     tokens=int(lengths.sum()))
+    if args.task == "t5":
+        t5 = t5_span_corruption(ids, vocab_size=ds.vocab_size + T5_SENTINELS, eos_token_id=data.SEP_ID,
+                                sentinel_start_id=ds.vocab_size + T5_SENTINELS - 1, pad_token_id=data.PAD_ID,
+                                lengths=lengths, sample_ids=sample_ids, seed=seed, step=step)
+        return dict(args=(t5.input_ids, t5.decoder_input_ids, t5.labels),
+                    kwargs=dict(input_lengths=t5.input_lengths, label_lengths=t5.label_lengths, **keys),
+                    labels=t5.labels, tokens=int(lengths.sum()))
     enc, dec, labels, spans = mass_mask(ids, lengths=lengths, mask_token_id=data.MASK_ID, vocab_size=ds.vocab_size,
                                         special_token_ids=specials, sample_ids=sample_ids, seed=seed, step=step)
     return dict(args=(enc, dec, labels, spans), kwargs=dict(lengths=lengths, **keys), labels=labels,
@@ -73,8 +83,12 @@ def build(args: Args, vocab_size: int):
                                                   attention_probs_dropout_prob=args.dropout)
     if args.attention_dropout is not None:
         drop["attention_probs_dropout_prob"] = args.attention_dropout
-    cfg = model_config(args.model, vocab_size=vocab_size, max_position_embeddings=max(args.seq_len, 64), **drop)
-    model = (BertMLM if args.task == "mlm" else MassModel)(cfg, implementation=args.implementation).to(args.device)
+    if args.task == "t5":  # the sentinels' rows, and T5 inputs one longer than a row at most (EOS)
+        vocab_size, positions = vocab_size + T5_SENTINELS, max(args.seq_len + 1, 64)
+    else:
+        positions = max(args.seq_len, 64)
+    cfg = model_config(args.model, vocab_size=vocab_size, max_position_embeddings=positions, **drop)
+    model = MODELS[args.task](cfg, implementation=args.implementation).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warm = max(1, int(args.warmup * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -1,9 +1,9 @@
 """The training command (the library's main job): `python -m masklm_kernels.train` / `masklm-train`.
 
 Masked-LM (`--task mlm`; BERT-style, or ModernBERT- / MosaicBERT-style with `--model modern-small` /
-`mosaic-small`), MASS (`--task mass`) or T5 span corruption (`--task t5`, an encoder-decoder) pre-training
-of a reference model on the library's kernels (`--implementation fused`) or plain PyTorch
-(`--implementation reference`), on a corpus built on the spot from the Python standard library's
+`mosaic-small`), MASS (`--task mass`), T5 span corruption or BART infilling (`--task t5` / `bart`, an
+encoder-decoder) pre-training of a reference model on the library's kernels (`--implementation fused`)
+or plain PyTorch (`--implementation reference`), on a corpus built on the spot from the Python standard library's
 docstrings (or `--text-file`), with a WordPiece tokenizer trained on it and cached. Masks are drawn on
 the device every step, keyed by (seed, step, global sample id).
 `--compare` runs the same steps with both implementations and prints the speedup and the loss difference.
@@ -30,8 +30,9 @@ from .training.loop import Args, train
 def parse(argv=None) -> Args:
     p = argparse.ArgumentParser(prog="python -m masklm_kernels.train", description=description(__doc__))
     d = Args()
-    p.add_argument("--task", choices=("mlm", "mass", "t5"), default=d.task,
-                   help="mlm: BERT-style masked LM; mass: MASS fragments; t5: T5 span corruption (encoder-decoder)")
+    p.add_argument("--task", choices=("mlm", "mass", "t5", "bart"), default=d.task,
+                   help="mlm: BERT-style masked LM; mass: MASS fragments; t5: T5 span corruption; bart: BART text "
+                        "infilling (t5 and bart: an encoder-decoder)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split across processes)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)

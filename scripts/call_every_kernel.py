@@ -7,7 +7,7 @@ makes this program exit non-zero by itself.
     python scripts/call_every_kernel.py --tiny   # no GPU: CPU tensors, Triton under its interpreter
 
 Kernels: masking (every mode: token, exact, whole-word, spans, per-row and per-token rates; MASS
-fragments; T5 span corruption), attention forward and backward for every mask kind (none, causal,
+fragments; T5 span corruption; BART infilling), attention forward and backward for every mask kind (none, causal,
 padding, prefix-LM, spans inside and outside, bool and float dense masks, GQA, Sq != Sk, attention
 dropout, sliding windows and ALiBi) and the packed varlen layout (with dropout; with a window), the
 masked cross-entropy (gradient buffer and in place) and the fused linear cross-entropy (with and without
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before masklm_kernels imports triton
     from masklm_kernels import (
+        bart_infill,
         fused_attention,
         fused_attention_varlen,
         fused_linear_cross_entropy,
@@ -74,6 +75,13 @@ def main(argv=None) -> int:
     dt5 = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in t5.items()}
     ours = t5_span_corruption(ids.to(dev), **dt5, backend=mask_backend)
     check("t5_span_corruption", tuple(ours), tuple(t5_span_corruption(ids, **t5, backend="reference")), 0)
+    for replace_length in (-1, 0, 1):
+        bart = dict(vocab_size=V, mask_token_id=4, decoder_start_token_id=2, lengths=lengths, seed=3, step=1,
+                    replace_length=replace_length, random_ratio=0.2, poisson_lambda=2.0 + replace_length)
+        dbart = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in bart.items()}
+        ours = bart_infill(ids.to(dev), **dbart, backend=mask_backend)
+        check(f"bart_infill replace_length={replace_length}", tuple(ours),
+              tuple(bart_infill(ids, **bart, backend="reference")), 0)
 
     # attention: every mask kind, forward and backward
     Bq, Hq, Hkv, Sq, Sk, D = (2, 4, 2, 45, 53, 40) if args.tiny else (3, 8, 2, 333, 397, 64)

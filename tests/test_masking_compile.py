@@ -169,7 +169,45 @@ def test_compiled_t5_span_corruption_equals_eager(backend):
     assert cnt.frame_count == 1
 
 
-@pytest.mark.parametrize("name", ["mask_tokens", "mass_mask", "t5_span_corruption"])
+@pytest.mark.parametrize("kind", ["native", "reference"])
+@pytest.mark.parametrize("case", ["lengths", "full", "int32"])
+def test_opcheck_bart_infill(case, kind):
+    from masklm_kernels.masking.denoising import prepare_bart_args
+
+    op = _op("bart_infill", kind)
+    ids, kw = t5_case(case)
+    kw = dict(kw, mask_token_id=4, decoder_start_token_id=2, replace_length=-1 if case == "full" else 1,
+              random_ratio=0.2)
+    for name in ("sentinel_start_id", "eos_token_id"):
+        kw.pop(name)
+    args = prepare_bart_args(ids, **kw)
+    _opcheck(op, args)
+    out, out_len, dec, labels, label_len = op(*args)
+    assert out.dtype == dec.dtype == labels.dtype == ids.dtype and out.shape == (B, args.width)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compiled_bart_infill_equals_eager(backend):
+    from masklm_kernels import bart_infill
+
+    if backend == "cpu":
+        require_backend("cpu")
+    ids, kw = t5_case()
+    kw = dict(kw, mask_token_id=4, decoder_start_token_id=2)
+    for name in ("sentinel_start_id", "eos_token_id", "step"):
+        kw.pop(name)
+
+    def fn(ids, step):
+        return tuple(bart_infill(ids, **kw, step=step, backend=backend))
+
+    compiled, cnt = _compiled(fn)
+    for i in range(3):
+        step = torch.tensor(i)
+        _equal_outputs(compiled(ids, step), fn(ids, step), f"bart step {i}")
+    assert cnt.frame_count == 1
+
+
+@pytest.mark.parametrize("name", ["mask_tokens", "mass_mask", "t5_span_corruption", "bart_infill"])
 def test_native_and_reference_ops_share_a_schema(name):
     require_backend("cpu")
     native = getattr(torch.ops.masklm_kernels, name).default._schema
@@ -319,7 +357,8 @@ def test_inductor_end_to_end():
 
 
 @pytest.mark.parametrize("op, args_type", [("mask_tokens", "MaskTokensArgs"), ("mass_mask", "MassMaskArgs"),
-                                           ("t5_span_corruption", "T5SpanCorruptionArgs")])
+                                           ("t5_span_corruption", "T5SpanCorruptionArgs"),
+                                           ("bart_infill", "BartInfillArgs")])
 def test_python_arguments_are_the_schema_the_cpp_kernels_register_under(op, args_type):
     """masking/inputs.py's typed tuples define the schemas: the same names, types and order for the native
     op (whose C++ kernels register under it: a C++ signature that disagreed would fail to load) and for

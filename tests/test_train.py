@@ -20,7 +20,7 @@ def _args(corpus, **kw):
     return Args(**{**base, **kw})
 
 
-@pytest.mark.parametrize("task", ["mlm", "mass", "t5"])
+@pytest.mark.parametrize("task", ["mlm", "mass", "t5", "bart"])
 def test_training_runs_and_the_loss_falls(task, corpus, capsys):
     summary = train(_args(corpus, task=task, steps=40))
     assert summary["final_loss"] < summary["first_loss"] - 0.5, summary

@@ -231,4 +231,17 @@ void t5_span_corruption_cpu(const T5Args<id_t>& a) {
 template void t5_span_corruption_cpu<int64_t>(const T5Args<int64_t>&);
 template void t5_span_corruption_cpu<int32_t>(const T5Args<int32_t>&);
 
+// BART infilling: rows in parallel, each the shared row algorithm (bart_core.h), a span-length buffer
+// per chunk of rows.
+template <typename id_t>
+void bart_infill_cpu(const BartArgs<id_t>& a) {
+  at::parallel_for(0, a.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int32_t> len(static_cast<size_t>(a.S > 0 ? a.S : 1));
+    for (int64_t b = b0; b < b1; ++b) bart_row(a, b, len.data());
+  });
+}
+
+template void bart_infill_cpu<int64_t>(const BartArgs<int64_t>&);
+template void bart_infill_cpu<int32_t>(const BartArgs<int32_t>&);
+
 }  // namespace mlk

@@ -115,4 +115,21 @@ void t5_span_corruption_cuda(const T5Args<id_t>& a, void* stream_ptr) {
 template void t5_span_corruption_cuda<int64_t>(const T5Args<int64_t>&, void*);
 template void t5_span_corruption_cuda<int32_t>(const T5Args<int32_t>&, void*);
 
+template <typename id_t>
+__global__ void bart_rows_kernel(const BartArgs<id_t> a, int32_t* len_ws) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b < a.B) bart_row(a, b, len_ws + b * a.S);
+}
+
+// One thread per row, as T5's: the row is two sequential sweeps.
+template <typename id_t>
+void bart_infill_cuda(const BartArgs<id_t>& a, int32_t* len_ws, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (a.B == 0) return;
+  bart_rows_kernel<id_t><<<grid_for(a.B, 64), 64, 0, stream>>>(a, len_ws);
+}
+
+template void bart_infill_cuda<int64_t>(const BartArgs<int64_t>&, int32_t*, void*);
+template void bart_infill_cuda<int32_t>(const BartArgs<int32_t>&, int32_t*, void*);
+
 }  // namespace mlk

@@ -282,6 +282,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> t5_span_c
   return {enc, enc_len, dec, labels, dec_len};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bart_infill_impl(
+    const at::Tensor& input_ids, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& sample_ids,
+    const at::Tensor& seed, const at::Tensor& step, double mask_ratio, at::IntArrayRef poisson_cdf,
+    int64_t replace_length, int64_t mask_token_id, int64_t t_mask, int64_t rand_lo, int64_t rand_hi,
+    int64_t pad_token_id, int64_t decoder_start_token_id, int64_t ignore_index, int64_t width) {
+  check_ids(input_ids);
+  check_meta(lengths, input_ids, "lengths", at::kLong, false);
+  check_meta(sample_ids, input_ids, "sample_ids", at::kLong, false);
+  TORCH_CHECK(mask_ratio > 0.0 && mask_ratio <= 1.0, "mask_ratio must be in (0, 1], got ", mask_ratio);
+  TORCH_CHECK(replace_length >= -1 && replace_length <= 1, "replace_length must be -1, 0 or 1, got ", replace_length);
+  TORCH_CHECK(!poisson_cdf.empty() && static_cast<int>(poisson_cdf.size()) <= kMaxPoisson,
+              "poisson_cdf must have 1 to ", kMaxPoisson, " thresholds, got ", poisson_cdf.size());
+  const int64_t S = input_ids.size(1);
+  // the longest output: a row of S tokens with every span of length 0 (one insertion per budget token)
+  const int64_t most = S + (S >= 3 ? bart_budget(S - 2, mask_ratio) : 0);
+  TORCH_CHECK(width >= most, "output width ", width, " is below what rows of length <= ", S, " need (", most, ")");
+  const int64_t B = input_ids.size(0);
+  auto out = at::empty({B, width}, input_ids.options());
+  auto out_len = at::empty({B}, input_ids.options().dtype(at::kLong));
+  auto dec = at::empty({B, S}, input_ids.options());
+  auto labels = at::empty({B, S}, input_ids.options());
+  auto label_len = at::empty({B}, input_ids.options().dtype(at::kLong));
+  AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "bart_infill", [&] {
+    BartArgs<index_t> a;
+    std::memset(&a, 0, sizeof(a));
+    a.ids = input_ids.data_ptr<index_t>();
+    a.out = out.data_ptr<index_t>();
+    a.out_len = out_len.data_ptr<int64_t>();
+    a.dec = dec.data_ptr<index_t>();
+    a.labels = labels.data_ptr<index_t>();
+    a.label_len = label_len.data_ptr<int64_t>();
+    a.B = B;
+    a.S = S;
+    a.width = width;
+    a.lengths = opt_i64(lengths);
+    a.sample_ids = opt_i64(sample_ids);
+    scalar_arg(seed, input_ids, "seed", &a.seed_ptr, &a.seed_val);
+    scalar_arg(step, input_ids, "step", &a.step_ptr, &a.step_val);
+    a.mask_ratio = mask_ratio;
+    a.n_cdf = static_cast<int>(poisson_cdf.size());
+    for (size_t i = 0; i < poisson_cdf.size(); ++i) {
+      TORCH_CHECK(poisson_cdf[i] >= 0 && poisson_cdf[i] <= (int64_t(1) << 32), "Poisson thresholds must be in [0, 2^32]");
+      a.cdf[i] = poisson_cdf[i] >= (int64_t(1) << 32) ? 0xFFFFFFFFu : static_cast<uint32_t>(poisson_cdf[i]);
+    }
+    a.replace_length = static_cast<int>(replace_length);
+    a.rp = make_replace(mask_token_id, t_mask, int64_t(1) << 32, rand_lo, rand_hi);
+    a.pad = pad_token_id;
+    a.decoder_start = decoder_start_token_id;
+    a.ignore_index = ignore_index;
+    if (input_ids.device().is_cpu()) {
+      bart_infill_cpu(a);
+    } else {
+#if defined(MLK_WITH_CUDA)
+      const c10::cuda::CUDAGuard guard(input_ids.device());
+      auto ws = at::empty({B, S > 0 ? S : 1}, input_ids.options().dtype(at::kInt));
+      bart_infill_cuda(a, ws.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+      TORCH_CHECK(false, "masklm_kernels._C was built without CUDA support");
+#endif
+    }
+  });
+  return {out, out_len, dec, labels, label_len};
+}
+
 }  // namespace
 
 // The schemas of mask_tokens and mass_mask are defined in Python (masklm_kernels/masking/ops.py, from the
@@ -292,6 +357,7 @@ TORCH_LIBRARY_IMPL(masklm_kernels, CPU, m) {
   m.impl("mask_tokens", &mask_tokens_impl);
   m.impl("mass_mask", &mass_mask_impl);
   m.impl("t5_span_corruption", &t5_span_corruption_impl);
+  m.impl("bart_infill", &bart_infill_impl);
 }
 
 #if defined(MLK_WITH_CUDA)
@@ -299,6 +365,7 @@ TORCH_LIBRARY_IMPL(masklm_kernels, CUDA, m) {
   m.impl("mask_tokens", &mask_tokens_impl);
   m.impl("mass_mask", &mass_mask_impl);
   m.impl("t5_span_corruption", &t5_span_corruption_impl);
+  m.impl("bart_infill", &bart_infill_impl);
 }
 #endif
 

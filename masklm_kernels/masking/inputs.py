@@ -71,6 +71,25 @@ class T5SpanCorruptionArgs(NamedTuple):
     dec_width: int
 
 
+class BartInfillArgs(NamedTuple):
+    input_ids: torch.Tensor                      # (B, S) int64 / int32
+    lengths: Optional[torch.Tensor]              # (B,) int64; None: every row is S tokens
+    sample_ids: Optional[torch.Tensor]           # (B,) int64
+    seed: torch.Tensor                           # 0-dim int64
+    step: torch.Tensor                           # 0-dim int64
+    mask_ratio: float
+    poisson_cdf: Sequence[int]                   # floor(P(L <= k) * 2^32), k = 0 .. (at most 64 entries)
+    replace_length: int                          # -1, 0 or 1 (fairseq's)
+    mask_token_id: int
+    t_mask: int                                  # floor((1 - random_ratio) * 2^32): below it the mask id
+    rand_lo: int                                 # random ids in [rand_lo, rand_hi)
+    rand_hi: int
+    pad_token_id: int
+    decoder_start_token_id: int
+    ignore_index: int
+    width: int                                   # output width: the most any row length <= S needs
+
+
 def signature(args_type: type, returns) -> inspect.Signature:
     """A custom-op signature with `args_type`'s fields, in order, as parameters (torch.library infers the
     schema from it)."""

@@ -6,6 +6,8 @@ design (clarity first); use it on small batches.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MASK32 = np.uint64(0xFFFFFFFF)
@@ -13,6 +15,7 @@ _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
 POS_BITS = 24
 SELECT, ACTION, KEY, SPAN, FRAGMENT, T5_NOISE, T5_NONNOISE = range(7)
+BART_LENGTH, BART_START, BART_ROTATE, BART_TOKEN, BART_SLOT, BART_INSERT = range(7, 13)
 MODE_BERNOULLI, MODE_EXACT, MODE_SPAN = range(3)
 FX_BITS = 24
 
@@ -331,3 +334,92 @@ def t5_span_corruption(input_ids, lengths, sample_ids, seed, step, noise_density
         dec[b, :len(tgt)] = [decoder_start_token_id] + tgt[:-1]
         enc_len[b], dec_len[b] = len(out), len(tgt)
     return enc, enc_len, dec, labels, dec_len
+
+
+def poisson_cdf_thresholds(lam: float, n: int = 64) -> list[int]:
+    """floor(P(L <= k) * 2^32) for k = 0 .. n - 2 of Poisson(lam) (L >= n - 1 folds into the last value);
+    the pmf by the recurrence p_k = p_{k-1} lam / k from e^-lam, summed left to right in double."""
+    p, acc, out = math.exp(-lam), 0.0, []
+    for k in range(n - 1):
+        acc += p
+        out.append(min(int(acc * 2**32), 2**32))
+        p = p * lam / (k + 1)
+    return out
+
+
+def choose(rnd: RowRandom, domain: int, items: int, needed: int) -> np.ndarray:
+    """Selection sampling: the (sorted) indices of `needed` of `items` candidates; candidate g is taken iff
+    (u_g * remaining) >> 32 < needed, u_g the word g & 3 of draw g >> 2."""
+    u = rnd.word(domain, np.arange(max(items, 0)))
+    taken = []
+    for g in range(items):
+        if needed > 0 and (int(u[g]) * (items - g)) >> 32 < needed:
+            taken.append(g)
+            needed -= 1
+    return np.asarray(taken, dtype=np.int64)
+
+
+def bart_infill(input_ids, lengths, sample_ids, seed, step, mask_ratio, poisson_cdf, replace_length, mask_token_id,
+                t_mask, rand_lo, rand_hi, pad_token_id, decoder_start_token_id, ignore_index, width):
+    """Reference of `torch.ops.masklm_kernels.bart_infill`. Returns (corrupted ids, their lengths, decoder
+    input ids, labels, label lengths) NumPy arrays."""
+    ids = _np(input_ids)
+    B, S = ids.shape
+    lengths, samples = _np(lengths), _np(sample_ids)
+    out = np.full((B, width), pad_token_id, dtype=ids.dtype)
+    out_len = np.zeros(B, np.int64)
+    labels = np.full((B, S), ignore_index, dtype=ids.dtype)
+    dec = np.full((B, S), pad_token_id, dtype=ids.dtype)
+    cdf = [min(int(c), 2**32 - 1) for c in poisson_cdf]
+
+    def replaced(r0, r1, original):  # mask_token_id below t_mask, else a random id
+        return mask_token_id if int(r0) < t_mask else rand_lo + ((int(r1) * (rand_hi - rand_lo)) >> 32)
+
+    for b in range(B):
+        rnd = RowRandom(int(seed), int(step), int(samples[b]) if samples is not None else b)
+        n = S if lengths is None else min(max(int(lengths[b]), 0), S)
+        row = [int(t) for t in ids[b, :n]]
+        labels[b, :n] = row
+        if n:
+            dec[b, :n] = [decoder_start_token_id] + row[:-1]
+        k = math.ceil((n - 2) * mask_ratio) if n >= 3 else 0
+        result = row
+        if k > 0:
+            spans, zeros, total, t = [], 0, 0, 0
+            while total < k:  # Poisson lengths until the budget, the last one trimmed
+                L = sum(1 for c in cdf if c <= int(rnd.draw(BART_LENGTH, t)[0]))
+                if total + L > k or t == 4 * k + 63:
+                    L = k - total
+                total, t = total + L, t + 1
+                if L > 0:
+                    spans.append(L)
+                else:
+                    zeros += 1  # a zero-length span: an insertion
+            zeros = min(zeros, k)  # insertions: at most the budget
+            rot = (int(rnd.draw(BART_ROTATE, 0)[0]) * len(spans)) >> 32 if spans else 0
+            starts = 1 + choose(rnd, BART_START, n - 2, len(spans))
+            start_len = {int(s): spans[(j + rot) % len(spans)] for j, s in enumerate(starts)}
+            kept, reach = [], 0
+            for s in range(n):
+                start, covered = s in start_len, reach > s
+                if start:
+                    reach = max(reach, min(s + start_len[s], n - 1))
+                if not start and not covered:
+                    kept.append(row[s])
+                elif replace_length == -1 or (replace_length == 1 and start and not covered):
+                    r0, r1, _, _ = rnd.draw(BART_TOKEN, s)
+                    kept.append(replaced(r0, r1, row[s]))
+            slots = set((1 + choose(rnd, BART_SLOT, len(kept) + zeros - 2, zeros)).tolist())
+            result, it, i = [], iter(kept), 0
+            for o in range(len(kept) + zeros):
+                if o in slots:
+                    r0, r1, _, _ = rnd.draw(BART_INSERT, i)
+                    result.append(replaced(r0, r1, mask_token_id))
+                    i += 1
+                else:
+                    result.append(next(it))
+        out[b, :len(result)] = result
+        out_len[b] = len(result)
+    label_len = np.asarray([S if lengths is None else min(max(int(v), 0), S) for v in
+                            (lengths if lengths is not None else [S] * B)], np.int64)
+    return out, out_len, dec, labels, label_len

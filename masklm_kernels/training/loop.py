@@ -10,12 +10,12 @@ import time
 import torch
 
 from .._common import IGNORE_INDEX
-from ..masking import AdaptiveMaskRates, mask_tokens, mass_mask, t5_span_corruption
+from ..masking import AdaptiveMaskRates, bart_infill, mask_tokens, mass_mask, t5_span_corruption
 from ..models import BertMLM, MassModel, Seq2SeqModel, model_config
 from . import checkpoint, data, distributed
 
 T5_SENTINELS = 100  # T5's <extra_id_0..99>: ids vocab_size .. vocab_size + 99 of the t5 task's model
-MODELS = {"mlm": BertMLM, "mass": MassModel, "t5": Seq2SeqModel}
+MODELS = {"mlm": BertMLM, "mass": MassModel, "t5": Seq2SeqModel, "bart": Seq2SeqModel}
 
 
 @dataclasses.dataclass
@@ -64,6 +64,14 @@ def masked_batch(args: Args, ds: data.Dataset, step: int, split: str = "train", 
                                      random_token_range=(len(data.SPECIAL), ds.vocab_size), mlm_probability=rate)
         return dict(args=(masked, labels), kwargs=dict(lengths=lengths, **keys), labels=labels,
                     tokens=int(lengths.sum()))
+    if args.task == "bart":  # BART's text infilling (30% in Poisson(3) spans, one mask each), [SEP] starts
+        bart = bart_infill(ids, vocab_size=ds.vocab_size, mask_token_id=data.MASK_ID,
+                           decoder_start_token_id=data.SEP_ID, pad_token_id=data.PAD_ID, lengths=lengths,
+                           sample_ids=sample_ids, seed=seed, step=step,
+                           random_token_range=(len(data.SPECIAL), ds.vocab_size))
+        return dict(args=(bart.input_ids, bart.decoder_input_ids, bart.labels),
+                    kwargs=dict(input_lengths=bart.input_lengths, label_lengths=bart.label_lengths, **keys),
+                    labels=bart.labels, tokens=int(lengths.sum()))
     if args.task == "t5":
         t5 = t5_span_corruption(ids, vocab_size=ds.vocab_size + T5_SENTINELS, eos_token_id=data.SEP_ID,
                                 sentinel_start_id=ds.vocab_size + T5_SENTINELS - 1, pad_token_id=data.PAD_ID,
@@ -85,6 +93,8 @@ def build(args: Args, vocab_size: int):
         drop["attention_probs_dropout_prob"] = args.attention_dropout
     if args.task == "t5":  # the sentinels' rows, and T5 inputs one longer than a row at most (EOS)
         vocab_size, positions = vocab_size + T5_SENTINELS, max(args.seq_len + 1, 64)
+    elif args.task == "bart":  # infilled inputs: up to the budget's insertions longer than a row
+        positions = max(args.seq_len + math.ceil(max(args.seq_len - 2, 0) * 0.3), 64)
     else:
         positions = max(args.seq_len, 64)
     cfg = model_config(args.model, vocab_size=vocab_size, max_position_embeddings=positions, **drop)

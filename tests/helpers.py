@@ -511,3 +511,30 @@ def run_backend(fn, backend: str, *args, **kwargs):
     if isinstance(out, torch.Tensor):
         return out.cpu()
     return tuple(o.cpu() if isinstance(o, torch.Tensor) else o for o in out)
+
+
+def assert_backends_identical(fn, input_ids: torch.Tensor, kwargs: dict, what: str) -> None:
+    """`fn(input_ids, **kwargs, backend=...)` on every backend that can run here (CUDA tensors for "cuda")
+    returns, output by output, the reference backend's bits."""
+    outs = {}
+    for backend in backends_to_test():
+        if backend != "reference":
+            require_backend(backend)
+        dev = device_for(backend)
+        dkw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        outs[backend] = [t.cpu() for t in fn(input_ids.to(dev), **dkw, backend=backend)]
+    ref = outs.pop("reference")
+    for backend, got in outs.items():
+        for i, (g, r) in enumerate(zip(got, ref)):
+            assert_equal(g, r, msg=f"{what}: {backend} output {i}")
+
+
+def named_case(builder, overrides: dict, rng) -> tuple[torch.Tensor, dict]:
+    """(input_ids, kwargs) of `builder(rng, dtype=...)` with `overrides` applied: "dtype" picks the ids'
+    dtype, lengths=None drops the lengths (full rows)."""
+    kw = dict(overrides)
+    ids, base = builder(rng, dtype=kw.pop("dtype", torch.int64))
+    base.update(kw)
+    if "lengths" in base and base["lengths"] is None:
+        base.pop("lengths")
+    return ids, base

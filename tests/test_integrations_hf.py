@@ -65,6 +65,21 @@ def _assert_same_grads(grads, ref, what: str, tol=F64):
         assert_close(g, ref[name], **tol, msg=f"{what}: grad {name}")
 
 
+def enable_counted_checkpointing(model, reentrant: bool) -> list[int]:
+    """Turns on Hugging Face's gradient checkpointing; returns [number of checkpointed layer calls so far]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # 5.24 renames it activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    count = [0]
+    for layer in model.modules():
+        if getattr(layer, "gradient_checkpointing", False):
+            def counting(*a, _f=layer._gradient_checkpointing_func, **k):
+                count[0] += 1
+                return _f(*a, **k)
+            layer._gradient_checkpointing_func = counting
+    return count
+
+
 @pytest.fixture
 def attention_calls(monkeypatch):
     """Counts the calls of the library's padded and packed (varlen) attention by the patched model."""
@@ -115,20 +130,10 @@ def test_gradient_checkpointing_gives_the_unpatched_gradients(kind, reentrant):
     model = make_model(kind)
     ids, mask, labels = make_batch(2, model.config.pad_token_id)
     ref, grads_ref = _loss_and_grads(model, ids, mask, labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # 5.24 renames it activation_checkpointing_enable
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    checkpointed = 0
-    for layer in model.modules():  # count the checkpointed layer calls
-        if getattr(layer, "gradient_checkpointing", False):
-            def counting(*a, _f=layer._gradient_checkpointing_func, **k):
-                nonlocal checkpointed
-                checkpointed += 1
-                return _f(*a, **k)
-            layer._gradient_checkpointing_func = counting
+    checkpointed = enable_counted_checkpointing(model, reentrant)
     patch_model(model)
     out, grads = _loss_and_grads(model, ids, mask, labels)
-    assert checkpointed == 2, "the layers did not run checkpointed"
+    assert checkpointed == [2], "the layers did not run checkpointed"
     assert_close(out.loss, ref.loss, atol=0, rtol=1e-10, msg="loss")
     _assert_same_grads(grads, grads_ref, f"{kind} checkpointed ({'reentrant' if reentrant else 'non-reentrant'})")
 
@@ -237,16 +242,20 @@ def test_patch_refuses_what_it_cannot_run():
 
 
 def test_autocast_bf16_follows_the_unpatched_model():
-    model = make_model("roberta").float()
-    ids, mask, labels = make_batch(5, 1)
+    assert_bf16_autocast_follows_the_unpatched_model(make_model("roberta").float(), *make_batch(5, 1))
+
+
+def assert_bf16_autocast_follows_the_unpatched_model(model, ids, mask, labels) -> None:
+    """Under bf16 autocast the patched model's loss is fp32 and within 2% of the unpatched one's, and its
+    gradients are fp32, pointing the way the unpatched model's do (cosine > 0.97)."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref, grads_ref = _loss_and_grads(model, ids, mask, labels)
         patch_model(model)
         out, grads = _loss_and_grads(model, ids, mask, labels)
     assert out.loss.dtype == torch.float32
     assert_close(out.loss, ref.loss, atol=0, rtol=2e-2, msg="bf16 loss")
-    for name, g in grads.items():  # bf16 matmuls: compare the gradients' directions
-        if grads_ref[name].norm() < 1e-5:  # the key bias: zero in exact arithmetic (softmax is shift-invariant)
+    for name, g in grads.items():
+        if grads_ref[name].norm() < 1e-5:  # e.g. a key bias: zero in exact arithmetic (softmax is shift-invariant)
             assert g.norm() < 1e-5
             continue
         cos = torch.nn.functional.cosine_similarity(g.flatten(), grads_ref[name].flatten(), dim=0)

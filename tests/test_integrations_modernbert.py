@@ -8,7 +8,6 @@ attention dropout in train() only; autocast; refusals."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -19,6 +18,11 @@ from helpers import assert_close
 transformers = pytest.importorskip("transformers")
 
 from masklm_kernels.integrations.huggingface import patch_model, patch_modernbert, unpatch  # noqa: E402
+
+from test_integrations_hf import (  # noqa: E402
+    assert_bf16_autocast_follows_the_unpatched_model,
+    enable_counted_checkpointing,
+)
 
 V, B, S, H, LAYERS = 101, 4, 16, 64, 4
 WINDOW = 4  # local_attention 8: |i - j| <= 4 on local layers, narrower than the rows
@@ -178,20 +182,10 @@ def test_gradient_checkpointing_gives_the_unpatched_gradients(reentrant):
     model = make_model()
     ids, mask, labels = make_batch(4)
     want, grads_ref = _oracle(model, ids, mask, labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # 5.24 renames it activation_checkpointing_enable
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    checkpointed = 0
-    for layer in model.modules():  # count the checkpointed layer calls
-        if getattr(layer, "gradient_checkpointing", False):
-            def counting(*a, _f=layer._gradient_checkpointing_func, **k):
-                nonlocal checkpointed
-                checkpointed += 1
-                return _f(*a, **k)
-            layer._gradient_checkpointing_func = counting
+    checkpointed = enable_counted_checkpointing(model, reentrant)
     patch_model(model)
     out, grads = _loss_and_grads(model, ids, mask, labels)
-    assert checkpointed == LAYERS, "the layers did not run checkpointed"
+    assert checkpointed == [LAYERS], "the layers did not run checkpointed"
     assert_close(out.loss, want, atol=0, rtol=1e-10, msg="loss")
     _assert_same_grads(grads, grads_ref, f"checkpointed ({'reentrant' if reentrant else 'non-reentrant'})")
 
@@ -267,20 +261,7 @@ def test_attention_dropout_is_applied_in_training_only():
 
 
 def test_autocast_bf16_follows_the_unpatched_model():
-    model = make_model().float()
-    ids, mask, labels = make_batch(8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref, grads_ref = _loss_and_grads(model, ids, mask, labels)
-        patch_model(model)
-        out, grads = _loss_and_grads(model, ids, mask, labels)
-    assert out.loss.dtype == torch.float32
-    assert_close(out.loss, ref.loss, atol=0, rtol=2e-2, msg="bf16 loss")
-    for name, g in grads.items():  # bf16 matmuls: compare the gradients' directions
-        assert g.dtype == torch.float32
-        if grads_ref[name].norm() < 1e-5:
-            continue
-        cos = F.cosine_similarity(g.flatten(), grads_ref[name].flatten(), dim=0)
-        assert cos > 0.97, f"grad {name}: cosine {float(cos):.3f}"
+    assert_bf16_autocast_follows_the_unpatched_model(make_model().float(), *make_batch(8))
 
 
 def test_refusals():

@@ -14,7 +14,7 @@ import torch
 from masklm_kernels import bart_infill
 from masklm_kernels.masking import reference
 
-from helpers import assert_chisquare, assert_equal, backends_to_test, require_backend, rng_for
+from helpers import assert_backends_identical, assert_chisquare, named_case, require_backend, rng_for
 
 V, MASK, BOS, EOS, PAD, START = 300, 4, 1, 2, 0, 2
 COMMON = dict(vocab_size=V, mask_token_id=MASK, decoder_start_token_id=START, pad_token_id=PAD)
@@ -42,29 +42,13 @@ CASES = {
 
 
 def _make(name):
-    kw = dict(CASES[name])
-    dtype = kw.pop("dtype", torch.int64)
-    ids, base = _case(rng_for("bart", name), dtype=dtype)
-    base.update(kw)
-    if base.get("lengths", 0) is None:
-        base.pop("lengths")
-    return ids, base
+    return named_case(_case, CASES[name], rng_for("bart", name))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_backends_are_bit_identical(case):
     ids, kw = _make(case)
-    outs = {}
-    for backend in backends_to_test():
-        if backend != "reference":
-            require_backend(backend)
-        dev = "cuda" if backend == "cuda" else "cpu"
-        dkw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-        outs[backend] = [t.cpu() for t in bart_infill(ids.to(dev), **dkw, backend=backend)]
-    ref = outs.pop("reference")
-    for backend, got in outs.items():
-        for i, (g, r) in enumerate(zip(got, ref)):
-            assert_equal(g, r, msg=f"{case}: {backend} output {i}")
+    assert_backends_identical(bart_infill, ids, kw, case)
 
 
 @pytest.mark.parametrize("case", list(CASES))

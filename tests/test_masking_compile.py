@@ -150,25 +150,6 @@ def test_opcheck_t5_span_corruption(case, kind):
     assert enc.shape == (B, args.enc_width) and dec.shape == labels.shape == (B, args.dec_width)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_compiled_t5_span_corruption_equals_eager(backend):
-    from masklm_kernels import t5_span_corruption
-
-    if backend == "cpu":
-        require_backend("cpu")
-    ids, kw = t5_case()
-    kw.pop("step")
-
-    def fn(ids, step):
-        return tuple(t5_span_corruption(ids, **kw, step=step, backend=backend))
-
-    compiled, cnt = _compiled(fn)
-    for i in range(3):
-        step = torch.tensor(i)
-        _equal_outputs(compiled(ids, step), fn(ids, step), f"t5 step {i}")
-    assert cnt.frame_count == 1
-
-
 @pytest.mark.parametrize("kind", ["native", "reference"])
 @pytest.mark.parametrize("case", ["lengths", "full", "int32"])
 def test_opcheck_bart_infill(case, kind):
@@ -176,34 +157,40 @@ def test_opcheck_bart_infill(case, kind):
 
     op = _op("bart_infill", kind)
     ids, kw = t5_case(case)
-    kw = dict(kw, mask_token_id=4, decoder_start_token_id=2, replace_length=-1 if case == "full" else 1,
-              random_ratio=0.2)
-    for name in ("sentinel_start_id", "eos_token_id"):
-        kw.pop(name)
+    kw = dict(_bart_kwargs(kw), replace_length=-1 if case == "full" else 1, random_ratio=0.2)
     args = prepare_bart_args(ids, **kw)
     _opcheck(op, args)
     out, out_len, dec, labels, label_len = op(*args)
     assert out.dtype == dec.dtype == labels.dtype == ids.dtype and out.shape == (B, args.width)
 
 
+def _bart_kwargs(kw: dict) -> dict:
+    """t5_case's kwargs for bart_infill."""
+    kw = dict(kw, mask_token_id=4, decoder_start_token_id=2)
+    for name in ("sentinel_start_id", "eos_token_id"):
+        kw.pop(name)
+    return kw
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_compiled_bart_infill_equals_eager(backend):
-    from masklm_kernels import bart_infill
+@pytest.mark.parametrize("op", ["t5_span_corruption", "bart_infill"])
+def test_compiled_denoising_equals_eager(op, backend):
+    import masklm_kernels
 
     if backend == "cpu":
         require_backend("cpu")
     ids, kw = t5_case()
-    kw = dict(kw, mask_token_id=4, decoder_start_token_id=2)
-    for name in ("sentinel_start_id", "eos_token_id", "step"):
-        kw.pop(name)
+    kw = _bart_kwargs(kw) if op == "bart_infill" else kw
+    kw.pop("step")
+    public = getattr(masklm_kernels, op)
 
     def fn(ids, step):
-        return tuple(bart_infill(ids, **kw, step=step, backend=backend))
+        return tuple(public(ids, **kw, step=step, backend=backend))
 
     compiled, cnt = _compiled(fn)
     for i in range(3):
         step = torch.tensor(i)
-        _equal_outputs(compiled(ids, step), fn(ids, step), f"bart step {i}")
+        _equal_outputs(compiled(ids, step), fn(ids, step), f"{op} step {i}")
     assert cnt.frame_count == 1
 
 

@@ -15,7 +15,7 @@ import torch
 from masklm_kernels import t5_span_corruption
 from masklm_kernels.masking import reference
 
-from helpers import assert_chisquare, assert_equal, backends_to_test, require_backend, rng_for
+from helpers import assert_backends_identical, assert_chisquare, assert_equal, named_case, require_backend, rng_for
 
 V, SENTINEL, EOS, PAD = 400, 399, 1, 0
 COMMON = dict(vocab_size=V, sentinel_start_id=SENTINEL, eos_token_id=EOS, pad_token_id=PAD)
@@ -63,30 +63,13 @@ CASES = {
 
 
 def _make(name):
-    rng = rng_for("t5", name)
-    kw = dict(CASES[name])
-    dtype = kw.pop("dtype", torch.int64)
-    ids, base = _case(rng, dtype=dtype)
-    base.update(kw)
-    if base.get("lengths", 0) is None:
-        base.pop("lengths")
-    return ids, base
+    return named_case(_case, CASES[name], rng_for("t5", name))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_backends_are_bit_identical(case):
     ids, kw = _make(case)
-    outs = {}
-    for backend in backends_to_test():
-        if backend != "reference":
-            require_backend(backend)
-        dev = "cuda" if backend == "cuda" else "cpu"
-        dkw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-        outs[backend] = [t.cpu() for t in t5_span_corruption(ids.to(dev), **dkw, backend=backend)]
-    ref = outs.pop("reference")
-    for backend, got in outs.items():
-        for i, (g, r) in enumerate(zip(got, ref)):
-            assert_equal(g, r, msg=f"{case}: {backend} output {i}")
+    assert_backends_identical(t5_span_corruption, ids, kw, case)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -80,20 +80,7 @@ def cases(device: str, size: str) -> list[Case]:
             model = transformers.BertForMaskedLM(cfg).to(device, dtype).train()
             if hf_model is None:
                 hf_model = model  # the dropout-free one: the library's own models below start from its weights
-        for name in ("hf_unpatched", "hf_patched"):
-            fn = None
-            if have_hf:
-                from masklm_kernels.integrations.huggingface import patch_model
-
-                m = copy.deepcopy(model)
-                if name == "hf_patched":
-                    patch_model(m)
-                opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
-                fn = functools.partial(_step, m, opt, lambda mod: mod(input_ids=ids, attention_mask=mask,
-                                                                       labels=labels).loss)
-            peers = {"hf_unpatched": ("e2e_train_step", "hf_unpatched", hf_case)} if name == "hf_patched" else {}
-            out.append(Case("e2e_train_step", name, hf_case, fn=fn, device=device, tokens=tokens, skip=reason,
-                            peers=peers))
+        out += _hf_pair(model if have_hf else None, hf_case, (ids, mask, labels), device, reason)
     if hf_model is not None:
         ref = from_hf(hf_model, implementation="reference")
     else:
@@ -138,6 +125,13 @@ def _modernbert_cases(device: str, size: str, have_hf: bool) -> list[Case]:
             pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
             attn_implementation="sdpa")
         model = transformers.ModernBertForMaskedLM(cfg).to(device, dtype).train()
+    return _hf_pair(model, case, (ids, mask, labels), device, reason)
+
+
+def _hf_pair(model, case: dict, batch, device: str, reason: str | None) -> list[Case]:
+    """`hf_unpatched` and `hf_patched` (a deep copy through patch_model) training steps of a Hugging Face
+    model on batch = (ids, attention_mask, labels); skipped with `reason` when model is None."""
+    ids, mask, labels = batch
     out = []
     for name in ("hf_unpatched", "hf_patched"):
         fn = None

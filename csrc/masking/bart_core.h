@@ -141,12 +141,8 @@ struct BartWrite {  // pass 2: writes them, with the insertions at their slots
 
 template <typename id_t>
 MLK_HD void bart_row(const BartArgs<id_t>& a, int64_t b, int32_t* len_ws) {
-  const uint64_t seed = a.seed_ptr ? static_cast<uint64_t>(*a.seed_ptr) : a.seed_val;
-  const uint64_t step = a.step_ptr ? static_cast<uint64_t>(*a.step_ptr) : a.step_val;
-  const uint64_t sample = a.sample_ids ? static_cast<uint64_t>(a.sample_ids[b]) : static_cast<uint64_t>(b);
-  const RandKey key = make_key(seed, step, sample);
-  int64_t n = a.lengths ? a.lengths[b] : a.S;
-  n = n < 0 ? 0 : (n > a.S ? a.S : n);
+  const RandKey key = row_key(a.seed_ptr, a.seed_val, a.step_ptr, a.step_val, a.sample_ids, b);
+  const int64_t n = row_length(a.lengths, b, a.S);
   const id_t* row = a.ids + b * a.S;
   id_t* out = a.out + b * a.width;
   const int64_t k = n >= 3 ? bart_budget(n - 2, a.mask_ratio) : 0;

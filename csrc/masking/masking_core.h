@@ -29,6 +29,22 @@ MLK_HD RandKey make_key(uint64_t seed, uint64_t step, uint64_t sample) {
   return k;
 }
 
+// Row b's key from an op's seed and step (device scalars when the pointers are set, else host values)
+// and its sample ids (default: the row index).
+MLK_HD RandKey row_key(const int64_t* seed_ptr, uint64_t seed_val, const int64_t* step_ptr, uint64_t step_val,
+                       const int64_t* sample_ids, int64_t b) {
+  const uint64_t seed = seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed_val;
+  const uint64_t step = step_ptr ? static_cast<uint64_t>(*step_ptr) : step_val;
+  return make_key(seed, step, sample_ids ? static_cast<uint64_t>(sample_ids[b]) : static_cast<uint64_t>(b));
+}
+
+// Row b's valid length: lengths[b] clamped to [0, S] (unchecked device values cannot index past the row);
+// S without lengths.
+MLK_HD int64_t row_length(const int64_t* lengths, int64_t b, int64_t S) {
+  const int64_t n = lengths ? lengths[b] : S;
+  return n < 0 ? 0 : (n > S ? S : n);
+}
+
 MLK_HD U32x4 draw(const RandKey& k, uint32_t domain, uint32_t index) {
   return philox4x32_10(index | (domain << kPosBits), k.step, k.s_lo, k.s_hi, k.k0, k.k1);
 }
@@ -186,8 +202,7 @@ struct Row {
     const int64_t o = b * a.S;
     ids = a.ids + o; out = a.out_ids + o; lab = a.labels + o;
     S = a.S;
-    const int64_t l = a.lengths ? a.lengths[b] : a.S;
-    len = l < 0 ? 0 : (l > a.S ? a.S : l);
+    len = row_length(a.lengths, b, a.S);
     attn = a.attn ? a.attn + o : nullptr;
     smask = a.special_mask ? a.special_mask + o : nullptr;
     words = a.word_ids ? a.word_ids + o : nullptr;
@@ -197,10 +212,7 @@ struct Row {
     rp = a.rp;
     ignore = static_cast<id_t>(a.ignore_index);
     span_cdf = a.span_cdf; span_ncdf = a.span_ncdf;
-    const uint64_t seed = a.seed_ptr ? static_cast<uint64_t>(*a.seed_ptr) : a.seed_val;
-    const uint64_t step = a.step_ptr ? static_cast<uint64_t>(*a.step_ptr) : a.step_val;
-    const uint64_t sample = a.sample_ids ? static_cast<uint64_t>(a.sample_ids[b]) : static_cast<uint64_t>(b);
-    key = make_key(seed, step, sample);
+    key = row_key(a.seed_ptr, a.seed_val, a.step_ptr, a.step_val, a.sample_ids, b);
   }
 
   MLK_HD bool eligible(int64_t s) const {
@@ -404,104 +416,6 @@ MLK_HD void bernoulli_quad(const Row<id_t>& row, int64_t s0) {
   MLK_UNROLL
   for (int j = 0; j < 4; ++j)
     if (s0 + j < S) row.emit(s0 + j, elig[j] && bernoulli(r.v[j], row.rate(s0 + j)));
-}
-
-// ------------------------------------------ MASS ------------------------------------------------
-template <typename id_t>
-struct MassArgs {
-  const id_t* ids;
-  id_t* enc;
-  id_t* dec;
-  id_t* labels;
-  int64_t* spans;               // (B, 2)
-  int64_t B, S;
-  const int64_t* lengths;       // (B,)
-  const int64_t* special_ids;
-  int64_t n_special;
-  const int64_t* sample_ids;
-  const int64_t* seed_ptr;
-  const int64_t* step_ptr;
-  uint64_t seed_val, step_val;
-  int64_t ratio_fx;             // fragment_ratio quantised to 2^-24
-  Replace rp;
-  int64_t pad_token_id, ignore_index;
-};
-
-template <typename id_t>
-MLK_HD RandKey mass_key(const MassArgs<id_t>& a, int64_t b) {
-  const uint64_t seed = a.seed_ptr ? static_cast<uint64_t>(*a.seed_ptr) : a.seed_val;
-  const uint64_t step = a.step_ptr ? static_cast<uint64_t>(*a.step_ptr) : a.step_val;
-  const uint64_t sample = a.sample_ids ? static_cast<uint64_t>(a.sample_ids[b]) : static_cast<uint64_t>(b);
-  return make_key(seed, step, sample);
-}
-
-template <typename id_t>
-MLK_HD bool mass_eligible(const MassArgs<id_t>& a, const SpecialIds& special, int64_t b, int64_t len, int64_t s) {
-  return s < len && !special.contains(static_cast<int64_t>(a.ids[b * a.S + s]));
-}
-
-// Chooses the fragment [start, end) of row b; writes spans[b]. Sequential O(S).
-template <typename id_t>
-MLK_HD void mass_fragment_row(const MassArgs<id_t>& a, int64_t b) {
-  const SpecialIds special(a.special_ids, a.n_special);
-  int64_t len = a.lengths[b];
-  len = len < 0 ? 0 : (len > a.S ? a.S : len);
-  int64_t n = 0, longest = 0, run = 0;
-  for (int64_t s = 0; s < len; ++s) {
-    if (mass_eligible(a, special, b, len, s)) { ++n; ++run; longest = run > longest ? run : longest; }
-    else run = 0;
-  }
-  int64_t start = 0, m = 0;
-  if (n > 0) {
-    m = (a.ratio_fx * n + (int64_t(1) << (kFxBits - 1))) >> kFxBits;
-    m = m < 1 ? 1 : m;
-    m = m > longest ? longest : m;
-    // Valid starts: s with s .. s+m-1 all eligible; runs of length r contribute r - m + 1 of them.
-    int64_t V = 0;
-    run = 0;
-    for (int64_t s = 0; s <= len; ++s) {
-      if (s < len && mass_eligible(a, special, b, len, s)) { ++run; continue; }
-      if (run >= m) V += run - m + 1;
-      run = 0;
-    }
-    const U32x4 r = draw(mass_key(a, b), kFragment, 0);
-    int64_t idx = static_cast<int64_t>((static_cast<uint64_t>(r.v[0]) * static_cast<uint64_t>(V)) >> 32);
-    run = 0;
-    for (int64_t s = 0; s <= len; ++s) {
-      if (s < len && mass_eligible(a, special, b, len, s)) { ++run; continue; }
-      if (run >= m) {
-        const int64_t cnt = run - m + 1;
-        if (idx < cnt) { start = s - run + idx; break; }
-        idx -= cnt;
-      }
-      run = 0;
-    }
-  }
-  a.spans[2 * b] = start;
-  a.spans[2 * b + 1] = start + m;
-}
-
-// Outputs of position s inside the fragment, from the first two words of its ACTION draw.
-template <typename id_t>
-MLK_HD void mass_emit_inside(const MassArgs<id_t>& a, int64_t b, int64_t s, uint32_t r0, uint32_t r1) {
-  const int64_t i = b * a.S + s;
-  const id_t orig = a.ids[i];
-  a.enc[i] = static_cast<id_t>(replace_from_words(a.rp, r0, r1, static_cast<int64_t>(orig)));
-  a.dec[i] = s > 0 ? a.ids[i - 1] : static_cast<id_t>(a.rp.mask_token_id);
-  a.labels[i] = orig;
-}
-
-template <typename id_t>
-MLK_HD void mass_emit(const MassArgs<id_t>& a, const RandKey& key, int64_t b, int64_t s, int64_t start, int64_t end) {
-  if (s >= start && s < end) {
-    const U32x4 r = draw(key, kAction, static_cast<uint32_t>(s));
-    mass_emit_inside(a, b, s, r.v[0], r.v[1]);
-    return;
-  }
-  const int64_t i = b * a.S + s;
-  a.enc[i] = a.ids[i];
-  a.dec[i] = static_cast<id_t>(a.pad_token_id);
-  a.labels[i] = static_cast<id_t>(a.ignore_index);
 }
 
 }  // namespace mlk

@@ -2,6 +2,7 @@
 // bare nvcc (the static compile check in benchmarks/compile_report.py builds them standalone).
 #pragma once
 #include "masking_core.h"
+#include "mass_core.h"
 #include "t5_core.h"
 #include "bart_core.h"
 

@@ -79,12 +79,8 @@ struct Segmenter {
 
 template <typename id_t>
 MLK_HD void t5_row(const T5Args<id_t>& a, int64_t b) {
-  const uint64_t seed = a.seed_ptr ? static_cast<uint64_t>(*a.seed_ptr) : a.seed_val;
-  const uint64_t step = a.step_ptr ? static_cast<uint64_t>(*a.step_ptr) : a.step_val;
-  const uint64_t sample = a.sample_ids ? static_cast<uint64_t>(a.sample_ids[b]) : static_cast<uint64_t>(b);
-  const RandKey key = make_key(seed, step, sample);
-  int64_t n = a.lengths ? a.lengths[b] : a.S;
-  n = n < 0 ? 0 : (n > a.S ? a.S : n);
+  const RandKey key = row_key(a.seed_ptr, a.seed_val, a.step_ptr, a.step_val, a.sample_ids, b);
+  const int64_t n = row_length(a.lengths, b, a.S);
   int64_t noise = 0, spans = 0;
   t5_counts(n, a.density, a.mean_span, &noise, &spans);
   const id_t* ids = a.ids + b * a.S;
